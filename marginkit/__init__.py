@@ -1,0 +1,26 @@
+"""marginkit: fused large-class margin softmax losses (ArcFace, CosFace, SphereFace, ...).
+
+    import marginkit as mk
+    loss = mk.margin_cross_entropy(embeddings, weight, labels, mk.ArcFace(0.5), scale=64.0)
+"""
+
+from marginkit import reference
+from marginkit.errors import MarginKitTypeError
+from marginkit.functional import margin_cross_entropy
+from marginkit.nn import MarginSoftmax
+from marginkit.specs import ArcFace, CombinedMargin, CosFace, MarginSpec, NoMargin, SphereFace
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ArcFace",
+    "CombinedMargin",
+    "CosFace",
+    "MarginKitTypeError",
+    "MarginSoftmax",
+    "MarginSpec",
+    "NoMargin",
+    "SphereFace",
+    "margin_cross_entropy",
+    "reference",
+]

@@ -1,0 +1,1 @@
+"""Backends: torch_chunked (pure PyTorch), triton (fused kernels), cuda (csrc ops)."""

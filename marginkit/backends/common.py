@@ -1,0 +1,126 @@
+"""Per-row pieces every fused backend shares: row norms and the target cosine.
+
+These are O(B·D) or O(C) computations done in plain torch; the (B, C) work lives
+in the backends.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Rows with a smaller norm are treated as having this norm (as F.normalize's eps).
+NORM_EPS = 1e-12
+
+
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """float64 for float64 inputs (gradcheck), float32 for everything else."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def inverse_norms(rows: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """1/‖row‖ in the compute dtype for each row of a (N, D) tensor (ones when normalize=False)."""
+    dtype = compute_dtype(rows)
+    if not normalize:
+        return torch.ones(rows.shape[0], dtype=dtype, device=rows.device)
+    return torch.linalg.vector_norm(rows.to(dtype), dim=1).clamp_min(NORM_EPS).reciprocal()
+
+
+def owned_labels(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Labels with ignored rows mapped to -1 (the single-shard `labels_local`)."""
+    return torch.where(labels == ignore_index, torch.full_like(labels, -1), labels)
+
+
+@torch.no_grad()
+def target_cosine(
+    embeddings: torch.Tensor, weight: torch.Tensor, labels_local: torch.Tensor, normalize: bool
+) -> torch.Tensor:
+    """cos θ between each row and its own class weight, (B,) float64.
+
+    Rows whose ``labels_local`` is outside [0, C) (ignored, or owned by another
+    shard) get 0. A B×D gather-dot, computed in float64 from the stored values.
+    """
+    owned = (labels_local >= 0) & (labels_local < weight.shape[0])
+    safe = torch.where(owned, labels_local, torch.zeros_like(labels_local))
+    x = embeddings.to(torch.float64)
+    w = weight.index_select(0, safe).to(torch.float64)
+    dot = (x * w).sum(dim=1)
+    if normalize:
+        dot = dot / (
+            torch.linalg.vector_norm(x, dim=1).clamp_min(NORM_EPS)
+            * torch.linalg.vector_norm(w, dim=1).clamp_min(NORM_EPS)
+        )
+    return torch.where(owned, dot, torch.zeros_like(dot))
+
+
+def normalization_backward(
+    grad_unit: torch.Tensor, rows: torch.Tensor, inv_norm: torch.Tensor, normalize: bool
+) -> torch.Tensor:
+    """Chain rule of r̂ = r/‖r‖: dr = (dr̂ − r̂·(dr̂·r̂))/‖r‖, row-wise, in grad_unit's dtype."""
+    if not normalize:
+        return grad_unit
+    unit = rows.to(grad_unit.dtype) * inv_norm[:, None]
+    radial = (grad_unit * unit).sum(dim=1, keepdim=True)
+    return (grad_unit - unit * radial) * inv_norm[:, None]
+
+
+def combine_partials(
+    row_max: torch.Tensor, row_sumexp: torch.Tensor, target_logit: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (loss, lse) in float64 from the non-target partials and the target logit ψ.
+
+    loss = log(1 + Σ_{j≠y} exp(l_j − l_y)) = softplus(max + log(sumexp) − s·ψ): exact even
+    for well-classified rows, where lse − l_y in fp32 would round a 1e-7 loss to 0.
+    """
+    target = scale * target_logit.to(torch.float64)
+    # log(0) = -inf when there is no other class: softplus(-inf) = 0, the right loss.
+    excess = row_max.to(torch.float64) + torch.log(row_sumexp.to(torch.float64)) - target
+    losses = torch.nn.functional.softplus(excess)
+    return losses, target + losses
+
+
+def target_gradient(losses: torch.Tensor, dtarget: torch.Tensor, grad_rows: torch.Tensor, scale: float) -> torch.Tensor:
+    """d(Σ g·loss)/d cos θ_y per row: g·s·(p_y − 1)·dψ/dcos, with p_y − 1 = expm1(−loss)."""
+    return grad_rows.to(torch.float64) * scale * torch.expm1(-losses.to(torch.float64)) * dtarget.to(torch.float64)
+
+
+@torch.no_grad()
+def target_backward(
+    embeddings: torch.Tensor,
+    weight: torch.Tensor,
+    labels_local: torch.Tensor,
+    target_grad: torch.Tensor,
+    normalize: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The target column's share of the gradients, in float64.
+
+    target_grad (B,) is d/d cos θ_y per row. Returns (grad_embeddings (B, D), classes (K,),
+    grad_weight_rows (K, D)): the weight gradient only for the K distinct target classes
+    here, so nothing of size C × D is allocated. Done apart from the (B, C) tiles because
+    dψ/dcos reaches ~1e3 near cos = ±1 (ArcFace, SphereFace), where the tangent direction
+    ŵ − x̂·cos is a small difference of near-equal vectors: float64 keeps it exact.
+    """
+    owned = (labels_local >= 0) & (labels_local < weight.shape[0])
+    safe = torch.where(owned, labels_local, torch.zeros_like(labels_local))
+    coef = torch.where(owned, target_grad.to(torch.float64), torch.zeros_like(target_grad, dtype=torch.float64))
+    x = embeddings.to(torch.float64)
+    w = weight.index_select(0, safe).to(torch.float64)
+    if normalize:
+        x_norm = torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(NORM_EPS)
+        w_norm = torch.linalg.vector_norm(w, dim=1, keepdim=True).clamp_min(NORM_EPS)
+        x_unit, w_unit = x / x_norm, w / w_norm
+        cos = (x_unit * w_unit).sum(dim=1, keepdim=True)
+        grad_embeddings = coef[:, None] * (w_unit - x_unit * cos) / x_norm
+        per_row_weight_grad = coef[:, None] * (x_unit - w_unit * cos) / w_norm
+    else:
+        grad_embeddings = coef[:, None] * w
+        per_row_weight_grad = coef[:, None] * x
+    classes, slot = torch.unique(safe[owned], return_inverse=True)
+    grad_weight_rows = torch.zeros(classes.shape[0], x.shape[1], dtype=torch.float64, device=x.device)
+    grad_weight_rows.index_add_(0, slot, per_row_weight_grad[owned])
+    return grad_embeddings, classes, grad_weight_rows
+
+
+def add_rows_(grad_weight: torch.Tensor, classes: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """grad_weight[classes] += rows, summed in float64 before one rounding to grad_weight's dtype."""
+    grad_weight[classes] = (grad_weight[classes].to(torch.float64) + rows).to(grad_weight.dtype)
+    return grad_weight

@@ -1,0 +1,163 @@
+"""The pure-PyTorch fused backend: margin cross-entropy chunked over classes.
+
+The CPU path and the fallback everywhere. It follows the same algorithm as the
+Triton kernels: a forward that keeps only an online log-sum-exp per row, and a
+backward that recomputes each chunk of logits. It never holds a (B, C) tensor:
+the largest temporary is (B, chunk) with B·chunk ≤ ``CHUNK_ELEMENTS``.
+
+Two phases, shared with the distributed layer (notes/CONTRACTS.md):
+``lse_partials`` (non-target partials over this weight's classes) and
+``grads_from_lse`` (gradients given the global log-sum-exp).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Optional
+
+import torch
+
+from marginkit.backends.common import (
+    add_rows_,
+    combine_partials,
+    compute_dtype,
+    inverse_norms,
+    normalization_backward,
+    owned_labels,
+    target_backward,
+    target_gradient,
+)
+
+# Element budget of one (B, chunk) fp32 logits tile: 2^21 floats = 8 MiB.
+CHUNK_ELEMENTS = 1 << 21
+
+
+def _chunks(num_rows: int, num_classes: int, budget: Optional[int]) -> Iterator[tuple[int, int]]:
+    chunk = max(1, (budget or CHUNK_ELEMENTS) // max(num_rows, 1))
+    for start in range(0, num_classes, chunk):
+        yield start, min(start + chunk, num_classes)
+
+
+def _scaled_cos_chunk(x_unit, weight, w_inv_norm, start, stop, labels_local, scale):
+    """s·cos of classes [start, stop): (logits (B, n), w_unit (n, D), target mask (B, n))."""
+    w_unit = weight[start:stop].to(x_unit.dtype) * w_inv_norm[start:stop, None]
+    logits = (x_unit @ w_unit.T).mul_(scale)
+    cols = torch.arange(start, stop, device=labels_local.device)
+    return logits, w_unit, labels_local[:, None] == cols[None, :]
+
+
+@torch.no_grad()
+def lse_partials(
+    embeddings: torch.Tensor,
+    weight: torch.Tensor,
+    labels_local: torch.Tensor,
+    scale: float,
+    normalize: bool,
+    chunk_elements: Optional[int] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (max, Σ exp(logit − max)) over this weight's non-target classes.
+
+    embeddings (B, D), weight (C, D); labels_local (B,) int64: the column of the row's
+    target in this weight (-1 or ≥ C when it is not here). Both outputs (B,), float32
+    (float64 for float64 inputs). A row with no non-target class gets (-inf, 0).
+    """
+    num_rows = embeddings.shape[0]
+    dtype = compute_dtype(embeddings)
+    x_unit = embeddings.to(dtype) * inverse_norms(embeddings, normalize)[:, None]
+    w_inv_norm = inverse_norms(weight, normalize)
+    row_max = torch.full((num_rows,), float("-inf"), dtype=dtype, device=embeddings.device)
+    row_sumexp = torch.zeros(num_rows, dtype=dtype, device=embeddings.device)
+    for start, stop in _chunks(num_rows, weight.shape[0], chunk_elements):
+        logits, _, is_target = _scaled_cos_chunk(x_unit, weight, w_inv_norm, start, stop, labels_local, scale)
+        logits.masked_fill_(is_target, float("-inf"))
+        new_max = torch.maximum(row_max, logits.max(dim=1).values)
+        # Rows whose max is still -inf shift by 0 instead (exp(-inf - -inf) would be NaN).
+        shift = torch.where(torch.isinf(new_max), torch.zeros_like(new_max), new_max)
+        row_sumexp = row_sumexp * torch.exp(row_max - shift) + torch.exp(logits - shift[:, None]).sum(dim=1)
+        row_max = new_max
+    return row_max, row_sumexp
+
+
+@torch.no_grad()
+def grads_from_lse(
+    embeddings: torch.Tensor,
+    weight: torch.Tensor,
+    labels_local: torch.Tensor,
+    lse: torch.Tensor,
+    grad_rows: torch.Tensor,
+    scale: float,
+    normalize: bool,
+    chunk_elements: Optional[int] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Non-target share of the gradients of Σ_i grad_rows_i · loss_i, given the global
+    log-sum-exp ``lse`` (B,). The target column is left out (``common.target_backward``).
+
+    Returns (grad_embeddings (B, D) float32 (float64 for float64 inputs), grad_weight
+    (C, D) in weight.dtype). The embedding gradient is this weight's share: sum it over shards.
+    """
+    num_rows = embeddings.shape[0]
+    x_inv_norm = inverse_norms(embeddings, normalize)
+    x_unit = embeddings.to(x_inv_norm.dtype) * x_inv_norm[:, None]
+    w_inv_norm = inverse_norms(weight, normalize)
+    g_scaled = (grad_rows.to(x_unit.dtype) * scale)[:, None]
+    lse = lse.to(x_unit.dtype)[:, None]
+    grad_x_unit = torch.zeros_like(x_unit)
+    grad_weight = torch.empty_like(weight)
+    for start, stop in _chunks(num_rows, weight.shape[0], chunk_elements):
+        logits, w_unit, is_target = _scaled_cos_chunk(x_unit, weight, w_inv_norm, start, stop, labels_local, scale)
+        # d loss / d cos_j = s·g·p_j off the target column.
+        grad_cos = torch.exp(logits - lse).mul_(g_scaled).masked_fill_(is_target, 0.0)
+        grad_x_unit += grad_cos @ w_unit
+        grad_weight[start:stop] = normalization_backward(
+            grad_cos.T @ x_unit, weight[start:stop], w_inv_norm[start:stop], normalize
+        ).to(weight.dtype)
+    grad_embeddings = normalization_backward(grad_x_unit, embeddings, x_inv_norm, normalize)
+    return grad_embeddings, grad_weight
+
+
+class _ChunkedMarginCE(torch.autograd.Function):
+    """Per-row margin cross-entropy; saves O(B) tensors and recomputes in backward."""
+
+    @staticmethod
+    def forward(ctx, embeddings, weight, labels_local, target_logit, dtarget, scale, normalize, chunk_elements):
+        row_max, row_sumexp = lse_partials(embeddings, weight, labels_local, scale, normalize, chunk_elements)
+        losses, lse = combine_partials(row_max, row_sumexp, target_logit, scale)
+        owned = labels_local >= 0
+        losses = torch.where(owned, losses, torch.zeros_like(losses))
+        ctx.save_for_backward(embeddings, weight, labels_local, dtarget, losses, lse)
+        ctx.scale, ctx.normalize, ctx.chunk_elements = scale, normalize, chunk_elements
+        return losses.to(compute_dtype(embeddings))
+
+    @staticmethod
+    def backward(ctx, grad_losses):
+        embeddings, weight, labels_local, dtarget, losses, lse = ctx.saved_tensors
+        grad_rows = torch.where(labels_local >= 0, grad_losses, torch.zeros_like(grad_losses))
+        grad_embeddings, grad_weight = grads_from_lse(
+            embeddings, weight, labels_local, lse, grad_rows, ctx.scale, ctx.normalize, ctx.chunk_elements
+        )
+        target_grad = target_gradient(losses, dtarget, grad_rows, ctx.scale)
+        target_dx, classes, target_dw = target_backward(embeddings, weight, labels_local, target_grad, ctx.normalize)
+        grad_embeddings = (grad_embeddings + target_dx).to(embeddings.dtype)
+        add_rows_(grad_weight, classes, target_dw)
+        return grad_embeddings, grad_weight, None, None, None, None, None, None
+
+
+def row_losses(
+    embeddings: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    target_logit: torch.Tensor,
+    dtarget: torch.Tensor,
+    scale: float,
+    ignore_index: int,
+    normalize: bool,
+    chunk_elements: Optional[int] = None,
+) -> torch.Tensor:
+    """Per-row losses (B,) float32 (0 on ignored rows), differentiable in both inputs.
+
+    target_logit / dtarget (B,): ψ(cos θ_y) and dψ/dcos θ_y, precomputed by the spec.
+    float64 inputs are computed and returned in float64 (for gradcheck).
+    """
+    labels_local = owned_labels(labels, ignore_index)
+    return _ChunkedMarginCE.apply(
+        embeddings, weight, labels_local, target_logit, dtarget, float(scale), normalize, chunk_elements
+    )

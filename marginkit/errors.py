@@ -1,0 +1,57 @@
+"""Typed input errors and the small validators every public entry point shares.
+
+Messages name the argument, the value received and what is allowed, so a user
+can fix the call without reading the source.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional
+
+__all__ = ["MarginKitTypeError", "check_real", "check_gradient_mode", "check_choice"]
+
+GRADIENT_MODES = ("exact", "straight_through")
+
+
+class MarginKitTypeError(TypeError, ValueError):
+    """A wrong dtype, device or kind of argument.
+
+    It is both a TypeError (what Python raises for wrong kinds) and a ValueError
+    (what API.md promises for dtype, device and shape mismatches), so either
+    ``except`` clause catches it.
+    """
+
+
+def check_real(
+    name: str,
+    value,
+    *,
+    low: Optional[float] = None,
+    high: Optional[float] = None,
+    low_inclusive: bool = True,
+    high_inclusive: bool = True,
+) -> float:
+    """Validate a finite real scalar within [low, high]; return it as float."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise MarginKitTypeError(f"{name} must be a real number, got {value!r} of type {type(value).__name__}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    if low is not None and (v < low or (v == low and not low_inclusive)):
+        bound = f">= {low}" if low_inclusive else f"> {low}"
+        raise ValueError(f"{name} must be {bound}, got {value!r}")
+    if high is not None and (v > high or (v == high and not high_inclusive)):
+        bound = f"<= {high}" if high_inclusive else f"< {high}"
+        raise ValueError(f"{name} must be {bound}, got {value!r}")
+    return v
+
+
+def check_choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+
+
+def check_gradient_mode(value) -> None:
+    check_choice("gradient", value, GRADIENT_MODES)

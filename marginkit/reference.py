@@ -1,0 +1,60 @@
+"""The float64 textbook oracle: materialises the (B, C) logits and lets autograd work.
+
+It is the truth the tests compare every backend to. It shares only the margin
+formula ψ with the backends (through ``spec.differentiable_target``, whose
+gradient autograd derives from the formula, independently of the analytic
+derivatives the backends use). Never use it for training at scale.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from marginkit.functional import reduce_losses, rows_margins, validate_inputs
+from marginkit.specs import ArcFace, MarginSpec
+
+__all__ = ["margin_cross_entropy"]
+
+
+def margin_cross_entropy(
+    embeddings: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    margin: MarginSpec = ArcFace(),
+    scale: float = 64.0,
+    *,
+    class_margins: Optional[torch.Tensor] = None,
+    sample_margins: Optional[torch.Tensor] = None,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+    normalize: bool = True,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Same signature and meaning as ``mk.margin_cross_entropy``; computed in float64.
+
+    ``backend`` is accepted for signature compatibility and ignored. Gradients
+    reach ``embeddings`` and ``weight`` in their own dtype; the loss is float32.
+    """
+    validate_inputs(
+        embeddings, weight, labels, margin, scale, class_margins, sample_margins, reduction, ignore_index, backend
+    )
+    x = embeddings.to(torch.float64)
+    w = weight.to(torch.float64)
+    if normalize:
+        x = F.normalize(x, dim=1, eps=1e-12)
+        w = F.normalize(w, dim=1, eps=1e-12)
+    cos = x @ w.T  # (B, C): the textbook way
+    keep = labels != ignore_index
+    safe = torch.where(keep, labels, torch.zeros_like(labels))
+    cos_target = cos.gather(1, safe[:, None]).squeeze(1)
+    m = rows_margins(labels, ignore_index, class_margins, sample_margins)
+    m = None if m is None else m.to(torch.float64)
+    psi = margin.differentiable_target(cos_target, m)
+    onehot = F.one_hot(safe, weight.shape[0]).to(torch.bool) & keep[:, None]
+    logits = scale * torch.where(onehot, psi[:, None], cos)
+    losses = torch.logsumexp(logits, dim=1) - scale * psi
+    losses = torch.where(keep, losses, torch.zeros_like(losses)).to(torch.float32)
+    return reduce_losses(losses, labels, ignore_index, reduction)

@@ -1,0 +1,9 @@
+"""Test-wide setup: Triton runs in its CPU interpreter when no GPU is present."""
+
+import os
+
+import torch
+
+# Must be set before any Triton kernel is decorated (i.e. before marginkit.triton_kernels is imported).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
