@@ -1,0 +1,225 @@
+"""`marginkit bench`: the CSV schema, rows, plot, OOM rows and skipped providers (CPU, tiny sizes)."""
+
+from __future__ import annotations
+
+import csv
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from marginkit.bench import providers as bench_providers
+from marginkit.bench.providers import PROVIDERS, Case
+from marginkit.cli import main
+
+# API.md, "Benchmark results files": the header, verbatim.
+API_HEADER = "device,date,method,B,D,C,dtype,margin,ms_median,ms_p20,ms_p80,peak_extra_mib,floor_ms"
+API_METHODS = {"marginkit", "marginkit-torch", "torch-textbook", "torch-compile", "pml", "cce", "liger", "floor-3gemm"}
+API_MARGINS = {"arcface", "cosface", "sphereface", "combined", "none"}
+
+TINY = ["--device", "cpu", "--C", "500", "--B", "8", "--D", "16", "--reps", "3", "--no-progress"]
+
+
+def _read(path: Path):
+    text = path.read_text()
+    header = text.splitlines()[0]
+    rows = list(csv.DictReader(text.splitlines()))
+    return header, rows
+
+
+def _bench(tmp_path, *extra, name="r.csv"):
+    out = tmp_path / name
+    rc = main(["bench", *TINY, "--out", str(out), *extra])
+    return rc, out
+
+
+def test_cli_writes_api_csv_plot_and_sidecar(tmp_path, capsys):
+    rc, out = _bench(tmp_path)
+    assert rc == 0
+    header, rows = _read(out)
+    assert header == API_HEADER
+    assert rows, "no rows written"
+    methods = {r["method"] for r in rows}
+    assert methods <= API_METHODS
+    assert {"floor-3gemm", "torch-textbook"} <= methods
+    floor = [r for r in rows if r["method"] == "floor-3gemm"]
+    assert len(floor) == 1
+    floor_ms = float(floor[0]["ms_median"])
+    assert floor_ms > 0
+    for r in rows:
+        assert r["device"] == "cpu"
+        assert (r["B"], r["D"], r["C"], r["dtype"]) == ("8", "16", "500", "float32")
+        assert r["margin"] in API_MARGINS
+        med, p20, p80 = float(r["ms_median"]), float(r["ms_p20"]), float(r["ms_p80"])
+        assert 0 < p20 <= med <= p80
+        assert float(r["floor_ms"]) == pytest.approx(floor_ms)  # the floor of the same run
+        assert r["peak_extra_mib"] == ""  # not measurable on CPU: empty, not made up
+        assert len(r["date"]) == 10 and r["date"][4] == "-"
+    png = out.with_suffix(".png")
+    assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert out.with_suffix(".json").exists()
+    text = capsys.readouterr().out
+    assert "floor-3gemm" in text and "TFLOP/s" in text  # the terminal table
+    assert "resolves to the torch backend on CPU" in text or "marginkit" not in methods
+
+
+def test_plot_path_and_no_plot(tmp_path):
+    rc, out = _bench(tmp_path, "--plot", str(tmp_path / "p" / "fig.png"), "--providers", "torch-textbook")
+    assert rc == 0 and (tmp_path / "p" / "fig.png").exists()
+    rc, out = _bench(tmp_path, "--no-plot", "--providers", "torch-textbook", name="q.csv")
+    assert rc == 0 and not out.with_suffix(".png").exists()
+
+
+def test_out_dir_names_file_by_device_and_date(tmp_path):
+    rc = main(["bench", *TINY, "--providers", "torch-textbook", "--out-dir", str(tmp_path), "--no-plot"])
+    assert rc == 0
+    files = list(tmp_path.glob("cpu-????-??-??.csv"))
+    assert len(files) == 1
+    assert _read(files[0])[0] == API_HEADER
+
+
+class _OOMProvider(bench_providers.Provider):
+    """Builds fine, runs out of memory in the first step (like a CUDA OOM mid-backward)."""
+
+    name = "torch-textbook"
+
+    def __init__(self, exc):
+        self.exc = exc
+
+    def build(self, inputs, spec):
+        def boom():
+            raise self.exc
+
+        return Case(boom, boom, [], inputs.cfg.margin)
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 16.00 GiB"),
+        RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory"),
+    ],
+    ids=["cuda-oom", "cpu-oom"],
+)
+def test_oom_is_recorded_as_a_row(tmp_path, monkeypatch, capsys, exc):
+    monkeypatch.setitem(PROVIDERS, "torch-textbook", _OOMProvider(exc))
+    rc, out = _bench(tmp_path, "--providers", "torch-textbook,marginkit-torch", "--C", "300,600")
+    assert rc == 0  # running out of memory is a result, not a failure
+    _, rows = _read(out)
+    oom = [r for r in rows if r["method"] == "torch-textbook"]
+    assert [r["C"] for r in oom] == ["300", "600"]  # one row per shape, none dropped
+    for r in oom:
+        assert r["ms_median"] == r["ms_p20"] == r["ms_p80"] == ""
+        assert r["peak_extra_mib"] == "oom"
+        assert float(r["floor_ms"]) > 0
+    # the sweep went on after the OOM
+    assert len([r for r in rows if r["method"] == "marginkit-torch" and r["ms_median"]]) == 2 or (
+        PROVIDERS["marginkit-torch"].unavailable() is not None
+    )
+    assert "oom torch-textbook" in capsys.readouterr().out
+
+
+def test_oom_while_building_is_recorded(tmp_path, monkeypatch):
+    def build(self, inputs, spec):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory.")
+
+    monkeypatch.setattr(type(PROVIDERS["pml"]), "build", build)
+    rc, out = _bench(tmp_path, "--providers", "pml")
+    assert rc == 0
+    rows = [r for r in _read(out)[1] if r["method"] == "pml"]
+    assert len(rows) == 1 and rows[0]["peak_extra_mib"] == "oom" and rows[0]["ms_median"] == ""
+
+
+def test_other_errors_are_rows_and_exit_3(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(PROVIDERS, "torch-textbook", _OOMProvider(ValueError("kernel bug")))
+    rc, out = _bench(tmp_path, "--providers", "torch-textbook")
+    assert rc == 3
+    rows = [r for r in _read(out)[1] if r["method"] == "torch-textbook"]
+    assert len(rows) == 1 and rows[0]["peak_extra_mib"] == "error" and rows[0]["ms_median"] == ""
+    assert "ValueError: kernel bug" in capsys.readouterr().out
+
+
+def test_absent_packages_are_skipped_with_one_line(tmp_path, monkeypatch, capsys):
+    # make pytorch-metric-learning look uninstalled
+    monkeypatch.setitem(sys.modules, "pytorch_metric_learning", None)
+    monkeypatch.setitem(sys.modules, "pytorch_metric_learning.losses", None)
+    monkeypatch.setitem(sys.modules, "cut_cross_entropy", None)
+    monkeypatch.setitem(sys.modules, "liger_kernel", None)
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", None)
+    rc, out = _bench(tmp_path, "--providers", "pml,cce,liger,torch-textbook")
+    assert rc == 0
+    text = capsys.readouterr().out
+    for name in ("pml", "cce", "liger"):
+        lines = [ln for ln in text.splitlines() if ln.startswith(f"skip {name}:")]
+        assert len(lines) == 1, text
+        assert "not importable" in lines[0] and "pip install" in lines[0]
+    methods = {r["method"] for r in _read(out)[1]}
+    assert methods == {"floor-3gemm", "torch-textbook"}
+
+
+def test_torch_compile_is_opt_in_on_cpu():
+    from marginkit.bench.runner import select_providers
+
+    assert "torch-compile" not in select_providers(None, None, "cpu", include_compile=False)
+    assert "torch-compile" in select_providers(None, None, "cpu", include_compile=True)
+    assert "torch-compile" in select_providers(["torch-compile"], None, "cpu", include_compile=False)
+    assert select_providers(["pml"], None, "cpu", False) == ["pml", "floor-3gemm"]  # the floor always runs
+    with pytest.raises(ValueError):
+        select_providers(["nope"], None, "cpu", False)
+
+
+def test_bad_arguments_exit_2(tmp_path, capsys):
+    assert main(["bench", *TINY, "--margin", "bogus", "--out", str(tmp_path / "x.csv")]) == 2
+    assert "unknown margin" in capsys.readouterr().err
+
+
+def test_parse_sizes():
+    from marginkit.bench.config import parse_sizes
+
+    assert parse_sizes("100K,1M,4m,1e6,2**20,1_000") == [100_000, 1_000_000, 4_000_000, 1_000_000, 1 << 20, 1000]
+    with pytest.raises(ValueError):
+        parse_sizes("1.5")
+
+
+def test_demo_missing_exits_2(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "marginkit.demo", None)
+    assert main(["demo"]) == 2
+    assert "demo is not available" in capsys.readouterr().err
+
+
+def test_python_dash_m_marginkit(tmp_path):
+    out = tmp_path / "m.csv"
+    proc = subprocess.run(
+        [sys.executable, "-m", "marginkit", "bench", *TINY, "--providers", "torch-textbook", "--no-plot",
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert _read(out)[0] == API_HEADER
+    assert math.isfinite(float(_read(out)[1][0]["ms_median"]))
+
+
+def test_time_limit_lists_runs_not_started(tmp_path):
+    import json
+
+    rc, out = _bench(tmp_path, "--providers", "torch-textbook", "--time-limit-s", "0", "--no-plot")
+    assert rc == 0
+    header, rows = _read(out)
+    assert header == API_HEADER and rows == []
+    not_run = json.loads(out.with_suffix(".json").read_text())["not_run"]
+    assert any(s.startswith("torch-textbook B=8 D=16 C=500") for s in not_run)
+
+
+def test_replot_from_csv(tmp_path, monkeypatch):
+    from marginkit.bench.plot import main as plot_main, rows_from_csv
+
+    monkeypatch.setitem(PROVIDERS, "pml", _OOMProvider(torch.cuda.OutOfMemoryError("CUDA out of memory.")))
+    rc, out = _bench(tmp_path, "--providers", "torch-textbook,pml", "--no-plot")
+    assert rc == 0
+    rows = rows_from_csv(out)
+    assert {(r.method, r.status) for r in rows} == {("floor-3gemm", "ok"), ("torch-textbook", "ok"), ("pml", "oom")}
+    assert plot_main([str(out), str(tmp_path / "re.png")]) == 0
+    assert (tmp_path / "re.png").read_bytes()[:4] == b"\x89PNG"
