@@ -1,0 +1,23 @@
+"""Triton kernels of marginkit, installed as ``marginkit.triton_kernels``.
+
+Kernels only: launch shapes, grids, dtype rules and autotuning live in
+``marginkit.backends.triton``.
+"""
+
+from .margin_ce import (
+    dw_gemm_kernel,
+    dx_gemm_kernel,
+    lse_merge_kernel,
+    lse_partials_kernel,
+    row_inv_norm_kernel,
+    scores_kernel,
+)
+
+__all__ = [
+    "row_inv_norm_kernel",
+    "lse_partials_kernel",
+    "lse_merge_kernel",
+    "scores_kernel",
+    "dx_gemm_kernel",
+    "dw_gemm_kernel",
+]

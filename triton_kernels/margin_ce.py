@@ -1,0 +1,430 @@
+"""Triton kernels of the fused margin cross-entropy (forward and backward).
+
+Notation (all per call, one shard of classes):
+    X (B, D) embeddings, W (C, D) class weights, both fp32, fp16 or bf16;
+    x_inv_i = 1/‖x_i‖, w_inv_j = 1/‖w_j‖ (ones when the inputs are taken as normalised);
+    cos_ij = (x_i · w_j) · x_inv_i · w_inv_j;  logit_ij = scale · cos_ij.
+The kernels are margin-agnostic: the target column j = y_i (labels_local, when it lies in
+this shard) is skipped in the forward and the backward; its share (ψ, dψ/dcos) is added
+per row in float64 by the caller (notes/CONTRACTS.md, two-phase API v3).
+
+Forward (two kernels):
+    lse_partials_kernel   grid (row blocks, class splits). A program owns BLOCK_B rows and one
+                          contiguous range of classes; it walks that range in BLOCK_C tiles,
+                          one tensor-core dot per tile (fp32 accumulate, raw rows, the norms
+                          applied to the accumulator as scales), leaves the target column out
+                          and keeps an online fp32 (max, Σ exp) per row. The (class-tile, k-step) loop is flattened into
+                          one loop so that the software pipeline does not drain between tiles.
+    lse_merge_kernel      merges the per-split partials in a fixed order.
+
+Backward, per bounded chunk of classes [chunk_start, chunk_start + n_chunk) (three kernels):
+    scores_kernel         recomputes the logits tile, p = exp(logit − lse), and writes
+                              E_ij = κ · dS_ij · x_inv_i · w_inv_j      (workspace, input dtype)
+                          where dS_ij = g_i·scale·p_ij (0 at the target column) is
+                          d loss/d cos_ij, and κ a power-of-two range scale (1 except for fp16).
+                          With normalisation it also writes the per-(row block, class) partial
+                          column sums Q[rb, j] = Σ_{i in rb} dS_ij · cos_ij (plain stores).
+    dx_gemm_kernel        G += E · W_chunk           (M = B, N = D, K = chunk; split-K)
+    dw_gemm_kernel        dW_chunk = Eᵀ · X / κ − w_inv_j² (Σ_rb Q[rb, j]) · w_j
+                          (M = chunk, N = D, K = B; fp32 accumulate, written once).
+    The embedding side of the normalisation chain rule needs no column sums:
+    Σ_j dS_ij cos_ij = x_i · G_i, so dx_i = G_i − x̂_i (x̂_i · G_i) once at the end (launcher).
+
+All element offsets are computed in int64 (C·D exceeds 2^31 at C = 10M, D = 512).
+Only features of Triton ≥ 3.0 are used (tl.dot with input_precision, masked loads and
+stores, tl.atomic_add with sem), so the kernels run on the GPU machine's Triton 3.6 and
+under TRITON_INTERPRET=1 on the CPU.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _mma(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a·b with fp32 accumulation.
+
+    UPCAST (set by the launcher only under TRITON_INTERPRET=1 for bf16 operands) widens
+    the operands to fp32 first: the CPU interpreter of Triton 3.6–3.9 multiplies bf16
+    tiles as their raw uint16 bit patterns. bf16·bf16 products are exact in fp32, so this
+    is the same arithmetic as the tensor cores' fp32 accumulation. On a GPU it is False
+    and compiles away.
+    """
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def row_inv_norm_kernel(
+    x_ptr,
+    out_ptr,
+    N,
+    D,
+    stride_n,
+    stride_d,
+    eps,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """out[n] = 1 / max(‖x[n, :]‖, eps) in fp32 (the convention of F.normalize)."""
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    sq = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        v = tl.load(
+            x_ptr + rows[:, None] * stride_n + ds[None, :] * stride_d,
+            mask=row_mask[:, None] & (ds[None, :] < D),
+            other=0.0,
+        ).to(tl.float32)
+        sq += tl.sum(v * v, axis=1)
+    norm = tl.maximum(tl.sqrt_rn(sq), eps)
+    tl.store(out_ptr + rows, tl.div_rn(tl.full([BLOCK_N], 1.0, tl.float32), norm), mask=row_mask)
+
+
+@triton.jit
+def lse_partials_kernel(
+    x_ptr,
+    w_ptr,
+    x_inv_ptr,
+    w_inv_ptr,
+    labels_ptr,
+    part_max_ptr,
+    part_sum_ptr,
+    B,
+    C,
+    D,
+    classes_per_split,
+    stride_xb,
+    stride_xd,
+    stride_wc,
+    stride_wd,
+    scale,
+    B_BUCKET,
+    BLOCK_B: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """Per (row, class split) online log-sum-exp partials: part_max[s, i], part_sum[s, i].
+
+    part_sum is Σ exp(logit − part_max) over the split's non-target classes; a split with
+    none writes (−inf, 0). B_BUCKET only feeds the autotuning key.
+    """
+    pid_b = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_b.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_mask = rows < B
+    # The forward and the backward recompute use the same expression,
+    # logit = ((acc · x_inv) · w_inv) · scale (bitwise equal when their BLOCK_K match).
+    x_inv = tl.load(x_inv_ptr + rows, mask=row_mask, other=0.0)
+    label = tl.load(labels_ptr + rows, mask=row_mask, other=-1)
+
+    # Class indices fit in int32 (C < 2^31); they are widened before any pointer product.
+    c_begin = pid_s * classes_per_split
+    c_end = tl.minimum(c_begin + classes_per_split, C)
+    n_ctiles = tl.cdiv(c_end - c_begin, BLOCK_C)
+    k_tiles = tl.cdiv(D, BLOCK_K)
+
+    m_i = tl.full([BLOCK_B], float("-inf"), dtype=tl.float32)
+    s_i = tl.zeros([BLOCK_B], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_k = tl.arange(0, BLOCK_K)
+    # One flat loop over (class tile, k step): the epilogue runs on the last k step.
+    for it in range(0, n_ctiles * k_tiles):
+        ct = it // k_tiles
+        kt = it - ct * k_tiles
+        cols = (c_begin + ct * BLOCK_C + offs_c).to(tl.int64)
+        col_mask = cols < c_end
+        ks = kt * BLOCK_K + offs_k
+        k_mask = ks < D
+        xt = tl.load(
+            x_ptr + rows[:, None] * stride_xb + ks[None, :] * stride_xd,
+            mask=row_mask[:, None] & k_mask[None, :],
+            other=0.0,
+        )
+        wt = tl.load(
+            w_ptr + cols[:, None] * stride_wc + ks[None, :] * stride_wd,
+            mask=col_mask[:, None] & k_mask[None, :],
+            other=0.0,
+        )
+        acc = _mma(xt, tl.trans(wt), acc, DOT_PRECISION, UPCAST)
+        if kt == k_tiles - 1:
+            w_inv = tl.load(w_inv_ptr + cols, mask=col_mask, other=0.0)
+            logits = acc * x_inv[:, None] * w_inv[None, :] * scale
+            keep = col_mask[None, :] & (cols[None, :] != label[:, None])
+            logits = tl.where(keep, logits, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(logits, axis=1))
+            # A row with no class yet (m_new = −inf) shifts by 0: exp(−inf − 0) = 0, no NaN.
+            shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            s_i = s_i * tl.exp(m_i - shift) + tl.sum(tl.exp(logits - shift[:, None]), axis=1)
+            m_i = m_new
+            acc = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
+    out = pid_s.to(tl.int64) * B + rows
+    tl.store(part_max_ptr + out, m_i, mask=row_mask)
+    tl.store(part_sum_ptr + out, s_i, mask=row_mask)
+
+
+@triton.jit
+def lse_merge_kernel(
+    part_max_ptr,
+    part_sum_ptr,
+    max_out_ptr,
+    sum_out_ptr,
+    B,
+    n_splits,
+    BLOCK: tl.constexpr,
+):
+    """row_max = max_s part_max[s]; row_sumexp = Σ_s part_sum[s]·exp(part_max[s] − row_max).
+
+    Splits are visited in index order (deterministic); empty splits (−inf) add nothing.
+    """
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = rows < B
+    # Rows past B read 0 (they are never stored).
+    m = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+    for s in range(0, n_splits):
+        pm = tl.load(part_max_ptr + s * B + rows, mask=mask, other=0.0)
+        m = tl.maximum(m, pm)
+    # A row whose every split is empty (m = −inf) shifts by 0: its sum stays 0, no NaN.
+    shift = tl.where(m == float("-inf"), 0.0, m)
+    total = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in range(0, n_splits):
+        pm = tl.load(part_max_ptr + s * B + rows, mask=mask, other=0.0)
+        ps = tl.load(part_sum_ptr + s * B + rows, mask=mask, other=0.0)
+        total += ps * tl.exp(pm - shift)
+    tl.store(max_out_ptr + rows, m, mask=mask)
+    tl.store(sum_out_ptr + rows, total, mask=mask)
+
+
+@triton.jit
+def scores_kernel(
+    x_ptr,
+    w_ptr,
+    x_inv_ptr,
+    w_inv_ptr,
+    labels_ptr,
+    lse_ptr,
+    grad_scaled_ptr,
+    kappa_ptr,
+    ws_ptr,
+    q_ptr,
+    B,
+    D,
+    chunk_start,
+    n_chunk,
+    stride_xb,
+    stride_xd,
+    stride_wc,
+    stride_wd,
+    stride_ws,
+    stride_q,
+    scale,
+    B_BUCKET,
+    NORMALIZE: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """Backward recompute of one (row block, class tile) of the chunk.
+
+    Writes ws[i, j − chunk_start] = κ·dS_ij·x_inv_i·w_inv_j in ws's dtype and, with
+    NORMALIZE, q[pid_b, j − chunk_start] = Σ_{i in block} dS_ij·cos_ij (fp32).
+    dS_ij = g_i·scale·exp(logit_ij − lse_i), 0 at the target column; grad_scaled = g_i·scale
+    (0 on rows that contribute nothing). No probability filter: every class's
+    exp(logit − lse) enters, however small.
+    """
+    pid_b = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    rows = pid_b.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_mask = rows < B
+    lcols = pid_c.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = lcols < n_chunk
+    cols = chunk_start + lcols
+
+    acc = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < D
+        xt = tl.load(
+            x_ptr + rows[:, None] * stride_xb + ks[None, :] * stride_xd,
+            mask=row_mask[:, None] & k_mask[None, :],
+            other=0.0,
+        )
+        wt = tl.load(
+            w_ptr + cols[:, None] * stride_wc + ks[None, :] * stride_wd,
+            mask=col_mask[:, None] & k_mask[None, :],
+            other=0.0,
+        )
+        acc = _mma(xt, tl.trans(wt), acc, DOT_PRECISION, UPCAST)
+
+    x_inv = tl.load(x_inv_ptr + rows, mask=row_mask, other=0.0)
+    w_inv = tl.load(w_inv_ptr + cols, mask=col_mask, other=0.0)
+    label = tl.load(labels_ptr + rows, mask=row_mask, other=-1)
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    grad_scaled = tl.load(grad_scaled_ptr + rows, mask=row_mask, other=0.0)
+    kappa = tl.load(kappa_ptr)
+
+    # Same expression as the forward's logit (see lse_partials_kernel).
+    cos = acc * x_inv[:, None] * w_inv[None, :]
+    p = tl.exp(cos * scale - lse[:, None])
+    live = (grad_scaled != 0.0)[:, None] & col_mask[None, :] & (cols[None, :] != label[:, None])
+    ds = tl.where(live, p * grad_scaled[:, None], 0.0)
+
+    e = ds * (x_inv * kappa)[:, None] * w_inv[None, :]
+    tl.store(
+        ws_ptr + rows[:, None] * stride_ws + lcols[None, :],
+        e.to(ws_ptr.dtype.element_ty),
+        mask=row_mask[:, None] & col_mask[None, :],
+    )
+    if NORMALIZE:
+        qcol = tl.sum(ds * cos, axis=0)
+        tl.store(q_ptr + pid_b.to(tl.int64) * stride_q + lcols, qcol, mask=col_mask)
+
+
+@triton.jit
+def dx_gemm_kernel(
+    ws_ptr,
+    w_ptr,
+    out_ptr,
+    B,
+    D,
+    chunk_start,
+    n_chunk,
+    k_per_split,
+    stride_ws,
+    stride_wc,
+    stride_wd,
+    stride_ob,
+    stride_od,
+    stride_os,
+    B_BUCKET,
+    USE_ATOMICS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """out += E[:, split] · W[chunk_start + split, :] for split pid_s of the chunk (fp32).
+
+    USE_ATOMICS: every split adds into the same (B, D) fp32 buffer with relaxed atomics
+    (order of the adds varies run to run). Otherwise split s owns out[s] (stride_os) and
+    does a plain load-add-store; launches are stream-ordered, so the sum is deterministic.
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < B
+    dcols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    d_mask = dcols < D
+    k_begin = pid_s.to(tl.int64) * k_per_split
+    k_end = tl.minimum(k_begin + k_per_split, n_chunk)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < k_end
+        a = tl.load(
+            ws_ptr + rows[:, None] * stride_ws + ks[None, :],
+            mask=row_mask[:, None] & k_mask[None, :],
+            other=0.0,
+        )
+        b = tl.load(
+            w_ptr + (chunk_start + ks)[:, None] * stride_wc + dcols[None, :] * stride_wd,
+            mask=k_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )
+        acc = _mma(a, b, acc, DOT_PRECISION, UPCAST)
+
+    out_mask = row_mask[:, None] & d_mask[None, :]
+    if USE_ATOMICS:
+        ptrs = out_ptr + rows[:, None] * stride_ob + dcols[None, :] * stride_od
+        tl.atomic_add(ptrs, acc, mask=out_mask, sem="relaxed")
+    else:
+        ptrs = out_ptr + pid_s.to(tl.int64) * stride_os + rows[:, None] * stride_ob + dcols[None, :] * stride_od
+        prev = tl.load(ptrs, mask=out_mask, other=0.0)
+        tl.store(ptrs, prev + acc, mask=out_mask)
+
+
+@triton.jit
+def dw_gemm_kernel(
+    ws_ptr,
+    x_ptr,
+    w_ptr,
+    w_inv_ptr,
+    q_ptr,
+    kappa_ptr,
+    dw_ptr,
+    B,
+    D,
+    chunk_start,
+    n_chunk,
+    n_q,
+    stride_ws,
+    stride_xb,
+    stride_xd,
+    stride_wc,
+    stride_wd,
+    stride_q,
+    stride_dwc,
+    stride_dwd,
+    B_BUCKET,
+    NORMALIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """dW[chunk] = Eᵀ·X/κ (− w_inv²·(Σ_r q[r, j])·w_j with NORMALIZE), stored once in dW's dtype."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    lcls = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    c_mask = lcls < n_chunk
+    cls = chunk_start + lcls
+    dcols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    d_mask = dcols < D
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, B, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        k_mask = ks < B
+        a = tl.load(
+            ws_ptr + ks[None, :] * stride_ws + lcls[:, None],
+            mask=c_mask[:, None] & k_mask[None, :],
+            other=0.0,
+        )
+        b = tl.load(
+            x_ptr + ks[:, None] * stride_xb + dcols[None, :] * stride_xd,
+            mask=k_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )
+        acc = _mma(a, b, acc, DOT_PRECISION, UPCAST)
+
+    kappa = tl.load(kappa_ptr)
+    dw = acc * (1.0 / kappa)  # κ is a power of two: exact
+    out_mask = c_mask[:, None] & d_mask[None, :]
+    if NORMALIZE:
+        u = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for r in range(0, n_q):
+            u += tl.load(q_ptr + r * stride_q + lcls, mask=c_mask, other=0.0)
+        w_inv = tl.load(w_inv_ptr + cls, mask=c_mask, other=0.0)
+        w = tl.load(
+            w_ptr + cls[:, None] * stride_wc + dcols[None, :] * stride_wd, mask=out_mask, other=0.0
+        ).to(tl.float32)
+        dw = dw - (w_inv * w_inv * u)[:, None] * w
+    tl.store(
+        dw_ptr + cls[:, None] * stride_dwc + dcols[None, :] * stride_dwd,
+        dw.to(dw_ptr.dtype.element_ty),
+        mask=out_mask,
+    )
