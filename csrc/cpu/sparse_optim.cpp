@@ -1,0 +1,100 @@
+// Row-sparse optimizer steps, CPU: torch.optim.SGD / torch.optim.AdamW applied to the given
+// rows only (each row behaves as its own parameter with its own state). Element math in
+// float32 in torch's order of operations; 16-bit tensors are read/written through float32.
+#include <cmath>
+
+#include "ops.h"
+
+namespace mk {
+namespace cpu {
+
+namespace {
+template <typename T>
+inline float ld(const T* p, int64_t i) { return (float)HostIO<T>::load(p, i); }
+template <typename T>
+inline void st(T* p, int64_t i, float v) { HostIO<T>::store(p, i, (double)v); }
+
+template <typename T>
+void sgd(T* w, const T* g, T* buf, uint8_t* init, const int64_t* rows, int64_t R, int64_t D, float lr,
+         float momentum, float wd, float one_m_damp, bool nesterov) {
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t row = rows[r];
+    const bool first = init != nullptr && init[row] == 0;
+    for (int64_t d = 0; d < D; ++d) {
+      const int64_t wi = row * D + d;
+      const float p = ld(w, wi);
+      float dp = ld(g, r * D + d);
+      if (wd != 0.0f) dp = dp + wd * p;
+      if (momentum != 0.0f) {
+        float b;
+        if (first) b = dp;
+        else b = ld(buf, wi) * momentum + one_m_damp * dp;
+        st(buf, wi, b);
+        b = ld(buf, wi);  // as stored (matters for 16-bit buffers)
+        dp = nesterov ? dp + momentum * b : b;
+      }
+      st(w, wi, p + (-lr) * dp);
+    }
+    if (init != nullptr && momentum != 0.0f) init[row] = 1;
+  }
+}
+
+template <typename T>
+void adamw(T* w, const T* g, T* m1, T* m2, int64_t* step, const int64_t* rows, int64_t R, int64_t D,
+           double lr, double b1, double b2, double eps, double wd) {
+  const float decay = (float)(1.0 - lr * wd);
+  const float wgt = (float)(1.0 - b1);
+  const float b2f = (float)b2, omb2 = (float)(1.0 - b2), epsf = (float)eps;
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t row = rows[r];
+    const int64_t t = step[row] + 1;
+    step[row] = t;
+    const double bc1 = 1.0 - std::pow(b1, (double)t);
+    const double bc2 = 1.0 - std::pow(b2, (double)t);
+    const float neg_step_size = (float)(-(lr / bc1));
+    const float bc2_sqrt = (float)std::pow(bc2, 0.5);
+    for (int64_t d = 0; d < D; ++d) {
+      const int64_t wi = row * D + d;
+      const float gr = ld(g, r * D + d);
+      const float p = ld(w, wi) * decay;
+      float a = ld(m1, wi);
+      // torch.lerp: weight < 0.5 ? a + w*(g-a) : g - (g-a)*(1-w)
+      a = wgt < 0.5f ? a + wgt * (gr - a) : gr - (gr - a) * (1.0f - wgt);
+      float v = ld(m2, wi) * b2f;
+      v = v + omb2 * gr * gr;  // torch.addcmul: self + value * t1 * t2
+      st(m1, wi, a);
+      st(m2, wi, v);
+      a = ld(m1, wi);
+      v = ld(m2, wi);
+      const float denom = std::sqrt(v) / bc2_sqrt + epsf;
+      st(w, wi, p + neg_step_size * a / denom);  // torch.addcdiv: self + value * t1 / t2
+    }
+  }
+}
+}  // namespace
+
+void sparse_sgd_step(ptr_t weight, ptr_t grad, ptr_t momentum_buffer, ptr_t initialized, ptr_t rows,
+                     int64_t R, int64_t D, int dtype, double lr, double momentum, double weight_decay,
+                     double dampening, bool nesterov) {
+  dispatch_host_float((DType)dtype, [&](auto tag) {
+    using T = decltype(tag);
+    sgd<T>(reinterpret_cast<T*>(weight), reinterpret_cast<const T*>(grad),
+           reinterpret_cast<T*>(momentum_buffer), reinterpret_cast<uint8_t*>(initialized),
+           reinterpret_cast<const int64_t*>(rows), R, D, (float)lr, (float)momentum,
+           (float)weight_decay, (float)(1.0 - dampening), nesterov);
+  });
+}
+
+void sparse_adamw_step(ptr_t weight, ptr_t grad, ptr_t exp_avg, ptr_t exp_avg_sq, ptr_t step,
+                       ptr_t rows, int64_t R, int64_t D, int dtype, double lr, double beta1,
+                       double beta2, double eps, double weight_decay) {
+  dispatch_host_float((DType)dtype, [&](auto tag) {
+    using T = decltype(tag);
+    adamw<T>(reinterpret_cast<T*>(weight), reinterpret_cast<const T*>(grad), reinterpret_cast<T*>(exp_avg),
+             reinterpret_cast<T*>(exp_avg_sq), reinterpret_cast<int64_t*>(step),
+             reinterpret_cast<const int64_t*>(rows), R, D, lr, beta1, beta2, eps, weight_decay);
+  });
+}
+
+}  // namespace cpu
+}  // namespace mk

@@ -1,0 +1,126 @@
+// Row-sparse SGD / AdamW steps, CUDA (semantics: csrc/cpu/sparse_optim.cpp). One block per
+// selected row (rows are distinct, so blocks never share memory); per-row state (the SGD
+// "initialized" flag, the AdamW step count) is read by the update kernel and written by a
+// second kernel, so no block reads a value another block is writing.
+#include "cuda/cuda_common.cuh"
+
+namespace mk {
+namespace cuda {
+
+namespace {
+constexpr int kThreads = 128;
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+sgd_kernel(T* __restrict__ w, const T* __restrict__ g, T* __restrict__ buf, const uint8_t* __restrict__ init,
+           const int64_t* __restrict__ rows, int64_t D, float lr, float momentum, float wd, float one_m_damp,
+           bool nesterov) {
+  const int64_t r = blockIdx.x;
+  const int64_t row = rows[r];
+  const bool first = init != nullptr && init[row] == 0;
+  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
+    const int64_t wi = row * D + d;
+    const float p = (float)DevIO<T>::load(w, wi);
+    float dp = (float)DevIO<T>::load(g, r * D + d);
+    if (wd != 0.0f) dp = __fadd_rn(dp, __fmul_rn(wd, p));
+    if (momentum != 0.0f) {
+      float b = first ? dp : __fadd_rn(__fmul_rn((float)DevIO<T>::load(buf, wi), momentum), __fmul_rn(one_m_damp, dp));
+      DevIO<T>::store(buf, wi, b);
+      b = (float)DevIO<T>::load(buf, wi);
+      dp = nesterov ? __fadd_rn(dp, __fmul_rn(momentum, b)) : b;
+    }
+    DevIO<T>::store(w, wi, __fadd_rn(p, __fmul_rn(-lr, dp)));
+  }
+}
+
+__global__ void set_flags_kernel(uint8_t* __restrict__ init, const int64_t* __restrict__ rows, int64_t R) {
+  const int64_t r = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (r < R) init[rows[r]] = 1;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+adamw_kernel(T* __restrict__ w, const T* __restrict__ g, T* __restrict__ m1, T* __restrict__ m2,
+             const int64_t* __restrict__ step, const int64_t* __restrict__ rows, int64_t D, double lr, double b1,
+             double b2, double eps, double wd) {
+  __shared__ float s_step_size, s_bc2_sqrt;
+  const int64_t r = blockIdx.x;
+  const int64_t row = rows[r];
+  if (threadIdx.x == 0) {
+    const double t = (double)(step[row] + 1);
+    const double bc1 = 1.0 - pow(b1, t);
+    const double bc2 = 1.0 - pow(b2, t);
+    s_step_size = (float)(-(lr / bc1));
+    s_bc2_sqrt = (float)pow(bc2, 0.5);
+  }
+  __syncthreads();
+  const float decay = (float)(1.0 - lr * wd), wgt = (float)(1.0 - b1), b2f = (float)b2, omb2 = (float)(1.0 - b2),
+              epsf = (float)eps, neg_step = s_step_size, bc2s = s_bc2_sqrt;
+  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
+    const int64_t wi = row * D + d;
+    const float gr = (float)DevIO<T>::load(g, r * D + d);
+    const float p = __fmul_rn((float)DevIO<T>::load(w, wi), decay);
+    float a = (float)DevIO<T>::load(m1, wi);
+    a = wgt < 0.5f ? __fadd_rn(a, __fmul_rn(wgt, __fsub_rn(gr, a)))
+                   : __fsub_rn(gr, __fmul_rn(__fsub_rn(gr, a), 1.0f - wgt));
+    float v = __fmul_rn((float)DevIO<T>::load(m2, wi), b2f);
+    v = __fadd_rn(v, __fmul_rn(__fmul_rn(omb2, gr), gr));
+    DevIO<T>::store(m1, wi, a);
+    DevIO<T>::store(m2, wi, v);
+    a = (float)DevIO<T>::load(m1, wi);
+    v = (float)DevIO<T>::load(m2, wi);
+    const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(v), bc2s), epsf);
+    DevIO<T>::store(w, wi, __fadd_rn(p, __fdiv_rn(__fmul_rn(neg_step, a), denom)));
+  }
+}
+
+__global__ void bump_steps_kernel(int64_t* __restrict__ step, const int64_t* __restrict__ rows, int64_t R) {
+  const int64_t r = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (r < R) step[rows[r]] += 1;
+}
+}  // namespace
+
+void sparse_sgd_step(ptr_t weight, ptr_t grad, ptr_t momentum_buffer, ptr_t initialized, ptr_t rows, int64_t R,
+                     int64_t D, int dtype, double lr, double momentum, double weight_decay, double dampening,
+                     bool nesterov, int device, ptr_t stream_p) {
+  if (R == 0 || D == 0) return;
+  DeviceGuard guard(device);
+  cudaStream_t stream = as_stream(stream_p);
+  const int64_t* rs = reinterpret_cast<const int64_t*>(rows);
+  uint8_t* init = reinterpret_cast<uint8_t*>(initialized);
+  dispatch_dev_float((DType)dtype, [&](auto tag) {
+    using T = decltype(tag);
+    sgd_kernel<T><<<(unsigned)R, kThreads, 0, stream>>>(
+        reinterpret_cast<T*>(weight), reinterpret_cast<const T*>(grad), reinterpret_cast<T*>(momentum_buffer), init,
+        rs, D, (float)lr, (float)momentum, (float)weight_decay, (float)(1.0 - dampening), nesterov);
+    MK_CUDA_CHECK_LAUNCH();
+  });
+  if (init != nullptr && momentum != 0.0) {
+    set_flags_kernel<<<ceil_div_u(R, 256), 256, 0, stream>>>(init, rs, R);
+    MK_CUDA_CHECK_LAUNCH();
+  }
+}
+
+void sparse_adamw_step(ptr_t weight, ptr_t grad, ptr_t exp_avg, ptr_t exp_avg_sq, ptr_t step, ptr_t rows,
+                       int64_t R, int64_t D, int dtype, double lr, double beta1, double beta2, double eps,
+                       double weight_decay, int device, ptr_t stream_p) {
+  if (R == 0) return;
+  DeviceGuard guard(device);
+  cudaStream_t stream = as_stream(stream_p);
+  const int64_t* rs = reinterpret_cast<const int64_t*>(rows);
+  int64_t* st = reinterpret_cast<int64_t*>(step);
+  if (D > 0) {
+    dispatch_dev_float((DType)dtype, [&](auto tag) {
+      using T = decltype(tag);
+      adamw_kernel<T><<<(unsigned)R, kThreads, 0, stream>>>(
+          reinterpret_cast<T*>(weight), reinterpret_cast<const T*>(grad), reinterpret_cast<T*>(exp_avg),
+          reinterpret_cast<T*>(exp_avg_sq), st, rs, D, lr, beta1, beta2, eps, weight_decay);
+      MK_CUDA_CHECK_LAUNCH();
+    });
+  }
+  bump_steps_kernel<<<ceil_div_u(R, 256), 256, 0, stream>>>(st, rs, R);
+  MK_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace cuda
+}  // namespace mk
