@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional
 
@@ -133,11 +134,11 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def _row_losses_fn(backend: str):
+def _row_losses_fn(backend: str, deterministic: bool):
     if backend == "triton":
         from marginkit.backends import triton as triton_backend
 
-        return triton_backend.row_losses
+        return functools.partial(triton_backend.row_losses, deterministic=deterministic)
     from marginkit.backends import torch_chunked
 
     return torch_chunked.row_losses
@@ -156,6 +157,7 @@ def margin_cross_entropy(
     ignore_index: int = -100,
     normalize: bool = True,
     backend: str = "auto",
+    deterministic: bool = False,
 ) -> torch.Tensor:
     """Margin softmax cross-entropy over all C classes without materialising (B, C) logits.
 
@@ -171,6 +173,10 @@ def margin_cross_entropy(
         ignore_index: label value of rows that take no part in the loss.
         normalize: L2-normalise the rows of both inputs inside (gradients flow through it).
         backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".
+        deterministic: Triton only: bitwise run-to-run identical gradients (per-split dX
+            buffers summed in a fixed order instead of fp32 atomics; a few MiB more and a
+            little slower, see marginkit.backends.triton). The torch backend on the CPU is
+            deterministic anyway.
 
     Returns:
         float32 loss (float64 for float64 inputs): a scalar, or (B,) for reduction="none".
@@ -182,7 +188,7 @@ def margin_cross_entropy(
     labels_local = owned_labels(labels, ignore_index)
     cos_target = target_cosine(embeddings, weight, labels_local, normalize)
     psi, dpsi = margin.target_terms(cos_target, rows_margins(labels, ignore_index, class_margins, sample_margins))
-    losses = _row_losses_fn(backend)(
+    losses = _row_losses_fn(backend, deterministic)(
         embeddings, weight, labels, psi, dpsi, float(scale), ignore_index, normalize
     )
     return reduce_losses(losses, labels, ignore_index, reduction)

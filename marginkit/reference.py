@@ -32,10 +32,11 @@ def margin_cross_entropy(
     ignore_index: int = -100,
     normalize: bool = True,
     backend: str = "auto",
+    deterministic: bool = False,
 ) -> torch.Tensor:
     """Same signature and meaning as ``mk.margin_cross_entropy``; computed in float64.
 
-    ``backend`` is accepted for signature compatibility and ignored. Gradients
+    ``backend`` and ``deterministic`` are accepted for signature compatibility and ignored. Gradients
     reach ``embeddings`` and ``weight`` in their own dtype; the loss is float32.
     """
     validate_inputs(
