@@ -4,7 +4,8 @@
     loss = mk.margin_cross_entropy(embeddings, weight, labels, mk.ArcFace(0.5), scale=64.0)
 """
 
-from marginkit import reference
+from marginkit import distributed, reference
+from marginkit.distributed import PartitionedMarginSoftmax
 from marginkit.errors import MarginKitTypeError
 from marginkit.functional import margin_cross_entropy
 from marginkit.nn import MarginSoftmax
@@ -20,7 +21,9 @@ __all__ = [
     "MarginSoftmax",
     "MarginSpec",
     "NoMargin",
+    "PartitionedMarginSoftmax",
     "SphereFace",
+    "distributed",
     "margin_cross_entropy",
     "reference",
 ]

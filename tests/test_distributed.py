@@ -1,0 +1,689 @@
+"""mk.distributed: PartitionedMarginSoftmax over gloo, compared to one process.
+
+One spawn per world size (2, 3, 4, then 1 with an initialised group) runs every
+distributed check; workers write their results to files and the tests below compare
+them with single-process ``mk.margin_cross_entropy`` over the global batch. The spawns
+run in that order because the later ones load the checkpoints the earlier ones wrote
+(2 -> 3, 4 -> 1).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import traceback
+
+import pytest
+import torch
+
+import marginkit as mk
+from cases import rel_err
+from marginkit.distributed import (
+    PartialFCAdamW,
+    PartialFCSGD,
+    PartitionedMarginSoftmax,
+    load_sharded,
+    save_sharded,
+    seeded_normal_rows,
+    shard_range,
+)
+from marginkit.errors import MarginKitTypeError
+
+C, D, D_IN = 103, 16, 8
+TOL = 1e-5
+SIZES = {1: [23], 2: [9, 14], 3: [8, 0, 15], 4: [6, 7, 3, 7]}  # uneven local batches, one empty
+WORLD_ORDER = (2, 3, 4, 1)
+SPAWN_TIMEOUT_S = 120.0
+
+
+# --------------------------------------------------------------------------- shared data
+def global_batch(seed: int, batch: int = 23):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, D, generator=g)
+    labels = torch.randint(0, C, (batch,), generator=g)
+    labels[[3, 11, 20]] = -100  # ignored rows
+    return x, labels
+
+
+def full_weight():
+    return torch.randn(C, D, generator=torch.Generator().manual_seed(123))
+
+
+def class_margins():
+    return 0.2 + 0.4 * torch.rand(C, generator=torch.Generator().manual_seed(321))
+
+
+CASES = {
+    "arcface": dict(margin=mk.ArcFace(0.5), scale=64.0),
+    "cosface": dict(margin=mk.CosFace(0.35), scale=30.0),
+    "class_margins": dict(margin=mk.ArcFace(0.5), scale=64.0, class_margins=True),
+    "sphereface": dict(margin=mk.SphereFace(1.7), scale=16.0),
+    "cosface_sum": dict(margin=mk.CosFace(0.2), scale=16.0, reduction="sum"),
+    "large_scale": dict(margin=mk.CosFace(0.35), scale=400.0),  # the max-then-sum combine path
+}
+
+
+def local_rows(t, world, rank):
+    offset = sum(SIZES[world][:rank])
+    return t[offset : offset + SIZES[world][rank]]
+
+
+def make_head(case, **kwargs):
+    spec = CASES[case]
+    cm = class_margins() if spec.get("class_margins") else None
+    head = PartitionedMarginSoftmax(
+        C, D, spec["margin"], spec["scale"], class_margins=cm, reduction=spec.get("reduction", "mean"), **kwargs
+    )
+    state = {"weight": full_weight()}
+    if cm is not None:
+        state["class_margins"] = cm
+    head.load_full_state_dict(state)
+    return head
+
+
+def reference(case, x, labels, weight=None):
+    """Single-process loss and gradients over the global batch with the full weight."""
+    spec = CASES[case]
+    x = x.detach().clone().requires_grad_(True)
+    w = (full_weight() if weight is None else weight).detach().clone().requires_grad_(True)
+    cm = class_margins() if spec.get("class_margins") else None
+    loss = mk.margin_cross_entropy(
+        x, w, labels, spec["margin"], spec["scale"], class_margins=cm, reduction=spec.get("reduction", "mean")
+    )
+    loss.backward()
+    return loss.detach(), x.grad, w.grad
+
+
+# --------------------------------------------------------------------------- worker side
+def _check_equivalence(world, rank):
+    out = {}
+    x, labels = global_batch(1)
+    for case in CASES:
+        head = make_head(case)
+        xl = local_rows(x, world, rank).clone().requires_grad_(True)
+        loss = head(xl, local_rows(labels, world, rank))
+        loss.backward()
+        out[case] = dict(loss=loss.detach(), grad_x=xl.grad.clone(), grad_w=head.weight.grad.clone())
+    return out
+
+
+TINY_C = 3  # fewer classes than ranks at W = 4: rank 3 owns none
+
+
+def _tiny_inputs():
+    x, labels = global_batch(4)
+    return x, torch.where(labels >= 0, labels % TINY_C, labels), torch.randn(TINY_C, D, generator=torch.Generator().manual_seed(8))
+
+
+def _check_tiny(world, rank):
+    x, labels, weight = _tiny_inputs()
+    head = PartitionedMarginSoftmax(TINY_C, D, mk.CosFace(0.3), 16.0)
+    head.load_full_state_dict({"weight": weight})
+    xl = local_rows(x, world, rank).clone().requires_grad_(True)
+    loss = head(xl, local_rows(labels, world, rank))
+    loss.backward()
+    return dict(loss=loss.detach(), grad_x=xl.grad.clone(), grad_w=head.weight.grad.clone())
+
+
+def _check_init(world, rank):
+    head = PartitionedMarginSoftmax(C, D, seed=7)
+    return dict(weight=head.full_state_dict()["weight"], local=head.weight.detach().clone())
+
+
+def _check_partial_fc(world, rank):
+    head = make_head("arcface", sample_rate=0.3, seed=5)
+    opt = PartialFCSGD(head, lr=0.1, momentum=0.9, weight_decay=5e-4)
+    out = {"start": head.class_start}
+    for step, seed in enumerate((2, 3)):
+        x, labels = global_batch(seed)
+        before = {k: v.detach().clone() for k, v in (("weight", head.weight), ("momentum", head.momentum_buffer))}
+        xl = local_rows(x, world, rank).clone().requires_grad_(True)
+        loss = head(xl, local_rows(labels, world, rank))
+        loss.backward()
+        rec = dict(
+            loss=loss.detach(), grad_x=xl.grad.clone(), grad_w=head.weight.grad.clone(),
+            sampled=head.last_sampled.clone() + head.class_start, before=before,
+        )
+        opt.step()
+        opt.zero_grad()
+        rec["after"] = dict(weight=head.weight.detach().clone(), momentum=head.momentum_buffer.clone())
+        out[step] = rec
+    # sample_rate = 1 with the row-sparse optimizer against the dense head with torch.optim.SGD.
+    sparse, dense = make_head("cosface"), make_head("cosface")
+    opt_sparse = PartialFCSGD(sparse, lr=0.2, momentum=0.9, weight_decay=1e-3)
+    opt_dense = torch.optim.SGD([dense.weight], lr=0.2, momentum=0.9, weight_decay=1e-3)
+    losses = []
+    for seed in (2, 3):
+        x, labels = global_batch(seed)
+        pair = []
+        for head, opt in ((sparse, opt_sparse), (dense, opt_dense)):
+            loss = head(local_rows(x, world, rank), local_rows(labels, world, rank))
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            pair.append(loss.detach())
+        losses.append(pair)
+    out["rate1"] = dict(losses=losses, sparse=sparse.weight.detach().clone(), dense=dense.weight.detach().clone())
+    return out
+
+
+def _check_ddp(world, rank):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    out = {}
+    x, labels = global_batch(1)
+    inputs = torch.randn(x.shape[0], D_IN, generator=torch.Generator().manual_seed(9))
+    for grad_scale in ("global", "ddp"):
+        torch.manual_seed(0)
+        backbone = torch.nn.Linear(D_IN, D)
+        model = DDP(backbone)
+        head = make_head("arcface", grad_scale=grad_scale)
+        loss = head(model(local_rows(inputs, world, rank)), local_rows(labels, world, rank))
+        loss.backward()
+        out[grad_scale] = dict(weight=backbone.weight.grad.clone(), bias=backbone.bias.grad.clone())
+    return out
+
+
+def _bad_rank(world):
+    return 1 if SIZES[world][1] else 2
+
+
+def _check_bad_inputs(world, rank):
+    out = {}
+    x, labels = global_batch(1)
+    head = make_head("arcface")
+    xl, yl = local_rows(x, world, rank), local_rows(labels, world, rank).clone()
+    bad = yl.clone()
+    if rank == _bad_rank(world):
+        bad[-1] = C + 5
+    if rank == 3:  # a second bad rank: the first one in rank order is reported
+        bad[0] = -7
+    try:
+        head(xl, bad)
+        out["labels"] = None
+    except ValueError as err:
+        out["labels"] = (type(err).__name__, str(err))
+    try:
+        head(xl.double() if rank == 0 else xl, yl)
+        out["dtype"] = None
+    except ValueError as err:
+        out["dtype"] = (type(err).__name__, str(err))
+    # The group is still in step: a good step works afterwards.
+    xl = xl.clone().requires_grad_(True)
+    loss = head(xl, yl)
+    loss.backward()
+    out["after"] = dict(loss=loss.detach(), grad_x=xl.grad.clone())
+    return out
+
+
+def _checkpoint_head(seed, device="cpu"):
+    """A head with weight, class margins and momentum state (after one Partial FC step)."""
+    head = PartitionedMarginSoftmax(C, D, mk.ArcFace(), 64.0, sample_rate=0.5, class_margins=class_margins(),
+                                    seed=seed, device=device)
+    opt = PartialFCSGD(head, lr=0.1, momentum=0.9, weight_decay=5e-4)
+    x, labels = global_batch(seed)
+    world, rank = head.world_size, head.rank
+    head(local_rows(x, world, rank).to(device), local_rows(labels, world, rank).to(device)).backward()
+    opt.step()
+    return head
+
+
+def _check_checkpoints(world, rank, outdir):
+    out = {}
+    if world in (2, 4):  # writers
+        head = _checkpoint_head(seed=world)
+        full = head.full_state_dict()
+        out["saved"] = full
+        if rank == 0:
+            torch.save(full, os.path.join(outdir, f"full_w{world}.pt"))
+        save_sharded(head, os.path.join(outdir, f"dcp_w{world}"))
+    source = {3: 2, 1: 4}.get(world)
+    if source is not None:  # readers, at another world size
+        torch.distributed.barrier()
+        fresh = PartitionedMarginSoftmax(C, D, mk.ArcFace(), 64.0, sample_rate=0.5, seed=99)
+        load_sharded(fresh, os.path.join(outdir, f"dcp_w{source}"))
+        out["dcp"] = fresh.full_state_dict()
+        out["dcp_local"] = {n: getattr(fresh, n).detach().clone() for n in fresh.per_class_names()}
+        fresh2 = PartitionedMarginSoftmax(C, D, mk.ArcFace(), 64.0, sample_rate=0.5, seed=98)
+        fresh2.load_full_state_dict(torch.load(os.path.join(outdir, f"full_w{source}.pt")))
+        PartialFCSGD(fresh2, lr=0.1, momentum=0.9)  # picks up the loaded momentum
+        out["full"] = fresh2.full_state_dict()
+        out["source"] = source
+    return out
+
+
+def _worker(rank, world, port, outdir):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        results = dict(
+            range=(shard_range(C, world, rank)),
+            equivalence=_check_equivalence(world, rank),
+            init=_check_init(world, rank),
+            tiny=_check_tiny(world, rank),
+            checkpoints=_check_checkpoints(world, rank, outdir),
+        )
+        if world > 1:
+            results["partial_fc"] = _check_partial_fc(world, rank)
+            results["ddp"] = _check_ddp(world, rank)
+            results["bad"] = _check_bad_inputs(world, rank)
+        torch.save(results, os.path.join(outdir, f"result_w{world}_r{rank}.pt"))
+        dist.barrier()
+    except BaseException:
+        with open(os.path.join(outdir, f"error_w{world}_r{rank}.txt"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# Workers start from a fork server, a fresh interpreter that imports these once (torch,
+# torch._dynamo, which the first custom-op call imports, DCP, marginkit): each worker then
+# starts in milliseconds instead of paying ~7 s of imports on a 2-core machine.
+PRELOAD = ["torch", "torch._dynamo", "torch.distributed.checkpoint", "torch.nn.parallel",
+           "marginkit", "marginkit.distributed", "marginkit.backends.cuda", __name__]
+
+
+def run_world(world: int, outdir: str, timeout: float = SPAWN_TIMEOUT_S, worker=None) -> list:
+    """Start ``world`` workers (default: the gloo checks); fail (and kill them) after ``timeout`` s.
+
+    Each worker writes ``result_w{world}_r{rank}.pt`` to ``outdir`` (or an error file).
+    """
+    import multiprocessing
+
+    import torch.multiprocessing as mp
+
+    multiprocessing.get_context("forkserver").set_forkserver_preload(PRELOAD)
+    ctx = mp.start_processes(worker or _worker, args=(world, _free_port(), outdir), nprocs=world, join=False,
+                             start_method="forkserver")
+    deadline = time.monotonic() + timeout
+    try:
+        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"world size {world}: workers did not finish in {timeout:.0f} s (a hang?)")
+    except Exception as err:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+        errors = [open(os.path.join(outdir, f)).read() for f in sorted(os.listdir(outdir)) if f.startswith(f"error_w{world}")]
+        raise AssertionError(f"world size {world} failed: {err}\n" + "\n".join(errors)) from err
+    return [torch.load(os.path.join(outdir, f"result_w{world}_r{r}.pt")) for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    outdir = str(tmp_path_factory.mktemp("distributed"))
+    return {world: run_world(world, outdir) for world in WORLD_ORDER}
+
+
+WORLDS = pytest.mark.parametrize("world", WORLD_ORDER)
+
+
+# --------------------------------------------------------------------------- shard_range
+def test_shard_range_formula_and_tiling():
+    for num_classes in (0, 1, 5, 103, 1_000_003):
+        for world in (1, 2, 3, 4, 7, 8, 64):
+            ranges = [shard_range(num_classes, world, r) for r in range(world)]
+            assert ranges[0][0] == 0 and ranges[-1][1] == num_classes
+            for r, (start, stop) in enumerate(ranges):
+                assert stop - start == num_classes // world + (r < num_classes % world)
+                assert start == num_classes // world * r + min(r, num_classes % world)
+                if r:
+                    assert start == ranges[r - 1][1]
+    assert [shard_range(103, 4, r) for r in range(4)] == [(0, 26), (26, 52), (52, 78), (78, 103)]
+    assert [shard_range(10, 4, r) for r in range(4)] == [(0, 3), (3, 6), (6, 8), (8, 10)]
+    assert all(isinstance(v, int) for v in shard_range(10, 3, 1))
+
+
+def test_shard_range_typed_errors():
+    for args in ((10, 0, 0), (10, 2, 2), (10, 2, -1), (-1, 2, 0)):
+        with pytest.raises(ValueError):
+            shard_range(*args)
+    for args in ((10.0, 2, 0), (10, "2", 0), (10, 2, True), (None, 1, 0)):
+        with pytest.raises(TypeError):
+            shard_range(*args)
+        with pytest.raises(MarginKitTypeError):
+            shard_range(*args)
+
+
+# --------------------------------------------------------------------------- one process, no group
+@pytest.mark.parametrize("case", list(CASES))
+def test_single_process_head_equals_margin_cross_entropy(case):
+    x, labels = global_batch(1)
+    head = make_head(case)
+    xg = x.clone().requires_grad_(True)
+    loss = head(xg, labels)
+    loss.backward()
+    ref_loss, ref_gx, ref_gw = reference(case, x, labels)
+    assert head.weight.shape == (C, D) and head.world_size == 1
+    assert rel_err(loss, ref_loss) < TOL
+    assert rel_err(xg.grad, ref_gx) < TOL
+    assert rel_err(head.weight.grad, ref_gw) < TOL
+
+
+def test_seeded_init_does_not_depend_on_sharding():
+    full = seeded_normal_rows(0, 10_000, 10_000, 4, seed=3, std=0.01, device="cpu", dtype=torch.float32)
+    for world in (2, 3, 7):
+        parts = [seeded_normal_rows(*shard_range(10_000, world, r), 10_000, 4, 3, 0.01, "cpu", torch.float32)
+                 for r in range(world)]
+        assert torch.equal(torch.cat(parts), full)
+    assert abs(float(full.std()) - 0.01) < 1e-3
+    other = seeded_normal_rows(0, 10_000, 10_000, 4, seed=4, std=0.01, device="cpu", dtype=torch.float32)
+    assert not torch.equal(other, full)
+
+
+def test_partial_fc_one_process_properties():
+    x, labels = global_batch(2)
+    head = make_head("arcface", sample_rate=0.2)
+    opt = PartialFCSGD(head, lr=0.1, momentum=0.9, weight_decay=5e-4)
+    for _ in range(3):
+        before_w, before_m = head.weight.detach().clone(), head.momentum_buffer.clone()
+        loss = head(x, labels)
+        loss.backward()
+        sampled = head.last_sampled
+        positives = labels[labels >= 0].unique()
+        assert set(positives.tolist()) <= set(sampled.tolist())
+        assert sampled.numel() == max(positives.numel(), int(0.2 * C))
+        untouched = torch.ones(C, dtype=torch.bool)
+        untouched[sampled] = False
+        assert torch.count_nonzero(head.weight.grad[untouched]) == 0
+        opt.step()
+        opt.zero_grad()
+        assert torch.equal(head.weight.detach()[untouched], before_w[untouched])
+        assert torch.equal(head.momentum_buffer[untouched], before_m[untouched])
+        assert not torch.equal(head.weight.detach()[sampled], before_w[sampled])
+    head.eval()  # evaluation uses every class
+    assert rel_err(head(x, labels), reference("arcface", x, labels, head.weight)[0]) < TOL
+
+
+def test_sparse_grad_matches_dense_grad_with_accumulation():
+    """sparse_grad=True: a COO gradient of the sampled rows; the same steps as the dense one,
+    also when two backward passes (different samples) accumulate before a step."""
+    heads = [make_head("arcface", sample_rate=0.2, sparse_grad=flag) for flag in (False, True)]
+    opts = [PartialFCSGD(h, lr=0.1, momentum=0.9, weight_decay=5e-4) for h in heads]
+    for step in range(2):
+        for head, opt in zip(heads, opts):
+            for seed in (2, 3):
+                x, labels = global_batch(seed + 10 * step)
+                head(x, labels).backward()
+        assert heads[1].weight.grad.is_sparse
+        assert torch.equal(heads[0].weight.grad, heads[1].weight.grad.to_dense())
+        for opt in opts:
+            opt.step()
+            opt.zero_grad()
+        assert torch.equal(heads[0].weight, heads[1].weight)
+        assert torch.equal(heads[0].momentum_buffer, heads[1].momentum_buffer)
+
+
+def test_partial_fc_adamw_moves_only_sampled_rows():
+    x, labels = global_batch(3)
+    head = make_head("cosface", sample_rate=0.25)
+    opt = PartialFCAdamW(head, lr=1e-2)
+    steps = torch.zeros(C, dtype=torch.int64)
+    for _ in range(2):
+        before = head.weight.detach().clone()
+        head(x, labels).backward()
+        sampled = head.last_sampled
+        opt.step()
+        opt.zero_grad()
+        steps[sampled] += 1
+        mask = torch.ones(C, dtype=torch.bool)
+        mask[sampled] = False
+        assert torch.equal(head.weight.detach()[mask], before[mask])
+    assert torch.equal(head.adam_step, steps)
+
+
+def test_one_process_full_and_sharded_checkpoint_roundtrip(tmp_path):
+    head = make_head("class_margins", sample_rate=0.5)
+    PartialFCSGD(head, lr=0.1, momentum=0.9)
+    x, labels = global_batch(2)
+    head(x, labels).backward()
+    head.zero_grad()
+    full = head.full_state_dict()
+    assert set(full) == {"weight", "class_margins", "momentum_buffer", "momentum_initialized", "sample_step"}
+    save_sharded(head, str(tmp_path / "ck"))
+    for loader in ("full", "sharded"):
+        fresh = PartitionedMarginSoftmax(C, D, mk.ArcFace(), 64.0, sample_rate=0.5, seed=11)
+        if loader == "full":
+            fresh.load_full_state_dict(full)
+        else:
+            load_sharded(fresh, str(tmp_path / "ck"))
+        got = fresh.full_state_dict()
+        assert set(got) == set(full)
+        for name in full:
+            assert torch.equal(got[name], full[name]), (loader, name)
+    with pytest.raises(ValueError, match="classes"):
+        fresh.load_full_state_dict({"weight": torch.zeros(C + 1, D)}, strict=False)
+
+
+def test_head_validates_arguments_and_inputs():
+    with pytest.raises(ValueError, match="num_classes"):
+        PartitionedMarginSoftmax(0, D)
+    with pytest.raises(ValueError, match="sample_rate"):
+        PartitionedMarginSoftmax(C, D, sample_rate=0.0)
+    with pytest.raises(ValueError, match="grad_scale"):
+        PartitionedMarginSoftmax(C, D, grad_scale="sum")
+    with pytest.raises(ValueError, match="class_margins"):
+        PartitionedMarginSoftmax(C, D, mk.SphereFace(), class_margins=class_margins())
+    head = PartitionedMarginSoftmax(C, D)
+    x, labels = global_batch(1)
+    with pytest.raises(ValueError, match=str(C + 2)):
+        head(x, torch.where(labels == 5, labels, torch.full_like(labels, C + 2)))
+    with pytest.raises(MarginKitTypeError, match="int64"):
+        head(x, labels.int())
+    with pytest.raises(ValueError, match="embedding_dim"):
+        head(x[:, :4], labels)
+
+
+def test_empty_and_all_ignored_batch_backpropagates():
+    head = make_head("arcface")
+    x = torch.zeros(0, D, requires_grad=True)
+    loss = head(x, torch.zeros(0, dtype=torch.int64))
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and torch.count_nonzero(head.weight.grad) == 0
+    x = torch.randn(3, D, requires_grad=True)
+    loss = head(x, torch.full((3,), -100))
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and torch.count_nonzero(x.grad) == 0
+    sampled = make_head("arcface", sample_rate=0.005)  # nothing to keep: no positive, 0 negatives
+    x = torch.randn(3, D, requires_grad=True)
+    loss = sampled(x, torch.full((3,), -100))
+    loss.backward()
+    assert sampled.last_sampled.numel() == 0 and float(loss.detach()) == 0.0
+    assert torch.count_nonzero(x.grad) == 0 and torch.count_nonzero(sampled.weight.grad) == 0
+
+
+def test_full_state_dict_of_a_dense_head_is_only_per_class_tensors():
+    head = make_head("class_margins")
+    full = head.full_state_dict()
+    assert set(full) == {"weight", "class_margins"}
+    assert all(t.shape[0] == C for t in full.values())
+
+
+def test_triton_backend_runs_the_two_phases():
+    """The head drives backends.triton's lse_partials / grads_from_lse (interpreter on CPU)."""
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1")
+    x, labels = global_batch(1)
+    head = make_head("class_margins", backend="triton")
+    xg = x.clone().requires_grad_(True)
+    loss = head(xg, labels)
+    loss.backward()
+    ref_loss, ref_gx, ref_gw = reference("class_margins", x, labels)
+    assert rel_err(loss, ref_loss) < TOL
+    assert rel_err(xg.grad, ref_gx) < TOL
+    assert rel_err(head.weight.grad, ref_gw) < TOL
+
+
+# --------------------------------------------------------------------------- gloo runs
+@WORLDS
+def test_ranks_own_their_shard(runs, world):
+    assert [r["range"] for r in runs[world]] == [shard_range(C, world, r) for r in range(world)]
+
+
+@WORLDS
+@pytest.mark.parametrize("case", list(CASES))
+def test_partitioned_equals_single_process(runs, world, case):
+    x, labels = global_batch(1)
+    ref_loss, ref_gx, ref_gw = reference(case, x, labels)
+    results = [r["equivalence"][case] for r in runs[world]]
+    for res in results:  # the same loss on every rank, bit for bit
+        assert torch.equal(res["loss"], results[0]["loss"])
+    assert rel_err(results[0]["loss"], ref_loss) < TOL
+    grad_x = torch.cat([res["grad_x"] for res in results])
+    assert grad_x.shape == ref_gx.shape
+    assert rel_err(grad_x, ref_gx) < TOL
+    for r, res in enumerate(results):  # each rank's rows, not just the sum
+        assert rel_err(res["grad_x"], local_rows(ref_gx, world, r)) < TOL or SIZES[world][r] == 0
+    grad_w = torch.cat([res["grad_w"] for res in results])
+    for r, res in enumerate(results):
+        assert res["grad_w"].shape == (shard_range(C, world, r)[1] - shard_range(C, world, r)[0], D)
+    assert rel_err(grad_w, ref_gw) < TOL
+
+
+@WORLDS
+def test_fewer_classes_than_ranks(runs, world):
+    x, labels, weight = _tiny_inputs()
+    w = weight.clone().requires_grad_(True)
+    xg = x.clone().requires_grad_(True)
+    ref = mk.margin_cross_entropy(xg, w, labels, mk.CosFace(0.3), 16.0)
+    ref.backward()
+    results = [r["tiny"] for r in runs[world]]
+    assert all(torch.equal(res["loss"], results[0]["loss"]) for res in results)
+    assert rel_err(results[0]["loss"], ref) < TOL
+    assert rel_err(torch.cat([res["grad_x"] for res in results]), xg.grad) < TOL
+    assert rel_err(torch.cat([res["grad_w"] for res in results]), w.grad) < TOL
+    if world == 4:
+        assert results[3]["grad_w"].shape == (0, D)
+
+
+@WORLDS
+def test_init_is_the_same_global_weight_at_every_world_size(runs, world):
+    expected = PartitionedMarginSoftmax(C, D, seed=7).weight.detach()
+    for r, res in enumerate(runs[world]):
+        assert torch.equal(res["init"]["weight"], expected)
+        start, stop = shard_range(C, world, r)
+        assert torch.equal(res["init"]["local"], expected[start:stop])
+
+
+@pytest.mark.parametrize("reader", [3, 1])
+def test_checkpoints_reshard_bitwise(runs, reader):
+    """Saved at 2 -> loaded at 3 and saved at 4 -> loaded at 1, full and DCP-sharded."""
+    source = runs[reader][0]["checkpoints"]["source"]
+    saved = runs[source][0]["checkpoints"]["saved"]
+    assert set(saved) == {"weight", "class_margins", "momentum_buffer", "momentum_initialized", "sample_step"}
+    assert torch.count_nonzero(saved["momentum_buffer"]) > 0  # optimizer state really travels
+    for res in runs[source]:  # full_state_dict is the same global state on every rank
+        for name in saved:
+            assert torch.equal(res["checkpoints"]["saved"][name], saved[name])
+    for r, res in enumerate(runs[reader]):
+        ck = res["checkpoints"]
+        for route in ("dcp", "full"):
+            assert set(ck[route]) == set(saved), route
+            for name in saved:
+                assert ck[route][name].dtype == saved[name].dtype
+                assert torch.equal(ck[route][name], saved[name]), (route, name)
+        start, stop = shard_range(C, reader, r)
+        for name, local in ck["dcp_local"].items():
+            assert torch.equal(local, saved[name][start:stop]), name
+
+
+def _partial_fc_oracle(x, labels, sampled):
+    """Loss and gradients of margin_cross_entropy over the sampled classes only."""
+    keep = torch.sort(sampled).values
+    remap = torch.full((C,), -1, dtype=torch.int64)
+    remap[keep] = torch.arange(keep.numel())
+    sub_labels = torch.where(labels >= 0, remap[labels.clamp_min(0)], labels)
+    assert (sub_labels[labels >= 0] >= 0).all()
+    loss, gx, gw_sub = reference("arcface", x, sub_labels, full_weight()[keep])
+    gw = torch.zeros(C, D)
+    gw[keep] = gw_sub
+    return loss, gx, gw
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_partial_fc_distributed(runs, world):
+    results = [r["partial_fc"] for r in runs[world]]
+    for step, seed in enumerate((2, 3)):
+        x, labels = global_batch(seed)
+        recs = [res[step] for res in results]
+        sampled = torch.cat([rec["sampled"] for rec in recs])
+        assert sampled.unique().numel() == sampled.numel()
+        for r, rec in enumerate(recs):
+            start, stop = shard_range(C, world, r)
+            assert ((rec["sampled"] >= start) & (rec["sampled"] < stop)).all()
+        assert set(labels[labels >= 0].tolist()) <= set(sampled.tolist())  # every positive kept
+        assert sampled.numel() < C
+        for rec in recs:
+            assert torch.equal(rec["loss"], recs[0]["loss"])
+        grad_w = torch.cat([rec["grad_w"] for rec in recs])
+        if step == 0:  # the sampled loss equals one process over the sampled classes
+            ref_loss, ref_gx, ref_gw = _partial_fc_oracle(x, labels, sampled)
+            assert rel_err(recs[0]["loss"], ref_loss) < TOL
+            assert rel_err(torch.cat([rec["grad_x"] for rec in recs]), ref_gx) < TOL
+            assert rel_err(grad_w, ref_gw) < TOL
+        unsampled = torch.ones(C, dtype=torch.bool)
+        unsampled[sampled] = False
+        assert torch.count_nonzero(grad_w[unsampled]) == 0
+        before_w = torch.cat([rec["before"]["weight"] for rec in recs])
+        before_m = torch.cat([rec["before"]["momentum"] for rec in recs])
+        after_w = torch.cat([rec["after"]["weight"] for rec in recs])
+        after_m = torch.cat([rec["after"]["momentum"] for rec in recs])
+        assert torch.equal(after_w[unsampled], before_w[unsampled])
+        assert torch.equal(after_m[unsampled], before_m[unsampled])
+        assert (after_w[~unsampled] != before_w[~unsampled]).any(dim=1).all()
+        if step == 1:  # rows with momentum from step 0 that step 1 did not sample kept it
+            assert torch.count_nonzero(before_m[unsampled]) > 0
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_sample_rate_one_is_the_dense_path(runs, world):
+    for res in runs[world]:
+        rate1 = res["partial_fc"]["rate1"]
+        for sparse_loss, dense_loss in rate1["losses"]:
+            assert torch.equal(sparse_loss, dense_loss)
+        # sparse_sgd_step_ rounds once from float64: equal to torch.optim.SGD to an ulp.
+        assert torch.allclose(rate1["sparse"], rate1["dense"], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_ddp_backbone_gradient_scale(runs, world):
+    x, labels = global_batch(1)
+    inputs = torch.randn(x.shape[0], D_IN, generator=torch.Generator().manual_seed(9))
+    torch.manual_seed(0)
+    backbone = torch.nn.Linear(D_IN, D)
+    loss = mk.margin_cross_entropy(backbone(inputs), full_weight(), labels, mk.ArcFace(0.5), 64.0)
+    loss.backward()
+    for res in runs[world]:
+        for name in ("weight", "bias"):
+            expected = getattr(backbone, name).grad
+            # DDP averages over ranks: the global-mean loss's gradient / W by default ...
+            assert rel_err(res["ddp"]["global"][name], expected / world) < TOL
+            # ... and exactly that gradient with grad_scale="ddp" (insightface's convention).
+            assert rel_err(res["ddp"]["ddp"][name], expected) < TOL
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_bad_labels_raise_the_same_error_on_every_rank(runs, world):
+    bad = [res["bad"] for res in runs[world]]
+    labels_err = [b["labels"] for b in bad]
+    assert all(e is not None and e[0] == "ValueError" for e in labels_err)
+    assert len({e[1] for e in labels_err}) == 1
+    assert f"rank {_bad_rank(world)} of {world}" in labels_err[0][1] and str(C + 5) in labels_err[0][1]
+    dtype_err = [b["dtype"] for b in bad]
+    assert all(e is not None and e[0] == "MarginKitTypeError" for e in dtype_err)
+    assert len({e[1] for e in dtype_err}) == 1 and "float64" in dtype_err[0][1]
+    x, labels = global_batch(1)
+    ref_loss, ref_gx, _ = reference("arcface", x, labels)
+    assert rel_err(bad[0]["after"]["loss"], ref_loss) < TOL
+    assert rel_err(torch.cat([b["after"]["grad_x"] for b in bad]), ref_gx) < TOL
