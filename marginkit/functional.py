@@ -12,7 +12,7 @@ from marginkit.backends.common import owned_labels, target_cosine
 from marginkit.errors import MarginKitTypeError, check_choice, check_real
 from marginkit.specs import ArcFace, MarginSpec
 
-__all__ = ["margin_cross_entropy", "validate_inputs", "rows_margins", "reduce_losses", "BACKENDS"]
+__all__ = ["margin_cross_entropy", "validate_inputs", "rows_margins", "reduce_losses", "resolve_backend", "BACKENDS"]
 
 # float64 is accepted too (gradcheck, oracles); the fused GPU path is built for the first three.
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -134,14 +134,20 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def _row_losses_fn(backend: str, deterministic: bool):
+def backend_module(backend: str):
+    """The module of a resolved backend name; Triton is imported only when asked for."""
     if backend == "triton":
         from marginkit.backends import triton as triton_backend
 
-        return functools.partial(triton_backend.row_losses, deterministic=deterministic)
+        return triton_backend
     from marginkit.backends import torch_chunked
 
-    return torch_chunked.row_losses
+    return torch_chunked
+
+
+def _row_losses_fn(backend: str, deterministic: bool):
+    row_losses = backend_module(backend).row_losses
+    return functools.partial(row_losses, deterministic=deterministic) if backend == "triton" else row_losses
 
 
 def margin_cross_entropy(

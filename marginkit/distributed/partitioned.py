@@ -31,9 +31,6 @@ Nothing of size B × C_r crosses the wire.
 
 from __future__ import annotations
 
-import functools
-import inspect
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -52,6 +49,7 @@ from marginkit.backends.common import (
 from marginkit.distributed import collectives as coll
 from marginkit.distributed.sharding import group_size_and_rank, shard_range
 from marginkit.errors import MarginKitTypeError, check_choice, check_real
+from marginkit.functional import BACKENDS, REDUCTIONS, backend_module, resolve_backend
 from marginkit.specs import ArcFace, MarginSpec
 
 __all__ = ["PartitionedMarginSoftmax", "PER_CLASS_STATE"]
@@ -75,8 +73,6 @@ INIT_BLOCK_ROWS = 4096
 # exp(-2·scale) must stay well inside float64's range for the fixed-shift combine.
 _FIXED_SHIFT_MAX_SCALE = 300.0
 
-_REDUCTIONS = ("mean", "sum", "none")
-_BACKENDS = ("auto", "torch", "triton")
 
 
 def _mix(seed: int, k: int) -> int:
@@ -115,32 +111,8 @@ def seeded_normal_rows(
 
 
 def _backend_module(backend: str, device: torch.device):
-    """The fused backend running the shard's two phases (notes/CONTRACTS.md, API v3)."""
-    from marginkit.backends import torch_chunked
-
-    if backend == "torch" or (backend == "auto" and device.type != "cuda"):
-        return torch_chunked
-    return _triton_module(backend)
-
-
-@functools.lru_cache(maxsize=None)
-def _triton_module(backend: str):
-    from marginkit.backends import torch_chunked
-    try:
-        from marginkit.backends import triton as triton_backend
-    except Exception as err:  # pragma: no cover - triton missing on a CUDA machine
-        if backend == "triton":
-            raise
-        warnings.warn(f"marginkit: Triton backend unavailable ({err}); the partitioned head uses backend='torch'")
-        return torch_chunked
-    fn = getattr(triton_backend, "lse_partials", None)
-    if fn is None or "target_logit" in inspect.signature(fn).parameters:
-        # Not (yet) the v3 two-phase API (non-target partials only).
-        if backend == "triton":
-            raise RuntimeError("marginkit.backends.triton does not expose the v3 two-phase API (lse_partials)")
-        warnings.warn("marginkit: the Triton backend lacks the v3 two-phase API; the partitioned head uses 'torch'")
-        return torch_chunked
-    return triton_backend
+    """The fused backend running the shard's two phases (notes/CONTRACTS.md)."""
+    return backend_module(resolve_backend(backend, device))
 
 
 # --------------------------------------------------------------------------------------
@@ -423,8 +395,8 @@ class PartitionedMarginSoftmax(nn.Module):
             raise MarginKitTypeError(f"margin must be a marginkit margin spec (mk.ArcFace(), ...), got {margin!r}")
         check_real("scale", scale, low=0.0, low_inclusive=False)
         check_real("sample_rate", sample_rate, low=0.0, high=1.0, low_inclusive=False)
-        check_choice("reduction", reduction, _REDUCTIONS)
-        check_choice("backend", backend, _BACKENDS)
+        check_choice("reduction", reduction, REDUCTIONS)
+        check_choice("backend", backend, BACKENDS)
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
             raise MarginKitTypeError(f"ignore_index must be an int, got {ignore_index!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
