@@ -32,7 +32,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from marginkit.errors import MarginKitTypeError
+from marginkit.errors import MarginKitTypeError, check_real
 
 try:
     from marginkit import _C
@@ -159,20 +159,6 @@ def _check_int(name: str, v, low: Optional[int] = None) -> int:
     return v
 
 
-def _check_float(name: str, v, low: Optional[float] = None, high: Optional[float] = None,
-                 low_open: bool = False, high_open: bool = False) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise MarginKitTypeError(f"{name} must be a real number, got {v!r} of type {type(v).__name__}")
-    f = float(v)
-    if f != f or f in (float("inf"), float("-inf")):
-        raise ValueError(f"{name} must be finite, got {v!r}")
-    if low is not None and (f < low or (low_open and f == low)):
-        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {v!r}")
-    if high is not None and (f > high or (high_open and f == high)):
-        raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, got {v!r}")
-    return f
-
-
 def _check_labels_in_range(labels: Tensor, num_classes: int, ignore_index: int) -> None:
     """ValueError naming the first label outside [0, C) that is not ignore_index (one sync)."""
     if labels.numel() == 0:
@@ -224,7 +210,7 @@ def _meta_class_center_update(centers, embeddings, labels, momentum, ignore_inde
     if labels.shape[0] != embeddings.shape[0]:
         raise ValueError(f"labels has {labels.shape[0]} entries but embeddings has B = {embeddings.shape[0]} rows")
     _check_contiguous("centers", centers)
-    _check_float("momentum", momentum, 0.0, 1.0)
+    check_real("momentum", momentum, low=0.0, high=1.0)
     _check_int("ignore_index", ignore_index)
 
 
@@ -378,9 +364,9 @@ def _meta_range_loss(embeddings, labels, k, margin, alpha, beta):
     if labels.shape[0] != embeddings.shape[0]:
         raise ValueError(f"labels has {labels.shape[0]} entries but embeddings has B = {embeddings.shape[0]} rows")
     _check_int("k", k, low=1)
-    _check_float("margin", margin)
-    _check_float("alpha", alpha)
-    _check_float("beta", beta)
+    check_real("margin", margin)
+    check_real("alpha", alpha)
+    check_real("beta", beta)
     k2 = _range_k2(k, embeddings.shape[0])
     if embeddings.device.type == "cuda" and cuda_available() and k2 > _C.cuda.range_loss_max_k():
         raise ValueError(f"k = {k} is larger than the CUDA kernel supports ({_C.cuda.range_loss_max_k()})")
@@ -614,10 +600,10 @@ def _meta_rows_common(weight, grad, rows, state):
 
 def _meta_sgd(weight, grad, momentum_buffer, rows, lr, momentum, weight_decay, dampening, nesterov, initialized):
     _meta_rows_common(weight, grad, rows, [("momentum_buffer", momentum_buffer)])
-    _check_float("lr", lr, 0.0)
-    _check_float("momentum", momentum, 0.0)
-    _check_float("weight_decay", weight_decay, 0.0)
-    _check_float("dampening", dampening)
+    check_real("lr", lr, low=0.0)
+    check_real("momentum", momentum, low=0.0)
+    check_real("weight_decay", weight_decay, low=0.0)
+    check_real("dampening", dampening)
     if not isinstance(nesterov, bool):
         raise MarginKitTypeError(f"nesterov must be a bool, got {nesterov!r}")
     if nesterov and (momentum <= 0 or dampening != 0):
@@ -706,11 +692,11 @@ def _meta_adamw(weight, grad, exp_avg, exp_avg_sq, step, rows, lr, beta1, beta2,
     if step.shape[0] != weight.shape[0]:
         raise ValueError(f"step must have shape (C,) = ({weight.shape[0]},), got {tuple(step.shape)}")
     _check_contiguous("step", step)
-    _check_float("lr", lr, 0.0)
-    _check_float("beta1", beta1, 0.0, 1.0, high_open=True)
-    _check_float("beta2", beta2, 0.0, 1.0, high_open=True)
-    _check_float("eps", eps, 0.0)
-    _check_float("weight_decay", weight_decay, 0.0)
+    check_real("lr", lr, low=0.0)
+    check_real("beta1", beta1, low=0.0, high=1.0, high_inclusive=False)
+    check_real("beta2", beta2, low=0.0, high=1.0, high_inclusive=False)
+    check_real("eps", eps, low=0.0)
+    check_real("weight_decay", weight_decay, low=0.0)
 
 
 @torch.library.custom_op(
