@@ -24,28 +24,16 @@ import marginkit as mk  # noqa: E402
 from marginkit.backends import torch_chunked  # noqa: E402
 from marginkit.backends import triton as tb  # noqa: E402
 from marginkit.backends.common import combine_partials, owned_labels, target_cosine  # noqa: E402
+from cases import SPECS, spec_id  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (CPU twin runs under TRITON_INTERPRET=1)")
 
 IGNORE = -100
-SPECS = [
-    mk.NoMargin(),
-    mk.CosFace(0.35),
-    mk.ArcFace(0.5),
-    mk.ArcFace(0.5, easy_margin=True),
-    mk.SphereFace(4.0),
-    mk.SphereFace(1.5, lambda_=2.0),
-    mk.CombinedMargin(1.2, 0.3, 0.1),
-]
 # Small chunks and splits so that tiny problems still cross every boundary:
 # several forward class splits, several backward chunks (last one partial), split-K of dX.
 SMALL = dict(class_splits=3, chunk_classes=64, dx_splits=2)
-
-
-def spec_id(spec):
-    return repr(spec).replace(" ", "")
 
 
 def rel(out, ref):

@@ -50,6 +50,7 @@ from marginkit.distributed import collectives as coll
 from marginkit.distributed.sharding import group_size_and_rank, shard_range
 from marginkit.errors import MarginKitTypeError, check_choice, check_real
 from marginkit.functional import BACKENDS, REDUCTIONS, backend_module, resolve_backend
+from marginkit.nn.margin_softmax import check_head_arguments
 from marginkit.specs import ArcFace, MarginSpec
 
 __all__ = ["PartitionedMarginSoftmax", "PER_CLASS_STATE"]
@@ -388,12 +389,7 @@ class PartitionedMarginSoftmax(nn.Module):
         device: Optional[Union[torch.device, str]] = None,
     ) -> None:
         super().__init__()
-        for name, value in (("num_classes", num_classes), ("embedding_dim", embedding_dim)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not isinstance(margin, MarginSpec):
-            raise MarginKitTypeError(f"margin must be a marginkit margin spec (mk.ArcFace(), ...), got {margin!r}")
-        check_real("scale", scale, low=0.0, low_inclusive=False)
+        check_head_arguments(num_classes, embedding_dim, margin, scale)
         check_real("sample_rate", sample_rate, low=0.0, high=1.0, low_inclusive=False)
         check_choice("reduction", reduction, REDUCTIONS)
         check_choice("backend", backend, BACKENDS)

@@ -5,9 +5,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from marginkit.errors import check_real
+from marginkit.errors import MarginKitTypeError, check_real
 from marginkit.functional import margin_cross_entropy
 from marginkit.specs import ArcFace, MarginSpec
+
+
+def check_head_arguments(num_classes, embedding_dim, margin, scale) -> None:
+    """Typed errors for the constructor arguments every margin-softmax head shares."""
+    for name, value in (("num_classes", num_classes), ("embedding_dim", embedding_dim)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if not isinstance(margin, MarginSpec):
+        raise MarginKitTypeError(f"margin must be a marginkit margin spec (mk.ArcFace(), ...), got {margin!r}")
+    check_real("scale", scale, low=0.0, low_inclusive=False)
 
 
 class MarginSoftmax(nn.Module):
@@ -38,12 +48,7 @@ class MarginSoftmax(nn.Module):
         **loss_kwargs,
     ) -> None:
         super().__init__()
-        for name, value in (("num_classes", num_classes), ("embedding_dim", embedding_dim)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not isinstance(margin, MarginSpec):
-            raise TypeError(f"margin must be a marginkit margin spec (mk.ArcFace(), ...), got {margin!r}")
-        check_real("scale", scale, low=0.0, low_inclusive=False)
+        check_head_arguments(num_classes, embedding_dim, margin, scale)
         self.num_classes = num_classes
         self.embedding_dim = embedding_dim
         self.margin = margin
