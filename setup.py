@@ -161,7 +161,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "pytorch-metric-learning"],
-        "bench": ["pytest-benchmark", "cut-cross-entropy", "liger-kernel"],
+        "bench": ["pytest-benchmark", "pytorch-metric-learning", "cut-cross-entropy", "liger-kernel"],
     },
     entry_points={"console_scripts": ["marginkit = marginkit.cli:main"]},
     zip_safe=False,

@@ -10,7 +10,7 @@ import math
 import numbers
 from typing import Optional
 
-__all__ = ["MarginKitTypeError", "check_real", "check_gradient_mode", "check_choice"]
+__all__ = ["MarginKitTypeError", "check_real", "check_gradient_mode", "check_choice", "check_positive_ints"]
 
 GRADIENT_MODES = ("exact", "straight_through")
 
@@ -46,6 +46,13 @@ def check_real(
         bound = f"<= {high}" if high_inclusive else f"< {high}"
         raise ValueError(f"{name} must be {bound}, got {value!r}")
     return v
+
+
+def check_positive_ints(**values) -> None:
+    """Each keyword must be an int ≥ 1 (sizes such as num_classes, embedding_dim)."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 def check_choice(name: str, value, allowed) -> None:

@@ -31,10 +31,24 @@ from marginkit.backends.common import (
 CHUNK_ELEMENTS = 1 << 21
 
 
-def _chunks(num_rows: int, num_classes: int, budget: Optional[int]) -> Iterator[tuple[int, int]]:
-    chunk = max(1, (budget or CHUNK_ELEMENTS) // max(num_rows, 1))
+def class_chunks(
+    num_rows: int, num_classes: int, budget: Optional[int] = None, per_class: int = 1
+) -> Iterator[tuple[int, int]]:
+    """[start, stop) class ranges with num_rows·(stop − start)·per_class ≤ budget (≥ 1 class)."""
+    chunk = max(1, (budget or CHUNK_ELEMENTS) // max(num_rows * per_class, 1))
     for start in range(0, num_classes, chunk):
         yield start, min(start + chunk, num_classes)
+
+
+def online_lse_step(
+    row_max: torch.Tensor, row_sumexp: torch.Tensor, logits: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge a (B, n) chunk of logits (−inf where excluded) into the running (max, Σexp)."""
+    new_max = torch.maximum(row_max, logits.max(dim=1).values)
+    # Rows whose max is still -inf shift by 0 instead (exp(-inf - -inf) would be NaN).
+    shift = torch.where(torch.isinf(new_max), torch.zeros_like(new_max), new_max)
+    row_sumexp = row_sumexp * torch.exp(row_max - shift) + torch.exp(logits - shift[:, None]).sum(dim=1)
+    return new_max, row_sumexp
 
 
 def _scaled_cos_chunk(x_unit, weight, w_inv_norm, start, stop, labels_local, scale):
@@ -66,14 +80,9 @@ def lse_partials(
     w_inv_norm = inverse_norms(weight, normalize)
     row_max = torch.full((num_rows,), float("-inf"), dtype=dtype, device=embeddings.device)
     row_sumexp = torch.zeros(num_rows, dtype=dtype, device=embeddings.device)
-    for start, stop in _chunks(num_rows, weight.shape[0], chunk_elements):
+    for start, stop in class_chunks(num_rows, weight.shape[0], chunk_elements):
         logits, _, is_target = _scaled_cos_chunk(x_unit, weight, w_inv_norm, start, stop, labels_local, scale)
-        logits.masked_fill_(is_target, float("-inf"))
-        new_max = torch.maximum(row_max, logits.max(dim=1).values)
-        # Rows whose max is still -inf shift by 0 instead (exp(-inf - -inf) would be NaN).
-        shift = torch.where(torch.isinf(new_max), torch.zeros_like(new_max), new_max)
-        row_sumexp = row_sumexp * torch.exp(row_max - shift) + torch.exp(logits - shift[:, None]).sum(dim=1)
-        row_max = new_max
+        row_max, row_sumexp = online_lse_step(row_max, row_sumexp, logits.masked_fill_(is_target, float("-inf")))
     return row_max, row_sumexp
 
 
@@ -102,7 +111,7 @@ def grads_from_lse(
     lse = lse.to(x_unit.dtype)[:, None]
     grad_x_unit = torch.zeros_like(x_unit)
     grad_weight = torch.empty_like(weight)
-    for start, stop in _chunks(num_rows, weight.shape[0], chunk_elements):
+    for start, stop in class_chunks(num_rows, weight.shape[0], chunk_elements):
         logits, w_unit, is_target = _scaled_cos_chunk(x_unit, weight, w_inv_norm, start, stop, labels_local, scale)
         # d loss / d cos_j = s·g·p_j off the target column.
         grad_cos = torch.exp(logits - lse).mul_(g_scaled).masked_fill_(is_target, 0.0)

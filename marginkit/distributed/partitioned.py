@@ -200,7 +200,7 @@ class _PartitionedMarginCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, local_embeddings, weight, cfg: _StepConfig):
         head = cfg.head
-        group, rank, sizes = head._group, head.rank, cfg.sizes
+        group, sizes = head._group, cfg.sizes
         dtype, es = local_embeddings.dtype, local_embeddings.element_size()
         dim = local_embeddings.shape[1]
         # 2. one all-gather of [embedding bytes | label bytes] rows.

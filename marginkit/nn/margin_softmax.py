@@ -5,16 +5,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from marginkit.errors import MarginKitTypeError, check_real
+from marginkit.errors import MarginKitTypeError, check_positive_ints, check_real
 from marginkit.functional import margin_cross_entropy
 from marginkit.specs import ArcFace, MarginSpec
 
 
 def check_head_arguments(num_classes, embedding_dim, margin, scale) -> None:
     """Typed errors for the constructor arguments every margin-softmax head shares."""
-    for name, value in (("num_classes", num_classes), ("embedding_dim", embedding_dim)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    check_positive_ints(num_classes=num_classes, embedding_dim=embedding_dim)
     if not isinstance(margin, MarginSpec):
         raise MarginKitTypeError(f"margin must be a marginkit margin spec (mk.ArcFace(), ...), got {margin!r}")
     check_real("scale", scale, low=0.0, low_inclusive=False)

@@ -1,0 +1,96 @@
+"""IR-Softmax: the class weights are running class centers (no gradient).
+
+Under class imbalance, learned classifier weights drift toward the head classes
+(the rare classes' weights see few positive updates and many negative ones).
+IR-Softmax replaces the learned weights by class centers kept as a moving average
+of the normalised features, so every class's weight sits where its features are,
+however few they are. With a CosFace margin it is IR-AM-Softmax, with a SphereFace
+margin IR-A-Softmax; any margin spec works.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from marginkit.backends.cuda import class_center_update_
+from marginkit.errors import check_positive_ints, check_real
+from marginkit.functional import margin_cross_entropy
+from marginkit.nn._chunked import KeepBufferDtypes
+from marginkit.specs import CosFace, MarginSpec
+
+__all__ = ["IRSoftmax"]
+
+
+class IRSoftmax(KeepBufferDtypes):
+    """IR-Softmax head (API.md): margin softmax against running class centers.
+
+    Args:
+        num_classes: C.
+        embedding_dim: D.
+        margin: any margin spec; ``CosFace(0.35)`` (IR-AM-Softmax, the default) or
+            ``SphereFace(m)`` (IR-A-Softmax).
+        scale: the logit scale s.
+        momentum: weight of the old center in the update, in [0, 1].
+        **loss_kwargs: passed to ``margin_cross_entropy`` (``reduction``, ``ignore_index``,
+            ``backend``...; ``class_margins``/``sample_margins`` with a single-m spec).
+
+    ``.centers`` is a (C, D) float32 buffer, initialised to random unit rows (torch's
+    global RNG). ``forward(embeddings (B, D), labels (B,)) -> loss`` computes
+    ``margin_cross_entropy(x, centers, y, margin, scale)`` with the *current* centers,
+    which receive no gradient (the embeddings do). Then, in training mode only, for every
+    class c present in the batch (``ignore_index`` rows skipped):
+
+        center_c ← normalize(momentum·center_c + (1 − momentum)·mean_{i: y_i = c} normalize(x_i))
+
+    done in place by the csrc op ``class_center_update_`` (CPU or CUDA). Eval mode never
+    moves the centers. Because the loss's backward needs the centers it was computed
+    with, a training forward hands the loss a copy (O(C·D), freed after backward).
+    The centers stay float32 whatever the embeddings' dtype (they are cast for the loss),
+    also under ``.half()`` / ``.to(dtype)``.
+    """
+
+    _keep_dtype_buffers = ("centers",)
+
+    def __init__(
+        self,
+        num_classes: int,
+        embedding_dim: int,
+        margin: MarginSpec = CosFace(0.35),
+        scale: float = 64.0,
+        momentum: float = 0.9,
+        *,
+        device=None,
+        **loss_kwargs,
+    ) -> None:
+        super().__init__()
+        check_positive_ints(num_classes=num_classes, embedding_dim=embedding_dim)
+        if not isinstance(margin, MarginSpec):
+            raise TypeError(f"margin must be a marginkit margin spec (mk.CosFace(), ...), got {margin!r}")
+        check_real("scale", scale, low=0.0, low_inclusive=False)
+        check_real("momentum", momentum, low=0.0, high=1.0)
+        self.num_classes, self.embedding_dim = num_classes, embedding_dim
+        self.margin, self.scale, self.momentum = margin, float(scale), float(momentum)
+        self.loss_kwargs = loss_kwargs
+        self.ignore_index = int(loss_kwargs.get("ignore_index", -100))
+        self.register_buffer("centers", torch.empty(num_classes, embedding_dim, dtype=torch.float32, device=device))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        self.centers.copy_(torch.nn.functional.normalize(torch.randn_like(self.centers), dim=1))
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        centers = self.centers.detach()
+        if self.training or centers.dtype != embeddings.dtype:
+            # A snapshot: the in-place update below must not change what backward sees.
+            centers = centers.to(dtype=embeddings.dtype, copy=True)
+        loss = margin_cross_entropy(embeddings, centers, labels, self.margin, self.scale, **self.loss_kwargs)
+        if self.training:
+            class_center_update_(self.centers, embeddings.detach(), labels, self.momentum, self.ignore_index)
+        return loss
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_classes={self.num_classes}, embedding_dim={self.embedding_dim}, margin={self.margin}, "
+            f"scale={self.scale}, momentum={self.momentum}"
+        )

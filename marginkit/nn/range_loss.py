@@ -1,0 +1,63 @@
+"""Range Loss (Zhang et al., ICCV 2017) as a module over the csrc op ``range_loss``."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from marginkit.backends.cuda import range_loss
+from marginkit.errors import check_real
+
+__all__ = ["RangeLoss"]
+
+
+class RangeLoss(nn.Module):
+    """Range loss (API.md): harmonic mean of each class's k largest intra-class distances,
+    plus a hinge on the closest pair of class means.
+
+    Distances are squared Euclidean between the rows *as given* (normalise them first if
+    you want the loss on the unit sphere). For each class with ≥ 2 rows in the batch:
+    its k' = min(k, pairs) largest pairwise distances d_1..d_k';
+    intra = Σ_classes k' / Σ_j 1/d_j. With x̄_c the means of the classes present,
+    inter = max(margin − min_{Q≠R} ‖x̄_Q − x̄_R‖², 0) (0 with fewer than 2 classes).
+    ``forward(embeddings (B, D), labels (B,) int64) -> alpha·intra + beta·inter``, a 0-d
+    float32 tensor (float64 for float64 embeddings), differentiable in the embeddings.
+    Runs the csrc op (CPU or CUDA kernels; see ``marginkit.backends.cuda.range_loss``).
+
+    Rows labelled ``ignore_index`` (default −100, as ``margin_cross_entropy``) are left
+    out; ``ignore_index=None`` keeps every row (labels are then plain group ids).
+
+    Beside a margin softmax, with a weight λ (the paper trains softmax + λ·range loss)::
+
+        head = mk.MarginSoftmax(C, D, mk.CosFace(0.35))      # or plain softmax, ArcFace...
+        range_loss = mk.RangeLoss(k=2, margin=1.0)
+        emb = backbone(images)
+        loss = head(emb, labels) + lam * range_loss(torch.nn.functional.normalize(emb), labels)
+
+    The range term only sees classes with several rows in the batch, so sample
+    identities in groups (e.g. P identities × K images per batch) for it to act.
+    """
+
+    def __init__(
+        self, k: int = 2, margin: float = 1.0, alpha: float = 1.0, beta: float = 1.0, *, ignore_index: Optional[int] = -100
+    ) -> None:
+        super().__init__()
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be a positive int, got {k!r}")
+        check_real("margin", margin)
+        check_real("alpha", alpha)
+        check_real("beta", beta)
+        self.k, self.margin, self.alpha, self.beta = k, float(margin), float(alpha), float(beta)
+        self.ignore_index = ignore_index
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.ignore_index is not None and isinstance(labels, torch.Tensor) and labels.dim() == 1:
+            keep = labels != self.ignore_index
+            if not bool(keep.all()):
+                embeddings, labels = embeddings[keep], labels[keep]
+        return range_loss(embeddings, labels, self.k, self.margin, self.alpha, self.beta)
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}, margin={self.margin}, alpha={self.alpha}, beta={self.beta}"
