@@ -141,3 +141,14 @@ def test_low_precision_within_twice_textbook_error(dtype):
     for name, o, b, t in zip(("loss", "grad embeddings", "grad weight"), ours, book, truth):
         assert o.dtype == t.dtype
         assert rel_err(o, t) <= 2 * rel_err(b, t) + floor, name
+
+
+def test_frozen_weight_gets_no_gradient_and_embeddings_the_same_one():
+    """A weight that needs no gradient (IR-Softmax's centers) skips the dW work entirely."""
+    x, w, y = make_inputs(B=8, C=40, D=12, ignored=1)
+    _, full_gx, _ = loss_and_grads(mk.margin_cross_entropy, x, w, y, mk.ArcFace(), 32.0, backend="torch")
+    xr = x.clone().requires_grad_(True)
+    loss = mk.margin_cross_entropy(xr, w, y, mk.ArcFace(), 32.0, backend="torch")
+    loss.backward()
+    assert w.grad is None
+    assert torch.equal(xr.grad, full_gx)

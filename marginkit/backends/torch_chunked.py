@@ -96,12 +96,16 @@ def grads_from_lse(
     scale: float,
     normalize: bool,
     chunk_elements: Optional[int] = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    *,
+    need_weight_grad: bool = True,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Non-target share of the gradients of Σ_i grad_rows_i · loss_i, given the global
     log-sum-exp ``lse`` (B,). The target column is left out (``common.target_backward``).
 
     Returns (grad_embeddings (B, D) float32 (float64 for float64 inputs), grad_weight
-    (C, D) in weight.dtype). The embedding gradient is this weight's share: sum it over shards.
+    (C, D) in weight.dtype, or None with ``need_weight_grad=False``, which skips a third
+    of the work, e.g. for IR-Softmax's gradient-free centers). The embedding gradient is
+    this weight's share: sum it over shards.
     """
     num_rows = embeddings.shape[0]
     x_inv_norm = inverse_norms(embeddings, normalize)
@@ -110,15 +114,16 @@ def grads_from_lse(
     g_scaled = (grad_rows.to(x_unit.dtype) * scale)[:, None]
     lse = lse.to(x_unit.dtype)[:, None]
     grad_x_unit = torch.zeros_like(x_unit)
-    grad_weight = torch.empty_like(weight)
+    grad_weight = torch.empty_like(weight) if need_weight_grad else None
     for start, stop in class_chunks(num_rows, weight.shape[0], chunk_elements):
         logits, w_unit, is_target = _scaled_cos_chunk(x_unit, weight, w_inv_norm, start, stop, labels_local, scale)
         # d loss / d cos_j = s·g·p_j off the target column.
         grad_cos = torch.exp(logits - lse).mul_(g_scaled).masked_fill_(is_target, 0.0)
         grad_x_unit += grad_cos @ w_unit
-        grad_weight[start:stop] = normalization_backward(
-            grad_cos.T @ x_unit, weight[start:stop], w_inv_norm[start:stop], normalize
-        ).to(weight.dtype)
+        if grad_weight is not None:
+            grad_weight[start:stop] = normalization_backward(
+                grad_cos.T @ x_unit, weight[start:stop], w_inv_norm[start:stop], normalize
+            ).to(weight.dtype)
     grad_embeddings = normalization_backward(grad_x_unit, embeddings, x_inv_norm, normalize)
     return grad_embeddings, grad_weight
 
@@ -141,12 +146,14 @@ class _ChunkedMarginCE(torch.autograd.Function):
         embeddings, weight, labels_local, dtarget, losses, lse = ctx.saved_tensors
         grad_rows = torch.where(labels_local >= 0, grad_losses, torch.zeros_like(grad_losses))
         grad_embeddings, grad_weight = grads_from_lse(
-            embeddings, weight, labels_local, lse, grad_rows, ctx.scale, ctx.normalize, ctx.chunk_elements
+            embeddings, weight, labels_local, lse, grad_rows, ctx.scale, ctx.normalize, ctx.chunk_elements,
+            need_weight_grad=ctx.needs_input_grad[1],
         )
         target_grad = target_gradient(losses, dtarget, grad_rows, ctx.scale)
         target_dx, classes, target_dw = target_backward(embeddings, weight, labels_local, target_grad, ctx.normalize)
         grad_embeddings = (grad_embeddings + target_dx).to(embeddings.dtype)
-        add_rows_(grad_weight, classes, target_dw)
+        if grad_weight is not None:
+            add_rows_(grad_weight, classes, target_dw)
         return grad_embeddings, grad_weight, None, None, None, None, None, None
 
 
