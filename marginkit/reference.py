@@ -36,7 +36,8 @@ def margin_cross_entropy(
 ) -> torch.Tensor:
     """Same signature and meaning as ``mk.margin_cross_entropy``; computed in float64.
 
-    ``backend`` and ``deterministic`` are accepted for signature compatibility and ignored. Gradients
+    ``backend`` and ``deterministic`` are accepted for signature compatibility and ignored.
+    The loss is float32 (float64 for float64 inputs, like the backends). Gradients
     reach ``embeddings`` and ``weight`` in their own dtype; the loss is float32.
     """
     validate_inputs(
@@ -52,10 +53,12 @@ def margin_cross_entropy(
     safe = torch.where(keep, labels, torch.zeros_like(labels))
     cos_target = cos.gather(1, safe[:, None]).squeeze(1)
     m = rows_margins(labels, ignore_index, class_margins, sample_margins)
-    m = None if m is None else m.to(torch.float64)
+    # Margins are constants of the loss (as in every backend): no gradient reaches them.
+    m = None if m is None else m.detach().to(torch.float64)
     psi = margin.differentiable_target(cos_target, m)
     onehot = F.one_hot(safe, weight.shape[0]).to(torch.bool) & keep[:, None]
     logits = scale * torch.where(onehot, psi[:, None], cos)
     losses = torch.logsumexp(logits, dim=1) - scale * psi
-    losses = torch.where(keep, losses, torch.zeros_like(losses)).to(torch.float32)
+    out_dtype = torch.float64 if embeddings.dtype == torch.float64 else torch.float32  # as the backends
+    losses = torch.where(keep, losses, torch.zeros_like(losses)).to(out_dtype)
     return reduce_losses(losses, labels, ignore_index, reduction)

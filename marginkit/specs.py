@@ -155,7 +155,8 @@ class ArcFace(MarginSpec):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_real("m", self.m, low=0.0, high=math.pi, high_inclusive=False)
+        # m ≥ π is allowed: θ + m > π everywhere then, and the fallback applies to every row.
+        check_real("m", self.m, low=0.0)
         if not isinstance(self.easy_margin, bool):
             raise TypeError(f"easy_margin must be a bool, got {self.easy_margin!r}")
 

@@ -56,7 +56,7 @@ def test_cli_writes_api_csv_plot_and_sidecar(tmp_path, capsys):
         med, p20, p80 = float(r["ms_median"]), float(r["ms_p20"]), float(r["ms_p80"])
         assert 0 < p20 <= med <= p80
         assert float(r["floor_ms"]) == pytest.approx(floor_ms)  # the floor of the same run
-        assert r["peak_extra_mib"] == ""  # not measurable on CPU: empty, not made up
+        assert r["peak_extra_mib"] == "nan"  # not measurable on CPU: NaN, not made up
         assert len(r["date"]) == 10 and r["date"][4] == "-"
     png = out.with_suffix(".png")
     assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -112,7 +112,7 @@ def test_oom_is_recorded_as_a_row(tmp_path, monkeypatch, capsys, exc):
     oom = [r for r in rows if r["method"] == "torch-textbook"]
     assert [r["C"] for r in oom] == ["300", "600"]  # one row per shape, none dropped
     for r in oom:
-        assert r["ms_median"] == r["ms_p20"] == r["ms_p80"] == ""
+        assert r["ms_median"] == r["ms_p20"] == r["ms_p80"] == "nan"
         assert r["peak_extra_mib"] == "oom"
         assert float(r["floor_ms"]) > 0
     # the sweep went on after the OOM
@@ -130,7 +130,7 @@ def test_oom_while_building_is_recorded(tmp_path, monkeypatch):
     rc, out = _bench(tmp_path, "--providers", "pml")
     assert rc == 0
     rows = [r for r in _read(out)[1] if r["method"] == "pml"]
-    assert len(rows) == 1 and rows[0]["peak_extra_mib"] == "oom" and rows[0]["ms_median"] == ""
+    assert len(rows) == 1 and rows[0]["peak_extra_mib"] == "oom" and rows[0]["ms_median"] == "nan"
 
 
 def test_other_errors_are_rows_and_exit_3(tmp_path, monkeypatch, capsys):
@@ -138,7 +138,7 @@ def test_other_errors_are_rows_and_exit_3(tmp_path, monkeypatch, capsys):
     rc, out = _bench(tmp_path, "--providers", "torch-textbook")
     assert rc == 3
     rows = [r for r in _read(out)[1] if r["method"] == "torch-textbook"]
-    assert len(rows) == 1 and rows[0]["peak_extra_mib"] == "error" and rows[0]["ms_median"] == ""
+    assert len(rows) == 1 and rows[0]["peak_extra_mib"] == "error" and rows[0]["ms_median"] == "nan"
     assert "ValueError: kernel bug" in capsys.readouterr().out
 
 

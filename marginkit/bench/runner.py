@@ -7,7 +7,7 @@ forward + backward step; it writes the rows in API.md's CSV schema as it goes
 the CSV has no column for (first-call/compile time, timer, notes, versions),
 a PNG plot, and prints a table.
 
-A run that raises an out-of-memory error is a row, not a gap: empty times and
+A run that raises an out-of-memory error is a row, not a gap: ``nan`` times and
 ``oom`` in ``peak_extra_mib``. Any other exception is a row with ``error``
 there (the message is in the terminal and the sidecar) and the exit status is 3.
 """
@@ -91,7 +91,8 @@ class Row:
 
     def csv_record(self) -> dict:
         def num(v, fmt):
-            return "" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
+            # "nan" (not "") for what was not measured, so every numeric column parses as a float.
+            return "nan" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
 
         peak = self.status if self.status in ("oom", "error") else num(self.peak_extra_mib, ".1f")
         return {

@@ -10,7 +10,7 @@ Peak extra memory (CUDA only): ``torch.cuda.max_memory_allocated`` during one
 step, minus what was allocated before it (the inputs and anything the provider
 preallocated) and minus the gradients the step leaves behind, i.e. the memory a
 step needs beyond its inputs and their gradients. On CPU torch keeps no
-allocation high-water mark, so it is reported as NaN (an empty CSV cell).
+allocation high-water mark, so it is reported as NaN (`nan` in the CSV).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 __all__ = ["Measurement", "measure", "quantiles", "CPU_MEMORY_REASON"]
 
 CPU_MEMORY_REASON = (
-    "peak_extra_mib is empty on CPU: torch keeps no allocation high-water mark for CPU tensors "
+    "peak_extra_mib is nan on CPU: torch keeps no allocation high-water mark for CPU tensors "
     "(torch.cuda.max_memory_allocated exists only for CUDA)"
 )
 
