@@ -12,7 +12,7 @@ Two phases, shared with the distributed layer (notes/CONTRACTS.md):
 
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -29,6 +29,11 @@ from marginkit.backends.common import (
 
 # Element budget of one (B, chunk) fp32 logits tile: 2^21 floats = 8 MiB.
 CHUNK_ELEMENTS = 1 << 21
+
+#: A hook on the non-target cosines of a (B, n) chunk: cos -> (N(cos), dN/dcos), both
+#: (B, n). Heads such as CurricularFace modulate their negatives with it; per-row
+#: parameters broadcast as (B, 1). The target column is excluded whatever it returns.
+NegativeHook = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def class_chunks(
@@ -51,12 +56,18 @@ def online_lse_step(
     return new_max, row_sumexp
 
 
-def _scaled_cos_chunk(x_unit, weight, w_inv_norm, start, stop, labels_local, scale):
-    """s·cos of classes [start, stop): (logits (B, n), w_unit (n, D), target mask (B, n))."""
+def _scaled_cos_chunk(x_unit, weight, w_inv_norm, start, stop, labels_local, scale, negative_hook=None):
+    """s·cos (or s·N(cos) with a hook) of classes [start, stop).
+
+    Returns (logits (B, n), w_unit (n, D), target mask (B, n), dN/dcos (B, n) or None).
+    """
     w_unit = weight[start:stop].to(x_unit.dtype) * w_inv_norm[start:stop, None]
-    logits = (x_unit @ w_unit.T).mul_(scale)
+    logits = x_unit @ w_unit.T
+    slope = None
+    if negative_hook is not None:
+        logits, slope = negative_hook(logits)
     cols = torch.arange(start, stop, device=labels_local.device)
-    return logits, w_unit, labels_local[:, None] == cols[None, :]
+    return logits.mul_(scale), w_unit, labels_local[:, None] == cols[None, :], slope
 
 
 @torch.no_grad()
@@ -67,6 +78,8 @@ def lse_partials(
     scale: float,
     normalize: bool,
     chunk_elements: Optional[int] = None,
+    *,
+    negative_hook: Optional[NegativeHook] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row (max, Σ exp(logit − max)) over this weight's non-target classes.
 
@@ -81,7 +94,9 @@ def lse_partials(
     row_max = torch.full((num_rows,), float("-inf"), dtype=dtype, device=embeddings.device)
     row_sumexp = torch.zeros(num_rows, dtype=dtype, device=embeddings.device)
     for start, stop in class_chunks(num_rows, weight.shape[0], chunk_elements):
-        logits, _, is_target = _scaled_cos_chunk(x_unit, weight, w_inv_norm, start, stop, labels_local, scale)
+        logits, _, is_target, _ = _scaled_cos_chunk(
+            x_unit, weight, w_inv_norm, start, stop, labels_local, scale, negative_hook
+        )
         row_max, row_sumexp = online_lse_step(row_max, row_sumexp, logits.masked_fill_(is_target, float("-inf")))
     return row_max, row_sumexp
 
@@ -98,6 +113,7 @@ def grads_from_lse(
     chunk_elements: Optional[int] = None,
     *,
     need_weight_grad: bool = True,
+    negative_hook: Optional[NegativeHook] = None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Non-target share of the gradients of Σ_i grad_rows_i · loss_i, given the global
     log-sum-exp ``lse`` (B,). The target column is left out (``common.target_backward``).
@@ -116,9 +132,14 @@ def grads_from_lse(
     grad_x_unit = torch.zeros_like(x_unit)
     grad_weight = torch.empty_like(weight) if need_weight_grad else None
     for start, stop in class_chunks(num_rows, weight.shape[0], chunk_elements):
-        logits, w_unit, is_target = _scaled_cos_chunk(x_unit, weight, w_inv_norm, start, stop, labels_local, scale)
-        # d loss / d cos_j = s·g·p_j off the target column.
-        grad_cos = torch.exp(logits - lse).mul_(g_scaled).masked_fill_(is_target, 0.0)
+        logits, w_unit, is_target, slope = _scaled_cos_chunk(
+            x_unit, weight, w_inv_norm, start, stop, labels_local, scale, negative_hook
+        )
+        # d loss / d cos_j = s·g·p_j (· dN/dcos_j with a hook) off the target column.
+        grad_cos = torch.exp(logits - lse).mul_(g_scaled)
+        if slope is not None:
+            grad_cos.mul_(slope)
+        grad_cos.masked_fill_(is_target, 0.0)
         grad_x_unit += grad_cos @ w_unit
         if grad_weight is not None:
             grad_weight[start:stop] = normalization_backward(
@@ -132,13 +153,18 @@ class _ChunkedMarginCE(torch.autograd.Function):
     """Per-row margin cross-entropy; saves O(B) tensors and recomputes in backward."""
 
     @staticmethod
-    def forward(ctx, embeddings, weight, labels_local, target_logit, dtarget, scale, normalize, chunk_elements):
-        row_max, row_sumexp = lse_partials(embeddings, weight, labels_local, scale, normalize, chunk_elements)
+    def forward(
+        ctx, embeddings, weight, labels_local, target_logit, dtarget, scale, normalize, chunk_elements, negative_hook
+    ):
+        row_max, row_sumexp = lse_partials(
+            embeddings, weight, labels_local, scale, normalize, chunk_elements, negative_hook=negative_hook
+        )
         losses, lse = combine_partials(row_max, row_sumexp, target_logit, scale)
         owned = labels_local >= 0
         losses = torch.where(owned, losses, torch.zeros_like(losses))
         ctx.save_for_backward(embeddings, weight, labels_local, dtarget, losses, lse)
         ctx.scale, ctx.normalize, ctx.chunk_elements = scale, normalize, chunk_elements
+        ctx.negative_hook = negative_hook
         return losses.to(compute_dtype(embeddings))
 
     @staticmethod
@@ -147,14 +173,14 @@ class _ChunkedMarginCE(torch.autograd.Function):
         grad_rows = torch.where(labels_local >= 0, grad_losses, torch.zeros_like(grad_losses))
         grad_embeddings, grad_weight = grads_from_lse(
             embeddings, weight, labels_local, lse, grad_rows, ctx.scale, ctx.normalize, ctx.chunk_elements,
-            need_weight_grad=ctx.needs_input_grad[1],
+            need_weight_grad=ctx.needs_input_grad[1], negative_hook=ctx.negative_hook,
         )
         target_grad = target_gradient(losses, dtarget, grad_rows, ctx.scale)
         target_dx, classes, target_dw = target_backward(embeddings, weight, labels_local, target_grad, ctx.normalize)
         grad_embeddings = (grad_embeddings + target_dx).to(embeddings.dtype)
         if grad_weight is not None:
             add_rows_(grad_weight, classes, target_dw)
-        return grad_embeddings, grad_weight, None, None, None, None, None, None
+        return grad_embeddings, grad_weight, None, None, None, None, None, None, None
 
 
 def row_losses(
@@ -167,13 +193,17 @@ def row_losses(
     ignore_index: int,
     normalize: bool,
     chunk_elements: Optional[int] = None,
+    *,
+    negative_hook: Optional[NegativeHook] = None,
 ) -> torch.Tensor:
     """Per-row losses (B,) float32 (0 on ignored rows), differentiable in both inputs.
 
     target_logit / dtarget (B,): ψ(cos θ_y) and dψ/dcos θ_y, precomputed by the spec.
+    negative_hook: optional modulation of the non-target cosines (``NegativeHook``).
     float64 inputs are computed and returned in float64 (for gradcheck).
     """
     labels_local = owned_labels(labels, ignore_index)
     return _ChunkedMarginCE.apply(
-        embeddings, weight, labels_local, target_logit, dtarget, float(scale), normalize, chunk_elements
+        embeddings, weight, labels_local, target_logit, dtarget, float(scale), normalize, chunk_elements,
+        negative_hook,
     )

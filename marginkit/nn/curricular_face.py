@@ -21,12 +21,11 @@ Hard negatives are decided against the *final* target logit ψ_i (the paper's
 T(cos θ_{y_i})). The authors' code compares with cos(θ_y + m) before its fallback;
 the two differ only for rows with θ_y + m > π.
 
-Why not the fused backends: they are margin-agnostic by contract (the non-target
-logits are always s·cos θ_j), so the negative hook cannot be expressed there without
-touching the kernels. This module runs its own chunked PyTorch loop
-(``marginkit.nn._chunked``): a (B, chunk) working set with B·chunk ≤ 2^21 floats, an
-online log-sum-exp forward and a recompute backward; nothing (B, C) is allocated.
-On CUDA it is cuBLAS GEMMs driven from Python, not a fused Triton kernel.
+It runs on the torch backend through its ``negative_hook`` (``curricular_hook``): the
+same chunked loop as every other head, a (B, chunk) working set with B·chunk ≤ 2^21
+floats, an online log-sum-exp forward and a recompute backward; nothing (B, C) is
+allocated. The Triton kernels have no negative hook yet, so on CUDA this is cuBLAS
+GEMMs driven from Python, not a fused kernel.
 """
 
 from __future__ import annotations
@@ -36,90 +35,29 @@ from typing import Optional
 import torch
 from torch import nn
 
-from marginkit.backends.common import (
-    add_rows_,
-    combine_partials,
-    compute_dtype,
-    inverse_norms,
-    normalization_backward,
-    owned_labels,
-    target_backward,
-    target_cosine,
-    target_gradient,
-)
+from marginkit.backends import torch_chunked
+from marginkit.backends.common import owned_labels, target_cosine
+from marginkit.backends.torch_chunked import NegativeHook
 from marginkit.errors import check_positive_ints, check_real
 from marginkit.functional import reduce_losses, validate_inputs
-from marginkit.backends.torch_chunked import class_chunks, online_lse_step
-from marginkit.nn._chunked import KeepBufferDtypes, unit_rows
+from marginkit.nn._chunked import KeepBufferDtypes
 from marginkit.specs import ArcFace, MarginSpec
 
 __all__ = ["CurricularFace", "curricular_cross_entropy"]
 
 
-def _chunk_terms(x_unit, weight, w_inv, start, stop, labels_local, threshold, t, scale):
-    """cos (B, n), w_unit (n, D), target mask, hard mask, scaled modulated logits."""
-    w_unit = weight[start:stop].to(x_unit.dtype) * w_inv[start:stop, None]
-    cos = x_unit @ w_unit.T
-    cols = torch.arange(start, stop, device=labels_local.device)
-    is_target = labels_local[:, None] == cols[None, :]
-    hard = (cos > threshold) & ~is_target
-    logits = torch.where(hard, cos * (t + cos), cos).mul_(scale)
-    return cos, w_unit, is_target, hard, logits
+def curricular_hook(threshold: torch.Tensor, t: float) -> NegativeHook:
+    """CurricularFace's negative modulation for the torch backend: hard negatives
+    (cos θ_j > ψ_i, ``threshold`` (B,)) become cos·(t + cos), with slope t + 2·cos."""
+    threshold = threshold[:, None]
 
+    def hook(cos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hard = cos > threshold.to(cos.dtype)
+        modulated = torch.where(hard, cos * (t + cos), cos)
+        slope = torch.where(hard, t + 2.0 * cos, torch.ones_like(cos))
+        return modulated, slope
 
-class _CurricularCE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, embeddings, weight, labels_local, psi, dpsi, t, scale, normalize, chunk_elements):
-        with torch.no_grad():
-            x_unit, _ = unit_rows(embeddings, normalize)
-            w_inv = inverse_norms(weight, normalize)
-            threshold = psi.to(x_unit.dtype)[:, None]
-            B = embeddings.shape[0]
-            row_max = torch.full((B,), float("-inf"), dtype=x_unit.dtype, device=embeddings.device)
-            row_sumexp = torch.zeros(B, dtype=x_unit.dtype, device=embeddings.device)
-            for start, stop in class_chunks(B, weight.shape[0], chunk_elements):
-                _, _, is_target, _, logits = _chunk_terms(
-                    x_unit, weight, w_inv, start, stop, labels_local, threshold, t, scale
-                )
-                row_max, row_sumexp = online_lse_step(row_max, row_sumexp, logits.masked_fill_(is_target, float("-inf")))
-            losses, lse = combine_partials(row_max, row_sumexp, psi, scale)
-            losses = torch.where(labels_local >= 0, losses, torch.zeros_like(losses))
-        ctx.save_for_backward(embeddings, weight, labels_local, psi, dpsi, losses, lse)
-        ctx.t, ctx.scale, ctx.normalize, ctx.chunk_elements = t, scale, normalize, chunk_elements
-        return losses.to(compute_dtype(embeddings))
-
-    @staticmethod
-    @torch.no_grad()
-    def backward(ctx, grad_losses):
-        embeddings, weight, labels_local, psi, dpsi, losses, lse = ctx.saved_tensors
-        t, scale, normalize = ctx.t, ctx.scale, ctx.normalize
-
-        grad_rows = torch.where(labels_local >= 0, grad_losses, torch.zeros_like(grad_losses))
-        x_unit, x_inv = unit_rows(embeddings, normalize)
-        w_inv = inverse_norms(weight, normalize)
-        threshold = psi.to(x_unit.dtype)[:, None]
-        g_scaled = (grad_rows.to(x_unit.dtype) * scale)[:, None]
-        lse_c = lse.to(x_unit.dtype)[:, None]
-        grad_x_unit = torch.zeros_like(x_unit)
-        grad_weight = torch.empty_like(weight)
-        B = embeddings.shape[0]
-        for start, stop in class_chunks(B, weight.shape[0], ctx.chunk_elements):
-            cos, w_unit, is_target, hard, logits = _chunk_terms(
-                x_unit, weight, w_inv, start, stop, labels_local, threshold, t, scale
-            )
-            # d loss/d cos_j = s·g·p_j·dN/dcos_j, dN/dcos = t + 2cos on hard negatives, 1 on easy ones.
-            grad_cos = torch.exp(logits - lse_c).mul_(g_scaled)
-            grad_cos = torch.where(hard, grad_cos * (t + 2.0 * cos), grad_cos).masked_fill_(is_target, 0.0)
-            grad_x_unit += grad_cos @ w_unit
-            grad_weight[start:stop] = normalization_backward(
-                grad_cos.T @ x_unit, weight[start:stop], w_inv[start:stop], normalize
-            ).to(weight.dtype)
-        grad_embeddings = normalization_backward(grad_x_unit, embeddings, x_inv, normalize)
-        target_grad = target_gradient(losses, dpsi, grad_rows, scale)
-        target_dx, classes, target_dw = target_backward(embeddings, weight, labels_local, target_grad, normalize)
-        grad_embeddings = (grad_embeddings + target_dx).to(embeddings.dtype)
-        add_rows_(grad_weight, classes, target_dw)
-        return grad_embeddings, grad_weight, None, None, None, None, None, None, None
+    return hook
 
 
 def curricular_cross_entropy(
@@ -146,8 +84,9 @@ def curricular_cross_entropy(
     labels_local = owned_labels(labels, ignore_index)
     cos_target = target_cosine(embeddings, weight, labels_local, normalize)
     psi, dpsi = margin.target_terms(cos_target)
-    losses = _CurricularCE.apply(
-        embeddings, weight, labels_local, psi, dpsi, float(t), float(scale), normalize, chunk_elements
+    losses = torch_chunked.row_losses(
+        embeddings, weight, labels, psi, dpsi, float(scale), ignore_index, normalize, chunk_elements,
+        negative_hook=curricular_hook(psi, float(t)),
     )
     return reduce_losses(losses, labels, ignore_index, reduction)
 
