@@ -17,7 +17,7 @@ import torch
 import marginkit as mk
 from cases import rel_err
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA and NCCL")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA and NCCL")]
 
 WORLDS = [1] + ([2] if torch.cuda.is_available() and torch.cuda.device_count() >= 2 else [])
 
