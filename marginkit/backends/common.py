@@ -93,34 +93,45 @@ def target_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The target column's share of the gradients, in float64.
 
-    target_grad (B,) is d/d cos θ_y per row. Returns (grad_embeddings (B, D), classes (K,),
-    grad_weight_rows (K, D)): the weight gradient only for the K distinct target classes
-    here, so nothing of size C × D is allocated. Done apart from the (B, C) tiles because
+    target_grad (B,) is d/d cos θ_y per row. Returns (grad_embeddings (B, D), classes (B,),
+    grad_weight_rows (B, D)): row i's contribution to the weight gradient of class
+    ``classes[i]`` (zero where the row's target is not in this weight), for ``add_rows_``;
+    nothing of size C × D is allocated. Done apart from the (B, C) tiles because
     dψ/dcos reaches ~1e3 near cos = ±1 (ArcFace, SphereFace), where the tangent direction
     ŵ − x̂·cos is a small difference of near-equal vectors: float64 keeps it exact.
     """
     owned = (labels_local >= 0) & (labels_local < weight.shape[0])
-    safe = torch.where(owned, labels_local, torch.zeros_like(labels_local))
+    classes = torch.where(owned, labels_local, torch.zeros_like(labels_local))
     coef = torch.where(owned, target_grad.to(torch.float64), torch.zeros_like(target_grad, dtype=torch.float64))
     x = embeddings.to(torch.float64)
-    w = weight.index_select(0, safe).to(torch.float64)
-    if normalize:
-        x_norm = torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(NORM_EPS)
-        w_norm = torch.linalg.vector_norm(w, dim=1, keepdim=True).clamp_min(NORM_EPS)
-        x_unit, w_unit = x / x_norm, w / w_norm
-        cos = (x_unit * w_unit).sum(dim=1, keepdim=True)
-        grad_embeddings = coef[:, None] * (w_unit - x_unit * cos) / x_norm
-        per_row_weight_grad = coef[:, None] * (x_unit - w_unit * cos) / w_norm
-    else:
-        grad_embeddings = coef[:, None] * w
-        per_row_weight_grad = coef[:, None] * x
-    classes, slot = torch.unique(safe[owned], return_inverse=True)
-    grad_weight_rows = torch.zeros(classes.shape[0], x.shape[1], dtype=torch.float64, device=x.device)
-    grad_weight_rows.index_add_(0, slot, per_row_weight_grad[owned])
+    w = weight.index_select(0, classes).to(torch.float64)
+    if not normalize:
+        return coef[:, None] * w, classes, coef[:, None] * x
+    x_norm = torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(NORM_EPS)
+    w_norm = torch.linalg.vector_norm(w, dim=1, keepdim=True).clamp_min(NORM_EPS)
+    x_unit, w_unit = x / x_norm, w / w_norm
+    cos = (x_unit * w_unit).sum(dim=1, keepdim=True)
+    grad_embeddings = coef[:, None] * (w_unit - x_unit * cos) / x_norm
+    grad_weight_rows = coef[:, None] * (x_unit - w_unit * cos) / w_norm
     return grad_embeddings, classes, grad_weight_rows
 
 
 def add_rows_(grad_weight: torch.Tensor, classes: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """grad_weight[classes] += rows, summed in float64 before one rounding to grad_weight's dtype."""
-    grad_weight[classes] = (grad_weight[classes].to(torch.float64) + rows).to(grad_weight.dtype)
+    """grad_weight[classes[i]] += rows[i] for every i, duplicates summed in float64 first,
+    then one rounding to grad_weight's dtype.
+
+    No host sync (no torch.unique): rows are grouped by class with a sort, summed per group
+    into a (B, D) buffer, and every row of a group writes the same final value, so the
+    duplicate writes of index_put_ agree whatever their order.
+    """
+    if classes.numel() == 0:
+        return grad_weight
+    order = torch.argsort(classes, stable=True)
+    sorted_classes = classes[order]
+    starts = torch.ones_like(sorted_classes, dtype=torch.bool)
+    starts[1:] = sorted_classes[1:] != sorted_classes[:-1]
+    group = torch.cumsum(starts, dim=0) - 1
+    group_sums = torch.zeros_like(rows).index_add_(0, group, rows[order])
+    updated = grad_weight.index_select(0, sorted_classes).to(torch.float64) + group_sums[group]
+    grad_weight.index_put_((sorted_classes,), updated.to(grad_weight.dtype))
     return grad_weight
