@@ -10,7 +10,7 @@ never on (B, C) logits.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Optional, Union
 
 import torch
@@ -252,8 +252,3 @@ class CombinedMargin(MarginSpec):
         c = cos.clamp(-1.0 + COS_CLAMP, 1.0 - COS_CLAMP)
         theta = torch.acos(c)
         return self.m1 * torch.sin(self.m1 * theta + m2) / _sin_theta(c)
-
-
-def spec_params(spec: MarginSpec) -> dict:
-    """The spec's fields as a plain dict (for logs, checkpoints and benchmark rows)."""
-    return {f.name: getattr(spec, f.name) for f in fields(spec)}
