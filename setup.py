@@ -145,7 +145,7 @@ setup(
     description="Fused GPU kernels for large-class margin softmax losses (ArcFace, CosFace, ...)",
     long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
     long_description_content_type="text/markdown",
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     packages=_packages(),
     package_dir={"marginkit.triton_kernels": "triton_kernels"},
     ext_modules=[CMakeExtension("marginkit._C", sourcedir=ROOT)],
