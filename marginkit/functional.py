@@ -27,6 +27,13 @@ def _check_tensor(name: str, value, ndim: int, shape_hint: str) -> None:
         raise ValueError(f"{name} must have shape {shape_hint}, got shape {tuple(value.shape)}")
 
 
+def _skip_value_checks() -> bool:
+    """Checks of tensor *values* (label range, NaN margins) need a host sync, which would
+    break a torch.compile(fullgraph=True) graph: they run eagerly only. Shapes, dtypes and
+    devices are checked always."""
+    return torch.compiler.is_compiling()
+
+
 def _check_margin_tensor(name: str, value, length: int, length_name: str, device: torch.device) -> None:
     _check_tensor(name, value, 1, f"({length_name},)")
     if value.shape[0] != length:
@@ -35,6 +42,8 @@ def _check_margin_tensor(name: str, value, length: int, length_name: str, device
         raise MarginKitTypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
     if value.device != device:
         raise MarginKitTypeError(f"{name} is on {value.device} but embeddings are on {device}; move it with .to(device)")
+    if _skip_value_checks():
+        return
     if value.numel() and not bool(torch.isfinite(value).all()):
         raise ValueError(f"{name} contains NaN or infinite values; margins must be finite and >= 0")
     if value.numel() and bool((value < 0).any()):
@@ -91,7 +100,7 @@ def validate_inputs(
         _check_margin_tensor("class_margins", class_margins, weight.shape[0], "C", embeddings.device)
     if sample_margins is not None:
         _check_margin_tensor("sample_margins", sample_margins, embeddings.shape[0], "B", embeddings.device)
-    if labels.numel():
+    if labels.numel() and not _skip_value_checks():
         bad = (labels != ignore_index) & ((labels < 0) | (labels >= weight.shape[0]))
         if bool(bad.any()):
             value = int(labels[bad][0])

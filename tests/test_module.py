@@ -31,3 +31,32 @@ def test_module_rejects_bad_sizes():
         mk.MarginSoftmax(10, -1)
     with pytest.raises(ValueError, match="scale"):
         mk.MarginSoftmax(10, 8, scale=0)
+
+
+def test_model_with_the_head_compiles_fullgraph():
+    """torch.compile(fullgraph=True) traces the whole loss (value checks run eagerly only)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(12, 16)
+            self.head = mk.MarginSoftmax(40, 16, mk.ArcFace(0.5), 32.0, backend="torch")
+
+        def forward(self, feats, labels):
+            return self.head(self.proj(feats), labels)
+
+    model = Model()
+    feats, labels = torch.randn(6, 12), torch.randint(0, 40, (6,))
+    labels[0] = -100
+    eager = model(feats, labels)
+    eager.backward()
+    eager_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    loss = compiled(feats, labels)
+    loss.backward()
+    assert rel_err(loss, eager) < 1e-6
+    for p, g in zip(model.parameters(), eager_grads):
+        assert rel_err(p.grad, g) < 1e-6
