@@ -383,6 +383,9 @@ def test_opcheck():
     bwd_args = (x.detach(), w.detach(), labels, dpsi, losses, lse, w_inv, torch.ones(3, device=x.device),
                 16.0, True, True)
     torch.library.opcheck(torch.ops.marginkit.triton_margin_ce_rows_backward.default, bwd_args)
+    hook = (psi.float(), 0.3)  # CurricularFace's negative hook
+    torch.library.opcheck(torch.ops.marginkit.triton_margin_ce_rows.default, args + hook)
+    torch.library.opcheck(torch.ops.marginkit.triton_margin_ce_rows_backward.default, bwd_args + hook)
 
 
 def test_torch_compile_fullgraph():
@@ -504,3 +507,27 @@ def test_public_deterministic_flag_reaches_the_kernels():
         assert torch.equal(a, b)
     ref = mk.reference.margin_cross_entropy(x, w, y, mk.ArcFace(), 64.0)
     assert rel(first[0], ref) < 1e-5
+
+
+@pytest.mark.parametrize("t", [0.0, 0.4])
+def test_curricular_hook_matches_the_torch_backend(t):
+    """CurricularFace's hard-negative hook in the kernels equals the torch backend's (which
+    tests/test_adaptive.py checks against the paper's formula in float64)."""
+    from marginkit.nn.curricular_face import curricular_cross_entropy
+
+    # Small scale weight rows and a large margin: many negatives are harder than the target.
+    x, w, y = make(B=7, C=150, D=24, seed=43, ignored=1)
+    spec = mk.ArcFace(0.8)
+    psi, _ = spec.target_terms(target_cosine(x, w, owned_labels(y, IGNORE), True))
+    cos = F.normalize(x.double(), dim=1) @ F.normalize(w.double(), dim=1).T
+    assert int((cos > psi[:, None]).sum()) > 20  # the hook has work to do
+
+    def run(backend):
+        xr, wr = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        with tb.tuning(**SMALL):
+            loss = curricular_cross_entropy(xr, wr, y, t, spec, 16.0, backend=backend)
+        loss.backward()
+        return loss.detach(), xr.grad, wr.grad
+
+    for name, a, b in zip(("loss", "dX", "dW"), run("triton"), run("torch")):
+        assert rel(a, b) < 1e-5, name

@@ -50,17 +50,20 @@ SCRIPT = textwrap.dedent(
         P, F = "*" + dt, "*fp32"
         gemm = dict(DOT_PRECISION=prec, UPCAST=False)
         tiles = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64)
-        out[dt] = {
-            "lse_partials": compile_kernel(
-                K.lse_partials_kernel,
-                dict(x_ptr=P, w_ptr=P, x_inv_ptr=F, w_inv_ptr=F, labels_ptr="*i64", part_max_ptr=F,
-                     part_sum_ptr=F, scale="fp32"),
-                dict(BLOCK_B=128, BLOCK_C=128, BLOCK_K=64, **gemm), 8, 3),
-            "scores": compile_kernel(
-                K.scores_kernel,
-                dict(x_ptr=P, w_ptr=P, x_inv_ptr=F, w_inv_ptr=F, labels_ptr="*i64", lse_ptr=F,
-                     grad_scaled_ptr=F, kappa_ptr=F, ws_ptr=P, q_ptr=F, scale="fp32"),
-                dict(NORMALIZE=True, BLOCK_B=128, BLOCK_C=128, BLOCK_K=64, **gemm), 8, 3),
+        fwd_types = dict(x_ptr=P, w_ptr=P, x_inv_ptr=F, w_inv_ptr=F, labels_ptr="*i64", part_max_ptr=F,
+                         part_sum_ptr=F, thr_ptr=F, scale="fp32", curriculum_t="fp32")
+        scores_types = dict(x_ptr=P, w_ptr=P, x_inv_ptr=F, w_inv_ptr=F, labels_ptr="*i64", lse_ptr=F,
+                            grad_scaled_ptr=F, kappa_ptr=F, ws_ptr=P, q_ptr=F, thr_ptr=F, scale="fp32",
+                            curriculum_t="fp32")
+        out[dt] = {}
+        for hook in (False, True):  # plain, and with CurricularFace's negative hook
+            suffix = "_hook" if hook else ""
+            out[dt]["lse_partials" + suffix] = compile_kernel(
+                K.lse_partials_kernel, fwd_types, dict(HOOK=hook, BLOCK_B=128, BLOCK_C=128, BLOCK_K=64, **gemm), 8, 3)
+            out[dt]["scores" + suffix] = compile_kernel(
+                K.scores_kernel, scores_types,
+                dict(HOOK=hook, NORMALIZE=True, BLOCK_B=128, BLOCK_C=128, BLOCK_K=64, **gemm), 8, 3)
+        out[dt].update({
             "dx_gemm_atomic": compile_kernel(
                 K.dx_gemm_kernel, dict(ws_ptr=P, w_ptr=P, out_ptr=F), dict(USE_ATOMICS=True, **tiles, **gemm), 8, 3),
             "dx_gemm_owned": compile_kernel(
@@ -69,7 +72,7 @@ SCRIPT = textwrap.dedent(
                 K.dw_gemm_kernel,
                 dict(ws_ptr=P, x_ptr=P, w_ptr=P, w_inv_ptr=F, q_ptr=F, kappa_ptr=F, dw_ptr=P),
                 dict(NORMALIZE=True, **tiles, **gemm), 8, 3),
-        }
+        })
         if dt == "bf16":
             out[dt]["row_inv_norm"] = compile_kernel(
                 K.row_inv_norm_kernel, dict(x_ptr=P, out_ptr=F, eps="fp32"), dict(BLOCK_N=32, BLOCK_D=128), 4, 1)
@@ -97,7 +100,8 @@ def _compile_all():
 def test_kernels_compile_for_hopper_as_pipelined_wgmma():
     results = _compile_all()
     for dtype, kernels in results.items():
-        for name in ("lse_partials", "scores", "dx_gemm_atomic", "dx_gemm_owned", "dw_gemm"):
+        for name in ("lse_partials", "scores", "lse_partials_hook", "scores_hook", "dx_gemm_atomic",
+                     "dx_gemm_owned", "dw_gemm"):
             info = kernels[name]
             assert info["cp_async"], f"{dtype} {name}: loads not pipelined ({info})"
             assert info["smem"] >= 2 * 128 * 64 * 2, f"{dtype} {name}: fewer than 2 pipeline stages ({info})"

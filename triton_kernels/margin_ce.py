@@ -94,6 +94,7 @@ def lse_partials_kernel(
     labels_ptr,
     part_max_ptr,
     part_sum_ptr,
+    thr_ptr,
     B,
     C,
     D,
@@ -103,7 +104,9 @@ def lse_partials_kernel(
     stride_wc,
     stride_wd,
     scale,
+    curriculum_t,
     B_BUCKET,
+    HOOK: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -113,7 +116,8 @@ def lse_partials_kernel(
     """Per (row, class split) online log-sum-exp partials: part_max[s, i], part_sum[s, i].
 
     part_sum is Σ exp(logit − part_max) over the split's non-target classes; a split with
-    none writes (−inf, 0). B_BUCKET only feeds the autotuning key.
+    none writes (−inf, 0). B_BUCKET only feeds the autotuning key. HOOK: hard negatives
+    (cos > thr[i]) are modulated to cos·(t + cos) (CurricularFace; thr_ptr unused otherwise).
     """
     pid_b = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -123,6 +127,8 @@ def lse_partials_kernel(
     # logit = ((acc · x_inv) · w_inv) · scale (bitwise equal when their BLOCK_K match).
     x_inv = tl.load(x_inv_ptr + rows, mask=row_mask, other=0.0)
     label = tl.load(labels_ptr + rows, mask=row_mask, other=-1)
+    if HOOK:
+        thr = tl.load(thr_ptr + rows, mask=row_mask, other=0.0)
 
     # Class indices fit in int32 (C < 2^31); they are widened before any pointer product.
     c_begin = pid_s * classes_per_split
@@ -156,7 +162,11 @@ def lse_partials_kernel(
         acc = _mma(xt, tl.trans(wt), acc, DOT_PRECISION, UPCAST)
         if kt == k_tiles - 1:
             w_inv = tl.load(w_inv_ptr + cols, mask=col_mask, other=0.0)
-            logits = acc * x_inv[:, None] * w_inv[None, :] * scale
+            cos = acc * x_inv[:, None] * w_inv[None, :]
+            if HOOK:
+                # CurricularFace: a hard negative (cos > the row's target logit) becomes cos·(t + cos).
+                cos = tl.where(cos > thr[:, None], cos * (curriculum_t + cos), cos)
+            logits = cos * scale
             keep = col_mask[None, :] & (cols[None, :] != label[:, None])
             logits = tl.where(keep, logits, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(logits, axis=1))
@@ -215,6 +225,7 @@ def scores_kernel(
     kappa_ptr,
     ws_ptr,
     q_ptr,
+    thr_ptr,
     B,
     D,
     chunk_start,
@@ -226,7 +237,9 @@ def scores_kernel(
     stride_ws,
     stride_q,
     scale,
+    curriculum_t,
     B_BUCKET,
+    HOOK: tl.constexpr,
     NORMALIZE: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -238,7 +251,8 @@ def scores_kernel(
 
     Writes ws[i, j − chunk_start] = κ·dS_ij·x_inv_i·w_inv_j in ws's dtype and, with
     NORMALIZE, q[pid_b, j − chunk_start] = Σ_{i in block} dS_ij·cos_ij (fp32).
-    dS_ij = g_i·scale·exp(logit_ij − lse_i), 0 at the target column; grad_scaled = g_i·scale
+    dS_ij = g_i·scale·exp(logit_ij − lse_i) (× t + 2·cos_ij on HOOK's hard negatives), 0 at
+    the target column; grad_scaled = g_i·scale
     (0 on rows that contribute nothing). No probability filter: every class's
     exp(logit − lse) enters, however small.
     """
@@ -275,9 +289,16 @@ def scores_kernel(
 
     # Same expression as the forward's logit (see lse_partials_kernel).
     cos = acc * x_inv[:, None] * w_inv[None, :]
-    p = tl.exp(cos * scale - lse[:, None])
     live = (grad_scaled != 0.0)[:, None] & col_mask[None, :] & (cols[None, :] != label[:, None])
-    ds = tl.where(live, p * grad_scaled[:, None], 0.0)
+    if HOOK:
+        # d/dcos of cos·(t + cos) is t + 2·cos on hard negatives, 1 elsewhere.
+        thr = tl.load(thr_ptr + rows, mask=row_mask, other=0.0)
+        hard = cos > thr[:, None]
+        p = tl.exp(tl.where(hard, cos * (curriculum_t + cos), cos) * scale - lse[:, None])
+        ds = tl.where(live, p * grad_scaled[:, None] * tl.where(hard, curriculum_t + 2.0 * cos, 1.0), 0.0)
+    else:
+        p = tl.exp(cos * scale - lse[:, None])
+        ds = tl.where(live, p * grad_scaled[:, None], 0.0)
 
     e = ds * (x_inv * kappa)[:, None] * w_inv[None, :]
     tl.store(

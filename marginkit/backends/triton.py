@@ -102,7 +102,7 @@ import contextlib
 import functools
 import inspect
 import math
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 import triton
@@ -274,14 +274,14 @@ class _Launcher:
 _FWD = _Launcher(
     lse_partials_kernel,
     FWD_CONFIGS,
-    key=["D", "B_BUCKET"],
+    key=["D", "B_BUCKET", "HOOK"],
     interp_meta=_INTERP_META["fwd"],
     limits={"BLOCK_B": lambda a: a["B"], "BLOCK_K": lambda a: a["D"]},
 )
 _SCORES = _Launcher(
     scores_kernel,
     SCORES_CONFIGS,
-    key=["D", "B_BUCKET", "NORMALIZE"],
+    key=["D", "B_BUCKET", "HOOK", "NORMALIZE"],
     interp_meta=_INTERP_META["scores"],
     limits={"BLOCK_K": lambda a: a["D"]},
 )
@@ -448,8 +448,19 @@ def inverse_norms(rows: torch.Tensor, normalize: bool) -> torch.Tensor:
     return out
 
 
-def _forward(x, w, x_inv, w_inv, labels_local, scale, deterministic=False):
-    """(row_max, row_sumexp) over the non-target classes of w; x, w in the compute dtype."""
+def _hook_args(hard_negatives, fallback: torch.Tensor) -> tuple[torch.Tensor, float, bool]:
+    """(threshold (B,) fp32, t, HOOK) kernel arguments; ``fallback`` fills the unused pointer."""
+    if hard_negatives is None:
+        return fallback, 0.0, False
+    threshold, t = hard_negatives
+    return threshold.to(device=fallback.device, dtype=torch.float32).contiguous(), float(t), True
+
+
+def _forward(x, w, x_inv, w_inv, labels_local, scale, deterministic=False, hard_negatives=None):
+    """(row_max, row_sumexp) over the non-target classes of w; x, w in the compute dtype.
+
+    hard_negatives: None, or (threshold (B,), t): CurricularFace's modulation of the
+    negatives with cos > threshold_i into cos·(t + cos)."""
     num_rows, dim = x.shape
     num_classes = w.shape[0]
     device = x.device
@@ -461,13 +472,14 @@ def _forward(x, w, x_inv, w_inv, labels_local, scale, deterministic=False):
     n_splits, per_split = _class_splits(num_rows, num_classes, device)
     part_max = torch.empty((n_splits, num_rows), dtype=torch.float32, device=device)
     part_sum = torch.empty((n_splits, num_rows), dtype=torch.float32, device=device)
+    threshold, t, hook = _hook_args(hard_negatives, x_inv)
     with _device_guard(x):
         _FWD(
             lambda meta: (triton.cdiv(num_rows, meta["BLOCK_B"]), n_splits),
-            x, w, x_inv, w_inv, labels, part_max, part_sum,
+            x, w, x_inv, w_inv, labels, part_max, part_sum, threshold,
             num_rows, num_classes, dim, per_split,
             x.stride(0), x.stride(1), w.stride(0), w.stride(1),
-            float(scale), _b_bucket(num_rows),
+            float(scale), t, _b_bucket(num_rows), HOOK=hook,
             **_dot_meta(x.dtype),
             pinned=deterministic,
         )
@@ -478,20 +490,23 @@ def _forward(x, w, x_inv, w_inv, labels_local, scale, deterministic=False):
     return row_max, row_sumexp
 
 
-def _kappa(dtype, grad_scaled, x_inv, w_inv) -> torch.Tensor:
+def _kappa(dtype, grad_scaled, x_inv, w_inv, slope_bound: float = 1.0) -> torch.Tensor:
     """Power-of-two scale of the workspace: 1, except for fp16 (largest |E| → 2^14)."""
     device = x_inv.device
     if dtype != torch.float16 or grad_scaled.numel() == 0 or w_inv.numel() == 0:
         return torch.ones(1, dtype=torch.float32, device=device)
-    row_bound = (grad_scaled.abs() * x_inv).amax()  # |dS| ≤ |g|·s since p ≤ 1
+    # |dS| ≤ |g|·s·slope since p ≤ 1 (slope: |t| + 2 with the CurricularFace hook, else 1)
+    row_bound = (grad_scaled.abs() * x_inv).amax() * slope_bound
     bound = (row_bound.double() * w_inv.amax().double()).reshape(1)
     kappa = torch.exp2(torch.floor(torch.log2(FP16_TARGET_MAX / bound)))
     kappa = torch.nan_to_num(kappa, nan=1.0, posinf=2.0**60).clamp(2.0**-60, 2.0**60)
     return kappa.to(torch.float32)
 
 
-def _backward(x, w, x_inv, w_inv, labels_local, lse, grad_rows, scale, normalize, deterministic):
-    """Non-target share: (grad_x fp32 (B, D), grad_w (C, D) in w's dtype); x, w in the compute dtype."""
+def _backward(x, w, x_inv, w_inv, labels_local, lse, grad_rows, scale, normalize, deterministic, hard_negatives=None):
+    """Non-target share: (grad_x fp32 (B, D), grad_w (C, D) in w's dtype); x, w in the compute dtype.
+
+    hard_negatives: as ``_forward``."""
     num_rows, dim = x.shape
     num_classes = w.shape[0]
     device = x.device
@@ -505,7 +520,8 @@ def _backward(x, w, x_inv, w_inv, labels_local, lse, grad_rows, scale, normalize
     labels = labels_local.to(torch.int64).contiguous()
     lse32 = lse.to(torch.float32).contiguous()
     grad_scaled = (grad_rows.to(torch.float32) * scale).contiguous()
-    kappa = _kappa(x.dtype, grad_scaled, x_inv, w_inv)
+    threshold, t, hook = _hook_args(hard_negatives, x_inv)
+    kappa = _kappa(x.dtype, grad_scaled, x_inv, w_inv, abs(t) + 2.0 if hook else 1.0)
     dot_meta = _dot_meta(x.dtype)
     bucket = _b_bucket(num_rows)
 
@@ -530,11 +546,11 @@ def _backward(x, w, x_inv, w_inv, labels_local, lse, grad_rows, scale, normalize
             _SCORES(
                 lambda meta: (n_q, triton.cdiv(n_chunk, meta["BLOCK_C"])),
                 x, w, x_inv, w_inv, labels, lse32, grad_scaled, kappa,
-                workspace, colsum,
+                workspace, colsum, threshold,
                 num_rows, dim, start, n_chunk,
                 x.stride(0), x.stride(1), w.stride(0), w.stride(1), workspace.stride(0), colsum.stride(0),
-                float(scale), bucket,
-                NORMALIZE=bool(normalize), BLOCK_B=block_b, **dot_meta, pinned=deterministic,
+                float(scale), t, bucket,
+                HOOK=hook, NORMALIZE=bool(normalize), BLOCK_B=block_b, **dot_meta, pinned=deterministic,
             )
             _DX(
                 lambda meta: (triton.cdiv(num_rows, meta["BLOCK_M"]), triton.cdiv(dim, meta["BLOCK_N"]), n_splits_here),
@@ -578,17 +594,21 @@ def lse_partials(
     normalize: bool,
     *,
     deterministic: bool = False,
+    hard_negatives: Optional[tuple[torch.Tensor, float]] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row (max, Σ exp(logit − max)) over this weight's NON-TARGET classes, (B,) float32.
 
     logit_ij = scale·cos_ij for j ≠ labels_local[i]; a row with no such class gets (−inf, 0).
     Combine with the target logit in float64 via ``common.combine_partials``. The forward
     is deterministic either way; ``deterministic=True`` also pins the launch config.
+    hard_negatives: optional (threshold (B,), t): negatives with cos > threshold_i enter as
+    cos·(t + cos) (CurricularFace, the kernels' negative hook).
     """
     _check_inputs(embeddings, weight)
     x, w = _compute_operands(embeddings, weight)
     return _forward(
-        x, w, inverse_norms(x, normalize), inverse_norms(w, normalize), labels_local, scale, deterministic
+        x, w, inverse_norms(x, normalize), inverse_norms(w, normalize), labels_local, scale, deterministic,
+        hard_negatives,
     )
 
 
@@ -603,6 +623,7 @@ def grads_from_lse(
     normalize: bool,
     *,
     deterministic: bool = False,
+    hard_negatives: Optional[tuple[torch.Tensor, float]] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Non-target share of the gradients of Σ_i grad_rows_i·loss_i given the global ``lse`` (B,).
 
@@ -616,7 +637,7 @@ def grads_from_lse(
     x, w = _compute_operands(embeddings, weight)
     grad_x, grad_w = _backward(
         x, w, inverse_norms(x, normalize), inverse_norms(w, normalize), labels_local,
-        lse, grad_rows, scale, normalize, deterministic,
+        lse, grad_rows, scale, normalize, deterministic, hard_negatives,
     )
     return grad_x, grad_w.to(weight.dtype)
 
@@ -624,6 +645,10 @@ def grads_from_lse(
 # ----------------------------------------------------------------------------------------
 # Single device: custom op + fake + autograd
 # ----------------------------------------------------------------------------------------
+def _hard_negatives(threshold: Optional[torch.Tensor], t: float):
+    return None if threshold is None else (threshold, t)
+
+
 def _owned(labels_local: torch.Tensor, num_classes: int) -> torch.Tensor:
     return (labels_local >= 0) & (labels_local < num_classes)
 
@@ -638,6 +663,8 @@ def _margin_ce_rows(
     scale: float,
     normalize: bool,
     deterministic: bool,
+    hard_threshold: Optional[torch.Tensor] = None,
+    curriculum_t: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(losses (B,) f64, lse (B,) f64, w_inv (C,) f32); losses are 0 on rows not owned.
 
@@ -647,14 +674,20 @@ def _margin_ce_rows(
     _check_inputs(embeddings, weight)
     x, w = _compute_operands(embeddings, weight)
     w_inv = inverse_norms(w, normalize)
-    row_max, row_sumexp = _forward(x, w, inverse_norms(x, normalize), w_inv, labels_local, scale, deterministic)
+    row_max, row_sumexp = _forward(
+        x, w, inverse_norms(x, normalize), w_inv, labels_local, scale, deterministic,
+        _hard_negatives(hard_threshold, curriculum_t),
+    )
     losses, lse = combine_partials(row_max, row_sumexp, target_logit, scale)
     owned = _owned(labels_local, weight.shape[0])
     return torch.where(owned, losses, torch.zeros_like(losses)), lse, w_inv
 
 
 @_margin_ce_rows.register_fake
-def _margin_ce_rows_fake(embeddings, weight, labels_local, target_logit, dtarget, scale, normalize, deterministic):
+def _margin_ce_rows_fake(
+    embeddings, weight, labels_local, target_logit, dtarget, scale, normalize, deterministic,
+    hard_threshold=None, curriculum_t=0.0,
+):
     num_rows, num_classes = embeddings.shape[0], weight.shape[0]
     return (
         embeddings.new_empty((num_rows,), dtype=torch.float64),
@@ -676,6 +709,8 @@ def _margin_ce_rows_backward(
     scale: float,
     normalize: bool,
     deterministic: bool,
+    hard_threshold: Optional[torch.Tensor] = None,
+    curriculum_t: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_embeddings in embeddings.dtype, grad_weight in weight.dtype) of Σ grad_rows·losses.
 
@@ -684,7 +719,8 @@ def _margin_ce_rows_backward(
     """
     x, w = _compute_operands(embeddings, weight)
     grad_x, grad_w = _backward(
-        x, w, inverse_norms(x, normalize), w_inv, labels_local, lse, grad_rows, scale, normalize, deterministic
+        x, w, inverse_norms(x, normalize), w_inv, labels_local, lse, grad_rows, scale, normalize, deterministic,
+        _hard_negatives(hard_threshold, curriculum_t),
     )
     grad_w = grad_w.to(weight.dtype)
     with _torch_deterministic(deterministic):
@@ -696,16 +732,18 @@ def _margin_ce_rows_backward(
 
 @_margin_ce_rows_backward.register_fake
 def _margin_ce_rows_backward_fake(
-    embeddings, weight, labels_local, dtarget, losses, lse, w_inv, grad_rows, scale, normalize, deterministic
+    embeddings, weight, labels_local, dtarget, losses, lse, w_inv, grad_rows, scale, normalize, deterministic,
+    hard_threshold=None, curriculum_t=0.0,
 ):
     return torch.empty_like(embeddings), torch.empty_like(weight)
 
 
 def _setup_context(ctx, inputs, output):
-    embeddings, weight, labels_local, target_logit, dtarget, scale, normalize, deterministic = inputs
+    embeddings, weight, labels_local, target_logit, dtarget, scale, normalize, deterministic, *hook = inputs
     losses, lse, w_inv = output
     ctx.save_for_backward(embeddings, weight, labels_local, dtarget, losses, lse, w_inv)
     ctx.scale, ctx.normalize, ctx.deterministic = scale, normalize, deterministic
+    ctx.hook = hook  # [hard_threshold, curriculum_t] when given
 
 
 def _autograd_backward(ctx, grad_losses, grad_lse, grad_w_inv):
@@ -717,9 +755,9 @@ def _autograd_backward(ctx, grad_losses, grad_lse, grad_w_inv):
     grad_rows = torch.where(owned, grad_losses.to(torch.float32), torch.zeros_like(losses, dtype=torch.float32))
     grad_x, grad_w = _margin_ce_rows_backward(
         embeddings, weight, labels_local, dtarget, losses, lse, w_inv, grad_rows,
-        ctx.scale, ctx.normalize, ctx.deterministic,
+        ctx.scale, ctx.normalize, ctx.deterministic, *ctx.hook,
     )
-    return grad_x, grad_w, None, None, None, None, None, None
+    return (grad_x, grad_w) + (None,) * (6 + len(ctx.hook))
 
 
 _margin_ce_rows.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -735,6 +773,8 @@ def row_losses(
     ignore_index: int,
     normalize: bool,
     deterministic: bool = False,
+    *,
+    hard_negatives: Optional[tuple[torch.Tensor, float]] = None,
 ) -> torch.Tensor:
     """Per-row margin cross-entropy (B,), 0 on ignored rows; differentiable in ``embeddings``
     and ``weight``. float32 (float64 for float64 inputs, like the torch backend).
@@ -745,10 +785,12 @@ def row_losses(
     traces under ``torch.compile(fullgraph=True)`` (tested on CPU with backend="aot_eager"
     under the interpreter; on CUDA the inductor backend calls the op as an opaque kernel).
     ``deterministic=True``: bitwise-reproducible gradients (see the module docstring).
+    ``hard_negatives=(threshold (B,), t)``: CurricularFace's negative hook (see ``lse_partials``).
     """
     labels_local = owned_labels(labels, ignore_index)
+    hook = () if hard_negatives is None else (hard_negatives[0].detach(), float(hard_negatives[1]))
     losses, _, _ = torch.ops.marginkit.triton_margin_ce_rows(
         embeddings, weight, labels_local, target_logit.detach(), dtarget.detach(),
-        float(scale), bool(normalize), bool(deterministic),
+        float(scale), bool(normalize), bool(deterministic), *hook,
     )
     return losses.to(compute_dtype(embeddings))

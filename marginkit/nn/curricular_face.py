@@ -21,11 +21,10 @@ Hard negatives are decided against the *final* target logit ψ_i (the paper's
 T(cos θ_{y_i})). The authors' code compares with cos(θ_y + m) before its fallback;
 the two differ only for rows with θ_y + m > π.
 
-It runs on the torch backend through its ``negative_hook`` (``curricular_hook``): the
-same chunked loop as every other head, a (B, chunk) working set with B·chunk ≤ 2^21
-floats, an online log-sum-exp forward and a recompute backward; nothing (B, C) is
-allocated. The Triton kernels have no negative hook yet, so on CUDA this is cuBLAS
-GEMMs driven from Python, not a fused kernel.
+It runs on the fused path of either backend through its negative hook: on CUDA the
+Triton kernels' ``hard_negatives`` (the modulation and its slope applied in the tile
+epilogues), elsewhere the torch backend's ``negative_hook`` (``curricular_hook``).
+Nothing (B, C) is allocated.
 """
 
 from __future__ import annotations
@@ -39,7 +38,7 @@ from marginkit.backends import torch_chunked
 from marginkit.backends.common import owned_labels, target_cosine
 from marginkit.backends.torch_chunked import NegativeHook
 from marginkit.errors import check_positive_ints, check_real
-from marginkit.functional import reduce_losses, validate_inputs
+from marginkit.functional import reduce_losses, resolve_backend, validate_inputs
 from marginkit.nn._chunked import KeepBufferDtypes
 from marginkit.specs import ArcFace, MarginSpec
 
@@ -72,6 +71,7 @@ def curricular_cross_entropy(
     ignore_index: int = -100,
     normalize: bool = True,
     chunk_elements: Optional[int] = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """CurricularFace cross-entropy for a given curriculum parameter ``t`` (no state).
 
@@ -79,15 +79,23 @@ def curricular_cross_entropy(
     cos θ_j > ψ_i become cos θ_j·(t + cos θ_j). Shapes and reductions as
     ``mk.margin_cross_entropy``; never holds a (B, C) tensor.
     """
-    validate_inputs(embeddings, weight, labels, margin, scale, None, None, reduction, ignore_index, "torch")
+    validate_inputs(embeddings, weight, labels, margin, scale, None, None, reduction, ignore_index, backend)
     check_real("t", t)
     labels_local = owned_labels(labels, ignore_index)
     cos_target = target_cosine(embeddings, weight, labels_local, normalize)
     psi, dpsi = margin.target_terms(cos_target)
-    losses = torch_chunked.row_losses(
-        embeddings, weight, labels, psi, dpsi, float(scale), ignore_index, normalize, chunk_elements,
-        negative_hook=curricular_hook(psi, float(t)),
-    )
+    if resolve_backend(backend, embeddings.device) == "triton":
+        from marginkit.backends import triton as triton_backend
+
+        losses = triton_backend.row_losses(
+            embeddings, weight, labels, psi, dpsi, float(scale), ignore_index, normalize,
+            hard_negatives=(psi, float(t)),
+        )
+    else:
+        losses = torch_chunked.row_losses(
+            embeddings, weight, labels, psi, dpsi, float(scale), ignore_index, normalize, chunk_elements,
+            negative_hook=curricular_hook(psi, float(t)),
+        )
     return reduce_losses(losses, labels, ignore_index, reduction)
 
 
@@ -99,7 +107,9 @@ class CurricularFace(KeepBufferDtypes):
         margin: the target's margin spec (paper: ``ArcFace(0.5)``).
         scale: s (paper: 64).
         t_momentum: weight of the old t in its moving average (authors' code: 0.99).
-        reduction, ignore_index, normalize, chunk_elements: as ``margin_cross_entropy``.
+        reduction, ignore_index, normalize, backend: as ``margin_cross_entropy`` ("auto":
+            the Triton kernels' negative hook on CUDA, the torch backend's elsewhere).
+        chunk_elements: the torch backend's (B, chunk) budget.
 
     ``.weight`` (C, D) parameter, ``.t`` 0-d float64 buffer (starts at 0; moves only in
     training mode, before the batch's loss is formed, from the mean target cosine of the
@@ -120,6 +130,7 @@ class CurricularFace(KeepBufferDtypes):
         ignore_index: int = -100,
         normalize: bool = True,
         chunk_elements: Optional[int] = None,
+        backend: str = "auto",
         dtype: Optional[torch.dtype] = None,
         device=None,
     ) -> None:
@@ -132,7 +143,7 @@ class CurricularFace(KeepBufferDtypes):
         self.num_classes, self.embedding_dim = num_classes, embedding_dim
         self.margin, self.scale, self.t_momentum = margin, float(scale), float(t_momentum)
         self.reduction, self.ignore_index, self.normalize = reduction, ignore_index, normalize
-        self.chunk_elements = chunk_elements
+        self.chunk_elements, self.backend = chunk_elements, backend
         self.weight = nn.Parameter(torch.empty(num_classes, embedding_dim, dtype=dtype, device=device))
         nn.init.normal_(self.weight, mean=0.0, std=0.01)
         self.register_buffer("t", torch.zeros((), dtype=torch.float64, device=device))
@@ -150,14 +161,14 @@ class CurricularFace(KeepBufferDtypes):
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         validate_inputs(
             embeddings, self.weight, labels, self.margin, self.scale, None, None, self.reduction,
-            self.ignore_index, "torch",
+            self.ignore_index, self.backend,
         )
         if self.training:
             self.update_t(embeddings, labels)
         return curricular_cross_entropy(
             embeddings, self.weight, labels, float(self.t), self.margin, self.scale,
             reduction=self.reduction, ignore_index=self.ignore_index, normalize=self.normalize,
-            chunk_elements=self.chunk_elements,
+            chunk_elements=self.chunk_elements, backend=self.backend,
         )
 
     def extra_repr(self) -> str:
