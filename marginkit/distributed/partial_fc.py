@@ -69,6 +69,21 @@ class _RowSparseOptimizer(torch.optim.Optimizer):
             return rows, grad.values().to(weight.dtype).contiguous()
         return rows, grad.index_select(0, rows).to(weight.dtype).contiguous()
 
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable] = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        rows, grad = self._rows_and_grad()
+        if rows is not None:
+            self._update_rows(rows, grad, self.param_groups[0])
+        return loss
+
+    def _update_rows(self, rows: torch.Tensor, grad: torch.Tensor, group: dict) -> None:
+        """Apply the update to ``head.weight[rows]`` given their gradient rows (R, D)."""
+        raise NotImplementedError
+
 
 class PartialFCSGD(_RowSparseOptimizer):
     """``torch.optim.SGD`` on the rows of ``head.weight`` that the last backward(s) reached.
@@ -106,16 +121,7 @@ class PartialFCSGD(_RowSparseOptimizer):
                 "momentum_initialized", torch.zeros(w.shape[0], dtype=torch.bool, device=w.device)
             )
 
-    @torch.no_grad()
-    def step(self, closure: Optional[Callable] = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        rows, grad = self._rows_and_grad()
-        if rows is None:
-            return loss
-        g = self.param_groups[0]
+    def _update_rows(self, rows, grad, g):
         weight = self.head.weight.detach()
         if g["momentum"] > 0:
             from marginkit.backends.cuda import sparse_sgd_step_
@@ -131,7 +137,6 @@ class PartialFCSGD(_RowSparseOptimizer):
             d = grad.add(p, alpha=g["weight_decay"]) if g["weight_decay"] else grad
             p.add_(d, alpha=-g["lr"])
             weight.index_copy_(0, rows, p)
-        return loss
 
 
 class PartialFCAdamW(_RowSparseOptimizer):
@@ -153,21 +158,11 @@ class PartialFCAdamW(_RowSparseOptimizer):
         head.register_per_class_buffer("exp_avg_sq", torch.zeros_like(w, memory_format=torch.contiguous_format))
         head.register_per_class_buffer("adam_step", torch.zeros(w.shape[0], dtype=torch.int64, device=w.device))
 
-    @torch.no_grad()
-    def step(self, closure: Optional[Callable] = None):
+    def _update_rows(self, rows, grad, g):
         from marginkit.backends.cuda import sparse_adamw_step_
 
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        rows, grad = self._rows_and_grad()
-        if rows is None:
-            return loss
-        g = self.param_groups[0]
         h = self.head
         sparse_adamw_step_(
             h.weight.detach(), grad, h.exp_avg, h.exp_avg_sq, h.adam_step, rows, float(g["lr"]),
             float(g["betas"][0]), float(g["betas"][1]), float(g["eps"]), float(g["weight_decay"]),
         )
-        return loss
