@@ -251,7 +251,7 @@ def select_providers(names, skip, device: str, include_compile: bool) -> list[st
 
 def _sweep_configs(device, Bs, Ds, Cs, dtypes, margins, scale):
     for margin, dtype, B, D in itertools.product(margins, dtypes, Bs, Ds):
-        for C in sorted(Cs):
+        for C in dict.fromkeys(Cs):  # in the order given: a time-boxed run can put its headline size first
             yield BenchConfig(device=device, B=B, D=D, C=C, dtype=dtype, margin=margin, scale=scale)
 
 
@@ -315,7 +315,7 @@ def run_sweep(
         "started": _dt.datetime.now().isoformat(timespec="seconds"),
         "versions": _versions(device),
         "argv": sys.argv,
-        "sweep": {"B": Bs, "D": Ds, "C": sorted(Cs), "dtype": [dtype_name(t) for t in dtypes],
+        "sweep": {"B": Bs, "D": Ds, "C": list(dict.fromkeys(Cs)), "dtype": [dtype_name(t) for t in dtypes],
                   "margin": margins, "scale": scale, "providers": names, "seed": seed},
         "timing": ("CUDA: triton.testing.do_bench (CUDA events, L2 flushed, median/p20/p80) after warm-up; steps "
                    "slower than 200 ms: CUDA events, as many as fit in budget_s" if kind == "cuda" else
@@ -327,7 +327,7 @@ def run_sweep(
     }
 
     echo(f"marginkit bench on {label} ({device}), {date}; torch {torch.__version__}")
-    echo(f"  sweep: B={Bs} D={Ds} C={sorted(Cs)} dtype={[dtype_name(t) for t in dtypes]} margin={margins} s={scale}")
+    echo(f"  sweep: B={Bs} D={Ds} C={list(dict.fromkeys(Cs))} dtype={[dtype_name(t) for t in dtypes]} margin={margins} s={scale}")
     if kind == "cpu":
         echo("  note: a CPU timing says nothing about a GPU; these sizes check the plumbing.")
         echo(f"  note: {CPU_MEMORY_REASON}.")
