@@ -39,7 +39,7 @@ def _sync(device):
 def test_forward_backward(benchmark, mk_case, mk_rounds):
     cfg, name = mk_case
     prov = PROVIDERS[name]
-    reason = prov.unavailable() or prov.unsupported(cfg.device, cfg.margin)
+    reason = prov.unavailable() or prov.unsupported(cfg.device, cfg.margin) or prov.too_large(cfg)
     if reason:
         pytest.skip(f"{name}: {reason}")
     margin = prov.row_margin(cfg.margin)

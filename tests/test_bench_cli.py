@@ -223,3 +223,49 @@ def test_replot_from_csv(tmp_path, monkeypatch):
     assert {(r.method, r.status) for r in rows} == {("floor-3gemm", "ok"), ("torch-textbook", "ok"), ("pml", "oom")}
     assert plot_main([str(out), str(tmp_path / "re.png")]) == 0
     assert (tmp_path / "re.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_broken_device_stops_the_sweep_and_keeps_the_files(tmp_path, monkeypatch):
+    """A peer that breaks the CUDA context (cce's illegal address at C = 10M on an H200) must not
+    take the rows already measured with it: its row is an error, later runs are listed as not run,
+    and the CSV, JSON and plot are still written. Simulated on the CPU with a failing cleanup."""
+    import json
+
+    from marginkit.bench import runner
+
+    broken = {"now": False}
+    real_cleanup = runner._cleanup
+
+    class BreaksTheDevice(bench_providers.Provider):
+        def build(self, inputs, spec):
+            broken["now"] = True
+            return PROVIDERS["torch-textbook"].build(inputs, spec)
+
+    def cleanup(device):
+        if broken["now"]:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        real_cleanup(device)
+
+    monkeypatch.setitem(PROVIDERS, "pml", BreaksTheDevice())
+    monkeypatch.setattr(runner, "_cleanup", cleanup)
+    rc, out = _bench(tmp_path, "--providers", "torch-textbook,pml", "--C", "500,600")
+    assert rc == 3  # the broken run is an error row
+    rows = {(r["method"], r["C"]): r for r in _read(out)[1]}
+    assert set(rows) == {("floor-3gemm", "500"), ("torch-textbook", "500"), ("pml", "500")}
+    assert rows[("pml", "500")]["peak_extra_mib"] == "error"
+    assert math.isfinite(float(rows[("torch-textbook", "500")]["ms_median"]))
+    sidecar = json.loads(out.with_suffix(".json").read_text())
+    assert sidecar["stop_reason"] == "the device failed during pml at C=500"
+    assert [s.split(" B=")[0] for s in sidecar["not_run"]] == ["floor-3gemm", "torch-textbook", "pml"]
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cce_is_skipped_past_its_32_bit_classifier_offsets():
+    from marginkit.bench.config import BenchConfig
+
+    def cfg(C):
+        return BenchConfig(device="cuda", B=1024, D=512, C=C, dtype=torch.bfloat16, margin="arcface", scale=64.0)
+
+    assert PROVIDERS["cce"].too_large(cfg(4_000_000)) is None  # 2.05e9 < 2^31: ran on the H200
+    assert "2^31" in PROVIDERS["cce"].too_large(cfg(10_000_000))
+    assert PROVIDERS["marginkit"].too_large(cfg(10_000_000)) is None

@@ -577,3 +577,12 @@ def test_partial_fc_sample_accepts_any_python_int_seed():
         a = mc.partial_fc_sample(labels, 0, 100, 10, big)
         b = mc.partial_fc_sample(labels, 0, 100, 10, small)
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_sparse_sgd_schema_has_no_defaults():
+    """The dispatcher drops trailing arguments equal to their schema defaults; torch 2.11's
+    version bump for mutated inputs then indexed `initialized` (argument 9) past the end and
+    raised IndexError on CUDA (seen on an H200). Without defaults nothing is dropped."""
+    schema = torch.ops.marginkit.sparse_sgd_step_.default._schema
+    assert [a.name for a in schema.arguments][-1] == "initialized"
+    assert not any(a.has_default_value() for a in schema.arguments)

@@ -616,6 +616,8 @@ def _meta_sgd(weight, grad, momentum_buffer, rows, lr, momentum, weight_decay, d
         _check_contiguous("initialized", initialized)
 
 
+# No defaults in the schema: the dispatcher drops trailing arguments equal to their defaults, and
+# torch <= 2.11's version bump then indexes the mutated `initialized` (position 9) past the end.
 @torch.library.custom_op("marginkit::sparse_sgd_step_", mutates_args=("weight", "momentum_buffer", "initialized"))
 def _sparse_sgd_op(
     weight: Tensor,
@@ -623,11 +625,11 @@ def _sparse_sgd_op(
     momentum_buffer: Tensor,
     rows: Tensor,
     lr: float,
-    momentum: float = 0.0,
-    weight_decay: float = 0.0,
-    dampening: float = 0.0,
-    nesterov: bool = False,
-    initialized: Optional[Tensor] = None,
+    momentum: float,
+    weight_decay: float,
+    dampening: float,
+    nesterov: bool,
+    initialized: Optional[Tensor],
 ) -> None:
     _meta_sgd(weight, grad, momentum_buffer, rows, lr, momentum, weight_decay, dampening, nesterov, initialized)
     C, D = weight.shape
@@ -649,8 +651,7 @@ def _sparse_sgd_op(
 
 
 @_sparse_sgd_op.register_fake
-def _(weight, grad, momentum_buffer, rows, lr, momentum=0.0, weight_decay=0.0, dampening=0.0, nesterov=False,
-      initialized=None):
+def _(weight, grad, momentum_buffer, rows, lr, momentum, weight_decay, dampening, nesterov, initialized):
     _meta_sgd(weight, grad, momentum_buffer, rows, lr, momentum, weight_decay, dampening, nesterov, initialized)
     return None
 

@@ -95,6 +95,10 @@ class Provider:
             return f"{self.name} has no {margin} loss with marginkit's meaning"
         return None
 
+    def too_large(self, cfg: BenchConfig) -> Optional[str]:
+        """Why this shape is past a known limit of the provider (a crash, not an OOM), or None."""
+        return None
+
     def row_margin(self, margin: str) -> str:
         return self.fixed_margin or margin
 
@@ -261,6 +265,14 @@ class CCE(Provider):
 
     def unavailable(self):
         return _import_error("cut_cross_entropy", "cut-cross-entropy")
+
+    def too_large(self, cfg):
+        # Seen on an H200 (cut-cross-entropy 25.1.1, 2026-11-27): C = 4M, D = 512 ran, C = 10M
+        # raised an illegal memory access that breaks the CUDA context: 32-bit offsets into W.
+        if cfg.C * cfg.D >= 2**31:
+            return (f"C·D = {cfg.C * cfg.D:.3g} ≥ 2^31: cut-cross-entropy's kernels index the classifier with "
+                    "32-bit offsets (an illegal memory access at C = 10M, D = 512 on an H200)")
+        return None
 
     def build(self, inputs, spec):
         from cut_cross_entropy import linear_cross_entropy

@@ -116,7 +116,8 @@ class Row:
 class BenchResult:
     rows: list = field(default_factory=list)
     skipped: dict = field(default_factory=dict)  # provider -> reason
-    not_run: list = field(default_factory=list)  # runs not started because --time-limit-s was reached
+    not_run: list = field(default_factory=list)  # runs not started: --time-limit-s reached or the device failed
+    stop_reason: Optional[str] = None
     csv_path: Optional[Path] = None
     json_path: Optional[Path] = None
     plot_path: Optional[Path] = None
@@ -145,6 +146,10 @@ def is_oom(exc: BaseException) -> bool:
             return True
         exc = exc.__cause__ or exc.__context__
     return False
+
+
+class DeviceLost(RuntimeError):
+    """The CUDA context is broken (e.g. a peer's illegal memory access): no later run can work."""
 
 
 def _cleanup(device: str) -> None:
@@ -193,6 +198,7 @@ def _write_json(result: BenchResult, path: Path, header: dict) -> Path:
     payload = dict(header)
     payload["skipped"] = result.skipped
     payload["not_run"] = result.not_run
+    payload["stop_reason"] = result.stop_reason
     payload["rows"] = [
         {**{k: clean(v) for k, v in asdict(r).items()}, "tflops": clean(r.tflops), "floor_frac": clean(r.floor_frac)}
         for r in result.rows
@@ -351,6 +357,7 @@ def run_sweep(
     configs = list(_sweep_configs(device, Bs, Ds, Cs, dtypes, margins, scale))
     done = set()  # (method, B, D, C, dtype, row margin): no-margin peers run once per shape
     floor_cache = {}
+    device_lost = False  # after a fatal CUDA error the loop only lists what it did not run
     told = set()
     t_start = time.perf_counter()
     bar = tqdm(total=len(configs) * len(runnable), desc=f"bench {label}", unit="run",
@@ -373,7 +380,8 @@ def run_sweep(
             inputs: Optional[Inputs] = None
             input_fail = None
             try:
-                inputs = make_inputs(cfg, seed)
+                if not device_lost:
+                    inputs = make_inputs(cfg, seed)
             except Exception as exc:  # inputs alone may not fit
                 input_fail = ("oom" if is_oom(exc) else "error", f"inputs: {type(exc).__name__}: {str(exc)[:200]}")
             if input_fail:
@@ -389,13 +397,21 @@ def run_sweep(
                     note(f"skip {n} ({cfg.margin}, {device}): {reason}")
                     bar.update(1)
                     continue
+                reason = prov.too_large(cfg)
+                if reason:
+                    note(f"skip {n} at B={cfg.B} D={cfg.D} C={cfg.C}: {reason}")
+                    result.skipped[f"{n} B={cfg.B} D={cfg.D} C={cfg.C}"] = reason
+                    bar.update(1)
+                    continue
                 key = (n, cfg.B, cfg.D, cfg.C, cfg.dtype, rmargin)
                 if key in done and n != FLOOR:
                     bar.update(1)
                     continue
-                if time_limit_s is not None and time.perf_counter() - t_start > time_limit_s:
-                    note(f"time limit of {time_limit_s:g} s reached: runs from here on are not started "
-                         "(listed under not_run in the JSON)")
+                if result.stop_reason is None and time_limit_s is not None and \
+                        time.perf_counter() - t_start > time_limit_s:
+                    result.stop_reason = f"time limit of {time_limit_s:g} s reached"
+                if result.stop_reason is not None:
+                    note(f"{result.stop_reason}: runs from here on are not started (listed under not_run in the JSON)")
                     result.not_run.append(f"{n} B={cfg.B} D={cfg.D} C={cfg.C} {dtype_name(cfg.dtype)} {rmargin}")
                     bar.update(1)
                     continue
@@ -406,8 +422,12 @@ def run_sweep(
                 elif n == FLOOR and floor_key in floor_cache:
                     row = _copy_floor(floor_cache[floor_key], row)
                 else:
-                    _measure_into(row, prov, inputs, rmargin, device, reps=reps, warmup=warmup,
-                                  budget_s=budget_s, rep_ms=rep_ms)
+                    try:
+                        _measure_into(row, prov, inputs, rmargin, device, reps=reps, warmup=warmup,
+                                      budget_s=budget_s, rep_ms=rep_ms)
+                    except DeviceLost:
+                        device_lost = True
+                        result.stop_reason = f"the device failed during {n} at C={cfg.C}"
                     if n == FLOOR:
                         floor_cache[floor_key] = row
                 if row.status == "error":
@@ -419,7 +439,8 @@ def run_sweep(
                 emit(row)
                 bar.update(1)
             del inputs
-            _cleanup(device)
+            if not device_lost:
+                _cleanup(device)
     finally:
         bar.close()
 
@@ -444,10 +465,15 @@ def run_sweep(
             echo(f"torch-compile first call (compile + one step) at B={r.B} D={r.D} C={r.C}: {r.first_call_s:.1f} s")
     echo(f"wrote {out}" + (f", {result.plot_path}" if result.plot_path else "") + f", {result.json_path}")
     if result.not_run:
-        echo(f"time limit reached: {len(result.not_run)} run(s) not started: " + "; ".join(result.not_run))
+        echo(f"{result.stop_reason}: {len(result.not_run)} run(s) not started: " + "; ".join(result.not_run))
     if result.errors:
         echo(f"{result.errors} measurement(s) raised errors (rows marked 'error'); see above")
     return result
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else ""
 
 
 def _copy_floor(src: Row, row: Row) -> Row:
@@ -467,16 +493,21 @@ def _measure_into(row: Row, prov, inputs: Inputs, rmargin: str, device: str, **t
         row.peak_extra_mib, row.first_call_s, row.reps, row.timer = m.peak_extra_mib, m.first_call_s, m.reps, m.timer
         row.note = case.note
     except Exception as exc:
-        failure = ("oom" if is_oom(exc) else "error", f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}")
+        failure = ("oom" if is_oom(exc) else "error", f"{type(exc).__name__}: {_first_line(exc)}")
     finally:
         if case is not None:
             for p in case.params:
                 p.grad = None
         case = None
+    try:
+        _cleanup(device)
+    except Exception as exc:  # the synchronize after the run fails: the context is gone
+        failure = ("error", f"device failed, sweep stopped ({type(exc).__name__}: {_first_line(exc)})")
     if failure:
         row.status, row.note = failure
         row.ms_median = row.ms_p20 = row.ms_p80 = row.peak_extra_mib = math.nan
-    _cleanup(device)
+        if failure[1].startswith("device failed"):
+            raise DeviceLost(failure[1])
 
 
 # --------------------------------------------------------------------------------------
