@@ -15,6 +15,7 @@ there (the message is in the terminal and the sidecar) and the exit status is 3.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import csv
 import datetime as _dt
 import gc
@@ -174,12 +175,18 @@ def write_csv(rows, path) -> Path:
 
 def _versions(device: str) -> dict:
     v = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform()}
-    for mod in ("triton", "pytorch_metric_learning", "cut_cross_entropy", "liger_kernel"):
+    dists = {"triton": "triton", "pytorch_metric_learning": "pytorch-metric-learning",
+             "cut_cross_entropy": "cut-cross-entropy", "liger_kernel": "liger-kernel"}
+    for mod, dist in dists.items():
         try:
             m = __import__(mod)
-            v[mod] = getattr(m, "__version__", "?")
         except Exception:
             v[mod] = None
+            continue
+        try:  # the installed distribution's version: liger_kernel has no __version__
+            v[mod] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            v[mod] = getattr(m, "__version__", "?")
     if str(device).startswith("cuda"):
         v["cuda"] = torch.version.cuda
         props = torch.cuda.get_device_properties(torch.device(device))
