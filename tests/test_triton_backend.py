@@ -531,3 +531,36 @@ def test_curricular_hook_matches_the_torch_backend(t):
 
     for name, a, b in zip(("loss", "dX", "dW"), run("triton"), run("torch")):
         assert rel(a, b) < 1e-5, name
+
+
+# ------------------------------------------------------------------------------------------
+# Launch configs (the autotuner's candidate lists; pure Python, no kernel runs)
+# ------------------------------------------------------------------------------------------
+def _fwd_args(dtype, B=1024, D=512):
+    x = torch.empty(B, D, dtype=dtype)
+    return dict(zip(tb.lse_partials_kernel.arg_names, [x])) | {"B": B, "D": D}
+
+
+def _tiles(configs):
+    return [(c.num_warps, c.num_stages, c.kwargs["BLOCK_B"], c.kwargs["BLOCK_C"], c.kwargs["BLOCK_K"]) for c in configs]
+
+
+def test_configs_whose_pipeline_exceeds_shared_memory_are_pruned(monkeypatch):
+    """fp32 tiles take twice bf16's shared memory: on a 227 KiB device (H100/H200) four of the six
+    forward configs cannot launch (Triton reports 263168 B and more for them when compiled for
+    sm_90), so the autotuner must not spend a compile on each."""
+    monkeypatch.setattr(tb, "_shared_memory_limit", lambda t: 232448)
+    kept_fp32 = _tiles(tb._FWD.prune(tb.FWD_CONFIGS, _fwd_args(torch.float32)))
+    assert kept_fp32 == [(8, 3, 128, 128, 64), (4, 4, 64, 128, 64)]  # 3·256·64·4 and 4·192·64·4 = 196608 B
+    assert len(tb._FWD.prune(tb.FWD_CONFIGS, _fwd_args(torch.bfloat16))) == len(tb.FWD_CONFIGS)
+    monkeypatch.setattr(tb, "_shared_memory_limit", lambda t: None)  # off CUDA: shape limits only
+    assert len(tb._FWD.prune(tb.FWD_CONFIGS, _fwd_args(torch.float32))) == len(tb.FWD_CONFIGS)
+
+
+def test_fp32_without_tf32_uses_the_fma_tile_set():
+    x32, x16 = torch.empty(4, 4), torch.empty(4, 4, dtype=torch.bfloat16)
+    assert tb._Launcher.uses_fma((x32,), dict(DOT_PRECISION="ieee"))
+    assert not tb._Launcher.uses_fma((x32,), dict(DOT_PRECISION="tf32"))
+    assert not tb._Launcher.uses_fma((x16,), dict(DOT_PRECISION="ieee"))
+    for launcher in (tb._FWD, tb._SCORES, tb._DX, tb._DW):
+        assert max(c.kwargs["BLOCK_K"] for c in launcher.configs[True]) == 32  # small K: FMA dot, fast ptxas

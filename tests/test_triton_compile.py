@@ -79,6 +79,27 @@ SCRIPT = textwrap.dedent(
             out[dt]["lse_merge"] = compile_kernel(
                 K.lse_merge_kernel, dict(part_max_ptr=F, part_sum_ptr=F, max_out_ptr=F, sum_out_ptr=F),
                 dict(BLOCK=128), 4, 1)
+    # fp32 without TF32: the FMA tile set (first config of each), as the launcher picks it
+    from marginkit.backends import triton as tb
+    P, F, ieee = "*fp32", "*fp32", dict(DOT_PRECISION="ieee", UPCAST=False)
+    fwd, sc, gm = tb.FMA_FWD_CONFIGS[0], tb.FMA_SCORES_CONFIGS[0], tb.FMA_GEMM_CONFIGS[0]
+    fwd_types = dict(x_ptr=P, w_ptr=P, x_inv_ptr=F, w_inv_ptr=F, labels_ptr="*i64", part_max_ptr=F,
+                     part_sum_ptr=F, thr_ptr=F, scale="fp32", curriculum_t="fp32")
+    scores_types = dict(x_ptr=P, w_ptr=P, x_inv_ptr=F, w_inv_ptr=F, labels_ptr="*i64", lse_ptr=F,
+                        grad_scaled_ptr=F, kappa_ptr=F, ws_ptr=P, q_ptr=F, thr_ptr=F, scale="fp32",
+                        curriculum_t="fp32")
+    out["fp32_fma"] = {
+        "lse_partials": compile_kernel(K.lse_partials_kernel, fwd_types, dict(HOOK=False, **fwd.kwargs, **ieee),
+                                       fwd.num_warps, fwd.num_stages),
+        "scores": compile_kernel(K.scores_kernel, scores_types,
+                                 dict(HOOK=False, NORMALIZE=True, BLOCK_B=128, **sc.kwargs, **ieee),
+                                 sc.num_warps, sc.num_stages),
+        "dx_gemm_atomic": compile_kernel(K.dx_gemm_kernel, dict(ws_ptr=P, w_ptr=P, out_ptr=F),
+                                         dict(USE_ATOMICS=True, **gm.kwargs, **ieee), gm.num_warps, gm.num_stages),
+        "dw_gemm": compile_kernel(K.dw_gemm_kernel,
+                                  dict(ws_ptr=P, x_ptr=P, w_ptr=P, w_inv_ptr=F, q_ptr=F, kappa_ptr=F, dw_ptr=P),
+                                  dict(NORMALIZE=True, **gm.kwargs, **ieee), gm.num_warps, gm.num_stages),
+    }
     print("RESULT" + json.dumps(out))
     """
 )
@@ -99,7 +120,7 @@ def _compile_all():
 
 def test_kernels_compile_for_hopper_as_pipelined_wgmma():
     results = _compile_all()
-    for dtype, kernels in results.items():
+    for dtype, kernels in ((d, results[d]) for d in ("bf16", "fp32")):
         for name in ("lse_partials", "scores", "lse_partials_hook", "scores_hook", "dx_gemm_atomic",
                      "dx_gemm_owned", "dw_gemm"):
             info = kernels[name]
@@ -107,3 +128,5 @@ def test_kernels_compile_for_hopper_as_pipelined_wgmma():
             assert info["smem"] >= 2 * 128 * 64 * 2, f"{dtype} {name}: fewer than 2 pipeline stages ({info})"
             assert info["wgmma"], f"{dtype} {name}: not lowered to wgmma ({info})"  # fp32: tf32 wgmma
     assert "row_inv_norm" in results["bf16"] and "lse_merge" in results["bf16"]
+    for name, info in results["fp32_fma"].items():  # IEEE fp32: FMAs, and well inside 227 KiB
+        assert not info["wgmma"] and info["smem"] <= 232448, f"fp32 FMA {name}: {info}"

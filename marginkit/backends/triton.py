@@ -199,6 +199,24 @@ GEMM_CONFIGS = [
     _cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64),  # small B or D
 ]
 
+# fp32 with torch's default (no TF32): tl.dot runs as FMAs, where big tiles buy nothing and
+# take ptxas 5-17 s each to compile (vs 1-3 s for these; measured for sm_90 on the CPU).
+FMA_FWD_CONFIGS = [
+    _cfg(4, 3, BLOCK_B=64, BLOCK_C=64, BLOCK_K=32),
+    _cfg(8, 3, BLOCK_B=128, BLOCK_C=64, BLOCK_K=32),
+    _cfg(8, 3, BLOCK_B=64, BLOCK_C=128, BLOCK_K=32),
+]
+FMA_SCORES_CONFIGS = [
+    _cfg(4, 3, BLOCK_C=64, BLOCK_K=32),
+    _cfg(8, 3, BLOCK_C=64, BLOCK_K=32),
+    _cfg(8, 3, BLOCK_C=128, BLOCK_K=32),
+]
+FMA_GEMM_CONFIGS = [
+    _cfg(4, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32),
+    _cfg(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32),
+    _cfg(8, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32),
+]
+
 # One small fixed config per kernel under the interpreter.
 _INTERP_META = {
     "fwd": dict(BLOCK_B=16, BLOCK_C=32, BLOCK_K=32),
@@ -212,20 +230,43 @@ def _pow2_at_least(n: int, low: int = 16) -> int:
     return max(low, triton.next_power_of_2(max(int(n), 1)))
 
 
-def _pruner(limits):
-    """early_config_prune dropping configs whose tiles exceed the problem (keeps ≥ 1).
+def _shared_memory_limit(t: torch.Tensor) -> Optional[int]:
+    """Shared memory one block may use on ``t``'s device (None off CUDA)."""
+    return _cuda_shared_memory(t.device.index if t.device.index is not None else 0) if t.is_cuda else None
 
-    Bounds are rounded up to a power of two ≥ 64 (the smallest wgmma tile side).
+
+@functools.lru_cache(maxsize=None)
+def _cuda_shared_memory(index: int) -> int:
+    props = torch.cuda.get_device_properties(index)
+    return int(getattr(props, "shared_memory_per_block_optin", 232448))  # 227 KiB on H100/H200
+
+
+def _pipeline_bytes(config, args, tiles, element_size) -> int:
+    """Shared memory of the pipelined operand tiles: stages · (M + N) · K · element size."""
+    m, n, k = (config.kwargs.get(name, args.get(name, 0)) for name in tiles)
+    return config.num_stages * (m + n) * k * element_size
+
+
+def _pruner(limits, tiles):
+    """early_config_prune dropping configs whose tiles exceed the problem or whose pipeline
+    buffers exceed the device's shared memory (each would cost a compile, then fail); keeps ≥ 1.
+
+    Bounds are rounded up to a power of two ≥ 64 (the smallest wgmma tile side). ``tiles``
+    names the (M, N, K) tile sizes of the kernel's main tl.dot.
     """
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
+        operand = next(iter(named_args.values()))  # every kernel's first argument is a GEMM operand
+        smem = _shared_memory_limit(operand)
         keep = []
         for config in configs:
             ok = True
             for meta_name, bound in limits.items():
                 if meta_name in config.kwargs and config.kwargs[meta_name] > _pow2_at_least(bound(args), 64):
                     ok = False
+            if smem is not None and _pipeline_bytes(config, args, tiles, operand.element_size()) > smem:
+                ok = False
             if ok:
                 keep.append(config)
         if not keep:
@@ -243,28 +284,32 @@ class _Launcher:
     results identical across processes, not only within one.
     """
 
-    def __init__(self, fn, configs, key, interp_meta, limits=None, restore_value=()):
+    def __init__(self, fn, configs, fma_configs, key, interp_meta, tiles, limits=None, restore_value=()):
         self.fn = fn
         self.interp_meta = interp_meta
-        self.configs = configs
-        self.prune = _pruner(limits or {})
+        self.configs = {False: configs, True: fma_configs}  # keyed by "fp32 without TF32"
+        self.prune = _pruner(limits or {}, tiles)
         self.tuned = None
         if not INTERPRETED:
-            kwargs = dict(configs=configs, key=key, restore_value=list(restore_value))
-            if limits:
-                kwargs["prune_configs_by"] = {"early_config_prune": self.prune}
+            kwargs = dict(key=key, restore_value=list(restore_value), prune_configs_by={"early_config_prune": self.prune})
             if "cache_results" in inspect.signature(triton.autotune).parameters:
                 kwargs["cache_results"] = True
-            self.tuned = triton.autotune(**kwargs)(fn)
+            self.tuned = {fma: triton.autotune(configs=c, **kwargs)(fn) for fma, c in self.configs.items()}
+
+    @staticmethod
+    def uses_fma(args, kwargs) -> bool:
+        """fp32 operands with an IEEE dot: no tensor cores, so the FMA tile set."""
+        return kwargs.get("DOT_PRECISION") == "ieee" and args[0].dtype == torch.float32
 
     def __call__(self, grid, *args, pinned=False, **kwargs):
+        fma = self.uses_fma(args, kwargs)
         if self.tuned is None:
             meta = {**self.interp_meta, **kwargs}
             self.fn[grid(meta) if callable(grid) else grid](*args, **meta)
         elif not pinned:
-            self.tuned[grid](*args, **kwargs)
+            self.tuned[fma][grid](*args, **kwargs)
         else:
-            config = self.prune(self.configs, dict(zip(self.fn.arg_names, args)), **kwargs)[0]
+            config = self.prune(self.configs[fma], dict(zip(self.fn.arg_names, args)), **kwargs)[0]
             meta = {**kwargs, **config.kwargs}
             self.fn[grid(meta) if callable(grid) else grid](
                 *args, **meta, num_warps=config.num_warps, num_stages=config.num_stages
@@ -274,30 +319,38 @@ class _Launcher:
 _FWD = _Launcher(
     lse_partials_kernel,
     FWD_CONFIGS,
+    FMA_FWD_CONFIGS,
     key=["D", "B_BUCKET", "HOOK"],
     interp_meta=_INTERP_META["fwd"],
+    tiles=("BLOCK_B", "BLOCK_C", "BLOCK_K"),
     limits={"BLOCK_B": lambda a: a["B"], "BLOCK_K": lambda a: a["D"]},
 )
 _SCORES = _Launcher(
     scores_kernel,
     SCORES_CONFIGS,
+    FMA_SCORES_CONFIGS,
     key=["D", "B_BUCKET", "HOOK", "NORMALIZE"],
     interp_meta=_INTERP_META["scores"],
+    tiles=("BLOCK_B", "BLOCK_C", "BLOCK_K"),
     limits={"BLOCK_K": lambda a: a["D"]},
 )
 _DX = _Launcher(
     dx_gemm_kernel,
     GEMM_CONFIGS,
+    FMA_GEMM_CONFIGS,
     key=["D", "B_BUCKET", "USE_ATOMICS"],
     interp_meta=_INTERP_META["dx"],
+    tiles=("BLOCK_M", "BLOCK_N", "BLOCK_K"),
     limits={"BLOCK_M": lambda a: a["B"], "BLOCK_N": lambda a: a["D"]},
     restore_value=["out_ptr"],  # accumulates across chunks: tuning runs must not add
 )
 _DW = _Launcher(
     dw_gemm_kernel,
     GEMM_CONFIGS,
+    FMA_GEMM_CONFIGS,
     key=["D", "B_BUCKET", "NORMALIZE"],
     interp_meta=_INTERP_META["dw"],
+    tiles=("BLOCK_M", "BLOCK_N", "BLOCK_K"),
     limits={"BLOCK_K": lambda a: a["B"], "BLOCK_N": lambda a: a["D"]},
 )
 
