@@ -8,13 +8,14 @@
 #   <gpu-slug>-<date>.csv   rows in API.md's schema (written row by row: a cut-short sweep keeps its rows)
 #   <gpu-slug>-<date>.png   time and peak extra memory against C (redrawn from the CSV if the sweep was cut)
 #   <gpu-slug>-<date>.json  versions, timer, first-call/compile times, notes, OOM/error details
-#   setup.log bench.log gpu-tests.log gpu-tests.xml
+#   setup.log bench.log profile.txt gpu-tests.log gpu-tests.xml
 # Every phase is time-boxed: wheels ~10 s, build <= 150 s, sweep <= MK_BENCH_LIMIT_S (no new run
-# starts after it; hard stop 60 s later), tests <= MK_TESTS_S.
+# starts after it; hard stop 60 s later), profile <= 90 s per C, tests <= MK_TESTS_S.
 # Peers that are not in the image travel as wheels in .whl/ (benchmarks/fetch_wheels.sh makes them).
 # Knobs: MK_SKIP_BUILD=1 (use the tree as it is), MK_BENCH_ARGS (default "--device cuda"; C runs in the
 # order given, e.g. "--device cuda --C 1M,100K,10M,4M" puts the headline size first), MK_BENCH_LIMIT_S
-# (default 270), MK_TESTS_S (default 300; 0 skips the tests), MARGINKIT_CUDA_ARCHS (e.g. "90a-real"
+# (default 270), MK_PROFILE_C (C values for benchmarks/profile_step.py, default 1M; empty skips),
+# MK_TESTS_S (default 300; 0 skips the tests), MARGINKIT_CUDA_ARCHS (e.g. "90a-real"
 # builds for Hopper only, in half the time), PYTHON.
 set -uo pipefail
 
@@ -78,7 +79,14 @@ if [ -n "$CSV" ] && [ ! -f "${CSV%.csv}.png" ]; then
 fi
 rm -f "$OUTDIR"/*.tmp
 
-# 4. GPU correctness: every test marked `gpu` (Triton on CUDA vs float64 and the textbook, C = 4M;
+# 4. where marginkit's step spends its time (kernels vs host), per C in MK_PROFILE_C
+for C in $(echo "${MK_PROFILE_C-1M}" | tr ',' ' '); do
+  phase "profile: marginkit at C=$C"
+  timeout 90 $PY benchmarks/profile_step.py --C "$C" >> "$OUTDIR/profile.txt" 2>&1
+  grep "ms/step" "$OUTDIR/profile.txt" | tail -n 1
+done
+
+# 5. GPU correctness: every test marked `gpu` (Triton on CUDA vs float64 and the textbook, C = 4M;
 # csrc CUDA ops vs their CPU twins; NCCL world size 1 vs one GPU)
 TESTS=skipped
 if [ "$TESTS_S" -gt 0 ]; then
