@@ -269,3 +269,18 @@ def test_cce_is_skipped_past_its_32_bit_classifier_offsets():
     assert PROVIDERS["cce"].too_large(cfg(4_000_000)) is None  # 2.05e9 < 2^31: ran on the H200
     assert "2^31" in PROVIDERS["cce"].too_large(cfg(10_000_000))
     assert PROVIDERS["marginkit"].too_large(cfg(10_000_000)) is None
+
+
+def test_tune_sweep_times_every_variant():
+    """benchmarks/tune_sweep.py (the GPU A/B of the Triton launch choices) runs its plumbing on CPU."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "tune_sweep.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--device", "cpu", "--C", "600", "--B", "8", "--D", "16", "--dtype", "fp32",
+         "--chunk-classes", "0,256", "--dx-splits", "0,2", "--reps", "2"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.strip().splitlines()[2:]
+    assert [line[:40].strip() for line in lines] == [
+        "launcher's choice", "dx_splits=2", "chunk_classes=256", "chunk_classes=256, dx_splits=2"]
+    assert all(math.isfinite(float(line[40:].split()[0])) for line in lines)

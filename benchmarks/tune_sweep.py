@@ -1,0 +1,60 @@
+"""A/B the Triton backend's launch choices on one shape: time and peak memory per variant.
+
+    python benchmarks/tune_sweep.py --C 1M --chunk-classes 0,32768,65536 --dx-splits 0,1,4
+
+Each variant is a ``marginkit.backends.triton.tuning(...)`` override (0 = the launcher's
+own choice) timed with the bench's ``measure`` on the bench's inputs, so its numbers
+line up with ``marginkit bench``. The backward's workspace is B · chunk_classes
+elements: bigger chunks mean fewer launches and more memory.
+"""
+
+import argparse
+import itertools
+
+from marginkit.backends import triton as tb
+from marginkit.bench.config import BenchConfig, make_spec, parse_dtype, parse_size, resolve_device
+from marginkit.bench.providers import get_provider, make_inputs
+from marginkit.bench.timing import measure
+
+
+def choices(text: str) -> list[int]:
+    """'0,32K,65536' -> [0, 32000, 65536]; 0 leaves the choice to the launcher."""
+    return [0 if v.strip() == "0" else parse_size(v) for v in text.split(",") if v.strip()]
+
+
+def variants(chunk_classes, dx_splits):
+    """Every combination; 0 leaves a choice to the launcher."""
+    for chunk, splits in itertools.product(chunk_classes, dx_splits):
+        yield {k: v for k, v in (("chunk_classes", chunk), ("dx_splits", splits)) if v}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--C", default="1M")
+    p.add_argument("--B", default="1024")
+    p.add_argument("--D", default="512")
+    p.add_argument("--dtype", default="bf16")
+    p.add_argument("--margin", default="arcface")
+    p.add_argument("--chunk-classes", default="0", help="comma list; 0 = the launcher's choice")
+    p.add_argument("--dx-splits", default="0", help="comma list; 0 = the launcher's choice")
+    p.add_argument("--reps", type=int, default=None, help="fixed timed steps (default: do_bench on CUDA)")
+    args = p.parse_args(argv)
+
+    device = resolve_device(args.device)
+    cfg = BenchConfig(device=device, B=parse_size(args.B), D=parse_size(args.D), C=parse_size(args.C),
+                      dtype=parse_dtype(args.dtype), margin=args.margin, scale=64.0)
+    provider = get_provider("marginkit")  # backend="auto": Triton on CUDA (on the CPU the overrides do nothing)
+    inputs = make_inputs(cfg)
+    print(f"marginkit B={cfg.B} D={cfg.D} C={cfg.C} {cfg.dtype} {cfg.margin} on {device}")
+    print(f"{'variant':<40} {'ms median':>10} {'p20-p80':>17} {'peak extra MiB':>15}")
+    for override in variants(choices(args.chunk_classes), choices(args.dx_splits)):
+        with tb.tuning(**override):
+            case = provider.build(inputs, make_spec(provider.row_margin(cfg.margin)))
+            m = measure(case, device, reps=args.reps)
+        name = ", ".join(f"{k}={v}" for k, v in override.items()) or "launcher's choice"
+        print(f"{name:<40} {m.ms_median:>10.3f} {m.ms_p20:>8.3f}-{m.ms_p80:<8.3f} {m.peak_extra_mib:>15.1f}")
+
+
+if __name__ == "__main__":
+    main()
