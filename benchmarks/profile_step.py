@@ -35,6 +35,7 @@ def main() -> None:
                       dtype=parse_dtype(args.dtype), margin=args.margin, scale=64.0)
     provider = get_provider(args.provider)
     case = provider.build(make_inputs(cfg), make_spec(provider.row_margin(cfg.margin)))
+
     def step():
         for param in case.params:  # as the bench does: no step accumulates into the last one's gradients
             param.grad = None

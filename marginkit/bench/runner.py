@@ -15,10 +15,10 @@ there (the message is in the terminal and the sidecar) and the exit status is 3.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import csv
 import datetime as _dt
 import gc
+import importlib.metadata
 import itertools
 import json
 import math
@@ -116,7 +116,7 @@ class Row:
 @dataclass
 class BenchResult:
     rows: list = field(default_factory=list)
-    skipped: dict = field(default_factory=dict)  # provider -> reason
+    skipped: dict = field(default_factory=dict)  # provider (or provider and shape) -> reason
     not_run: list = field(default_factory=list)  # runs not started: --time-limit-s reached or the device failed
     stop_reason: Optional[str] = None
     csv_path: Optional[Path] = None
