@@ -13,26 +13,21 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from marginkit.bench.config import BenchConfig, make_spec, parse_dtype, parse_size
+from marginkit.bench.config import add_shape_arguments, config_from_args, make_spec
 from marginkit.bench.providers import get_provider, make_inputs
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--provider", default="marginkit")
-    p.add_argument("--C", default="1M")
-    p.add_argument("--B", default="1024")
-    p.add_argument("--D", default="512")
-    p.add_argument("--dtype", default="bf16")
-    p.add_argument("--margin", default="arcface")
+    add_shape_arguments(p)
     p.add_argument("--steps", type=int, default=3, help="profiled steps (after 2 warm-up steps)")
     p.add_argument("--rows", type=int, default=25, help="kernel table rows")
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("profile_step.py needs a CUDA device")
 
-    cfg = BenchConfig(device="cuda", B=parse_size(args.B), D=parse_size(args.D), C=parse_size(args.C),
-                      dtype=parse_dtype(args.dtype), margin=args.margin, scale=64.0)
+    cfg = config_from_args(args, "cuda")
     provider = get_provider(args.provider)
     case = provider.build(make_inputs(cfg), make_spec(provider.row_margin(cfg.margin)))
 

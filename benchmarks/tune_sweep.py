@@ -12,7 +12,7 @@ import argparse
 import itertools
 
 from marginkit.backends import triton as tb
-from marginkit.bench.config import BenchConfig, make_spec, parse_dtype, parse_size, resolve_device
+from marginkit.bench.config import add_shape_arguments, config_from_args, make_spec, parse_size, resolve_device
 from marginkit.bench.providers import get_provider, make_inputs
 from marginkit.bench.timing import measure
 
@@ -31,19 +31,14 @@ def variants(chunk_classes, dx_splits):
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="auto")
-    p.add_argument("--C", default="1M")
-    p.add_argument("--B", default="1024")
-    p.add_argument("--D", default="512")
-    p.add_argument("--dtype", default="bf16")
-    p.add_argument("--margin", default="arcface")
+    add_shape_arguments(p)
     p.add_argument("--chunk-classes", default="0", help="comma list; 0 = the launcher's choice")
     p.add_argument("--dx-splits", default="0", help="comma list; 0 = the launcher's choice")
     p.add_argument("--reps", type=int, default=None, help="fixed timed steps (default: do_bench on CUDA)")
     args = p.parse_args(argv)
 
     device = resolve_device(args.device)
-    cfg = BenchConfig(device=device, B=parse_size(args.B), D=parse_size(args.D), C=parse_size(args.C),
-                      dtype=parse_dtype(args.dtype), margin=args.margin, scale=64.0)
+    cfg = config_from_args(args, device)
     provider = get_provider("marginkit")  # backend="auto": Triton on CUDA (on the CPU the overrides do nothing)
     inputs = make_inputs(cfg)
     print(f"marginkit B={cfg.B} D={cfg.D} C={cfg.C} {cfg.dtype} {cfg.margin} on {device}")

@@ -20,6 +20,8 @@ __all__ = [
     "dtype_name",
     "make_spec",
     "resolve_device",
+    "add_shape_arguments",
+    "config_from_args",
     "device_label",
     "device_slug",
 ]
@@ -176,3 +178,17 @@ def device_label(device: str) -> str:
 def device_slug(device: str) -> str:
     """'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3' (for file names)."""
     return re.sub(r"[^a-z0-9]+", "-", device_label(device).lower()).strip("-") or "device"
+
+
+def add_shape_arguments(parser) -> None:
+    """One shape's flags for the single-shape GPU tools (profile_step.py, tune_sweep.py)."""
+    parser.add_argument("--C", default="1M", help="classes (default 1M)")
+    parser.add_argument("--B", default="1024", help="batch rows (default 1024)")
+    parser.add_argument("--D", default="512", help="embedding dim (default 512)")
+    parser.add_argument("--dtype", default="bf16", help="bf16, fp16 or fp32 (default bf16)")
+    parser.add_argument("--margin", default="arcface", help=f"one of {', '.join(MARGINS)} (default arcface)")
+
+
+def config_from_args(args, device: str) -> BenchConfig:
+    return BenchConfig(device=device, B=parse_size(args.B), D=parse_size(args.D), C=parse_size(args.C),
+                       dtype=parse_dtype(args.dtype), margin=args.margin, scale=64.0)
