@@ -185,6 +185,33 @@ def _check_ddp(world, rank):
     return out
 
 
+def _paper_heads(ir_seed=11, fair_seed=12):
+    torch.manual_seed(ir_seed)
+    ir = mk.IRSoftmax(C, D, momentum=0.5)
+    torch.manual_seed(fair_seed)
+    fair = mk.FairLoss(C, D, update_every=2, min_replay=1, replay_batch=4, train_steps=1, epsilon_start=0.5)
+    return ir, fair
+
+
+PAPER_STEPS = (41, 42, 43, 44)  # global batches: two Fair Loss moves
+
+
+def paper_state(ir, fair):
+    names = ("class_margins", "margin_level", "seen_counts", "window_counts", "window_cos_sum", "pending_state",
+             "pending_score")
+    return dict(centers=ir.centers.clone(), **{n: getattr(fair, n).clone() for n in names})
+
+
+def _check_paper_heads(world, rank):
+    """IR-Softmax centers and Fair Loss statistics/margins from local batches, synchronised."""
+    ir, fair = _paper_heads(ir_seed=11 + rank, fair_seed=12)  # centers differ at init: the first step shares them
+    for seed in PAPER_STEPS:
+        x, labels = global_batch(seed)
+        ir(local_rows(x, world, rank), local_rows(labels, world, rank))
+        fair(local_rows(x, world, rank), local_rows(labels, world, rank))
+    return paper_state(ir, fair)
+
+
 def _bad_rank(world):
     return 1 if SIZES[world][1] else 2
 
@@ -269,6 +296,7 @@ def _worker(rank, world, port, outdir):
         if world > 1:
             results["partial_fc"] = _check_partial_fc(world, rank)
             results["ddp"] = _check_ddp(world, rank)
+            results["papers"] = _check_paper_heads(world, rank)
             results["bad"] = _check_bad_inputs(world, rank)
         torch.save(results, os.path.join(outdir, f"result_w{world}_r{rank}.pt"))
         dist.barrier()
@@ -671,6 +699,23 @@ def test_ddp_backbone_gradient_scale(runs, world):
             assert rel_err(res["ddp"]["global"][name], expected / world) < TOL
             # ... and exactly that gradient with grad_scale="ddp" (insightface's convention).
             assert rel_err(res["ddp"]["ddp"][name], expected) < TOL
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_paper_heads_update_from_the_global_batch_on_every_rank(runs, world):
+    """IR-Softmax's centers and Fair Loss's statistics, agent moves and margins, trained on
+    uneven local batches (one empty at W = 3), equal one process's on the global batches,
+    bit for bit, on every rank."""
+    ir, fair = _paper_heads()  # rank 0's seeds: its centers are the ones shared
+    for seed in PAPER_STEPS:
+        x, labels = global_batch(seed)
+        ir(x, labels)
+        fair(x, labels)
+    want = paper_state(ir, fair)
+    assert int(fair.agent_moves) == 2 and bool((want["pending_state"] >= 0).any())
+    for res in runs[world]:
+        for name, value in want.items():
+            assert torch.equal(res["papers"][name], value), name
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])

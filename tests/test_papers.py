@@ -390,3 +390,15 @@ def test_modules_keep_state_dtypes_under_bfloat16():
     assert fl.window_sq_sum.dtype == torch.float64
     assert torch.isfinite(fl(x, y))
     assert int(fl.agent_moves) == 1
+
+
+@pytest.mark.parametrize("head", [mk.IRSoftmax, mk.FairLoss])
+def test_sync_arguments_are_checked(head):
+    with pytest.raises(TypeError, match="sync_statistics"):
+        head(10, 4, sync_statistics=1)
+    with pytest.raises(TypeError, match="process_group"):
+        head(10, 4, process_group="world")
+    # Without torch.distributed a training forward gathers nothing and needs no group.
+    m = head(10, 4)
+    loss = m(torch.randn(6, 4), torch.randint(0, 10, (6,)))
+    assert torch.isfinite(loss)

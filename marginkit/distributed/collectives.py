@@ -22,6 +22,7 @@ __all__ = [
     "sum_rows_to_owner",
     "all_reduce_",
     "all_gather_small",
+    "all_gather_batch",
     "broadcast_rows",
     "to_byte_rows",
     "from_byte_rows",
@@ -164,3 +165,27 @@ def broadcast_rows(
         buf = torch.empty((rows, to_byte_rows(local[:0]).shape[1]), dtype=torch.uint8, device=local.device)
     dist.broadcast(buf, src=dist.get_global_rank(group, src), group=group)
     return from_byte_rows(buf, local.dtype, row_shape)
+
+
+def all_gather_batch(
+    embeddings: torch.Tensor, labels: torch.Tensor, group: Optional[dist.ProcessGroup]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's (rows, D) embeddings and (rows,) labels, concatenated in rank order.
+
+    Local batches may differ in size (padded for one all-gather, as raw bytes so any
+    dtype travels over gloo too). A rank whose D differs from the others' gets the same
+    ValueError on every rank instead of a hang.
+    """
+    if group is None:
+        return embeddings, labels
+    world = dist.get_world_size(group)
+    shapes = all_gather_small(torch.tensor(embeddings.shape[:2], device=embeddings.device), world, group).tolist()
+    dims = {d for _, d in shapes}
+    if len(dims) != 1:
+        raise ValueError(f"embeddings must have the same D on every rank of the group, got {[d for _, d in shapes]}")
+    sizes = [n for n, _ in shapes]
+    row_bytes = to_byte_rows(embeddings[:0]).shape[1]
+    payload = torch.cat([to_byte_rows(embeddings), to_byte_rows(labels.to(torch.int64))], dim=1)
+    rows = all_gather_rows(payload, sizes, group)
+    return (from_byte_rows(rows[:, :row_bytes], embeddings.dtype, embeddings.shape[1:]),
+            from_byte_rows(rows[:, row_bytes:], torch.int64, ()))

@@ -21,6 +21,7 @@ from marginkit.errors import check_positive_ints, check_real
 from marginkit.functional import margin_cross_entropy
 from marginkit.backends.torch_chunked import CHUNK_ELEMENTS
 from marginkit.nn._chunked import KeepBufferDtypes
+from marginkit.nn._sync import broadcast_from_first_, check_sync_args, global_batch, sync_group
 from marginkit.specs import CosFace
 
 __all__ = ["FairLoss", "QNetwork"]
@@ -148,6 +149,15 @@ class FairLoss(KeepBufferDtypes):
     agent runs on the CPU (its inputs are per-class bins); randomness (network init,
     ε-greedy, replay sampling) comes from its own generator seeded with ``seed``.
 
+    **Distributed training.** With ``sync_statistics`` (default) under an initialised
+    torch.distributed, each training forward gathers every rank's embeddings and labels
+    over ``process_group`` (default: the world; one all-gather of B·D values) and updates
+    the window statistics and counts from the global batch, so every rank's agent sees
+    the same statistics as one process would; after each move the first rank's margins
+    and pending transitions are broadcast, so all ranks train with the same margins.
+    Every rank of the group must call a training forward together. ``.weight`` is a
+    parameter like any other: keep it in step with DDP.
+
     **Checkpointing.** Counters, margins, window statistics and pending transitions are
     buffers; the networks, the Adam state, the replay buffer, ε and the generator state
     travel in ``get_extra_state``: a module loaded from another's ``state_dict`` acts
@@ -185,6 +195,8 @@ class FairLoss(KeepBufferDtypes):
         hidden: int = 32,
         seed: int = 0,
         chunk_elements: Optional[int] = None,
+        sync_statistics: bool = True,
+        process_group=None,
         dtype: Optional[torch.dtype] = None,
         device=None,
         **loss_kwargs,
@@ -213,6 +225,7 @@ class FairLoss(KeepBufferDtypes):
         check_real("lr", lr, low=0.0, low_inclusive=False)
         if not isinstance(min_replay, int) or min_replay < 1:
             raise ValueError(f"min_replay must be a positive int, got {min_replay!r}")
+        check_sync_args(sync_statistics, process_group)
 
         self.num_classes, self.embedding_dim = num_classes, embedding_dim
         self.scale, self.update_every = float(scale), update_every
@@ -224,6 +237,7 @@ class FairLoss(KeepBufferDtypes):
         self.replay_capacity, self.replay_batch, self.min_replay = replay_capacity, replay_batch, min_replay
         self.train_steps, self.target_sync, self.hidden, self.seed = train_steps, target_sync, hidden, int(seed)
         self.chunk_elements = chunk_elements
+        self.sync_statistics, self.process_group = sync_statistics, process_group
         self.loss_kwargs = loss_kwargs
         self.ignore_index = int(loss_kwargs.get("ignore_index", -100))
 
@@ -412,16 +426,21 @@ class FairLoss(KeepBufferDtypes):
             embeddings, self.weight, labels, CosFace(0.0), self.scale, class_margins=self.class_margins, **self.loss_kwargs
         )
         if self.training:
+            group = sync_group(self.sync_statistics, self.process_group)
             with torch.no_grad():
+                x, y = global_batch(embeddings, labels, group)
                 class_statistics_update_(
-                    self.window_counts, self.window_cos_sum, self.window_sq_sum, embeddings.detach(),
-                    self.weight.detach(), labels, self.ignore_index,
+                    self.window_counts, self.window_cos_sum, self.window_sq_sum, x, self.weight.detach(), y,
+                    self.ignore_index,
                 )
-                kept = labels != self.ignore_index
-                self.seen_counts.index_add_(0, torch.where(kept, labels, torch.zeros_like(labels)), kept.to(torch.int64))
+                kept = y != self.ignore_index
+                self.seen_counts.index_add_(0, torch.where(kept, y, torch.zeros_like(y)), kept.to(torch.int64))
                 self.forward_calls += 1
                 if int(self.forward_calls) % self.update_every == 0:
                     self.agent_step()
+                    if group is not None:  # one agent decides: margins equal on every rank
+                        broadcast_from_first_([self.margin_level, self.class_margins, self.pending_state,
+                                               self.pending_action, self.pending_score], group)
         return loss
 
     def extra_repr(self) -> str:

@@ -16,6 +16,7 @@ from marginkit.backends.cuda import class_center_update_
 from marginkit.errors import check_positive_ints, check_real
 from marginkit.functional import margin_cross_entropy
 from marginkit.nn._chunked import KeepBufferDtypes
+from marginkit.nn._sync import broadcast_from_first_, check_sync_args, global_batch, sync_group
 from marginkit.specs import CosFace, MarginSpec
 
 __all__ = ["IRSoftmax"]
@@ -31,6 +32,10 @@ class IRSoftmax(KeepBufferDtypes):
             ``SphereFace(m)`` (IR-A-Softmax).
         scale: the logit scale s.
         momentum: weight of the old center in the update, in [0, 1].
+        sync_statistics: under an initialised torch.distributed, update the centers from the
+            global batch (every rank's rows, gathered over ``process_group``) so that they
+            stay identical on every rank (default True; no effect in a single process).
+        process_group: the ranks that share the centers (default: the world).
         **loss_kwargs: passed to ``margin_cross_entropy`` (``reduction``, ``ignore_index``,
             ``backend``...; ``class_margins``/``sample_margins`` with a single-m spec).
 
@@ -47,6 +52,14 @@ class IRSoftmax(KeepBufferDtypes):
     with, a training forward hands the loss a copy (O(C·D), freed after backward).
     The centers stay float32 whatever the embeddings' dtype (they are cast for the loss),
     also under ``.half()`` / ``.to(dtype)``.
+
+    **Distributed training** (DDP or any torch.distributed job): with ``sync_statistics``
+    each training forward gathers the (rows, D) embeddings and labels of every rank (one
+    all-gather of B·D values) and applies the update above to the global batch, so the
+    centers equal a single process's on the global batch; the first synchronised training
+    forward also copies the first rank's centers to all ranks (as DDP does for
+    parameters). Every rank of the group must then call a training forward together.
+    The loss each rank returns is still its local batch's.
     """
 
     _keep_dtype_buffers = ("centers",)
@@ -59,11 +72,14 @@ class IRSoftmax(KeepBufferDtypes):
         scale: float = 64.0,
         momentum: float = 0.9,
         *,
+        sync_statistics: bool = True,
+        process_group=None,
         device=None,
         **loss_kwargs,
     ) -> None:
         super().__init__()
         check_positive_ints(num_classes=num_classes, embedding_dim=embedding_dim)
+        check_sync_args(sync_statistics, process_group)
         if not isinstance(margin, MarginSpec):
             raise TypeError(f"margin must be a marginkit margin spec (mk.CosFace(), ...), got {margin!r}")
         check_real("scale", scale, low=0.0, low_inclusive=False)
@@ -71,6 +87,8 @@ class IRSoftmax(KeepBufferDtypes):
         self.num_classes, self.embedding_dim = num_classes, embedding_dim
         self.margin, self.scale, self.momentum = margin, float(scale), float(momentum)
         self.loss_kwargs = loss_kwargs
+        self.sync_statistics, self.process_group = sync_statistics, process_group
+        self._centers_shared = False  # the first synchronised training forward broadcasts them
         self.ignore_index = int(loss_kwargs.get("ignore_index", -100))
         self.register_buffer("centers", torch.empty(num_classes, embedding_dim, dtype=torch.float32, device=device))
         self.reset_parameters()
@@ -80,13 +98,18 @@ class IRSoftmax(KeepBufferDtypes):
         self.centers.copy_(torch.nn.functional.normalize(torch.randn_like(self.centers), dim=1))
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        group = sync_group(self.sync_statistics, self.process_group) if self.training else None
+        if group is not None and not self._centers_shared:
+            broadcast_from_first_([self.centers], group)
+            self._centers_shared = True
         centers = self.centers.detach()
         if self.training or centers.dtype != embeddings.dtype:
             # A snapshot: the in-place update below must not change what backward sees.
             centers = centers.to(dtype=embeddings.dtype, copy=True)
         loss = margin_cross_entropy(embeddings, centers, labels, self.margin, self.scale, **self.loss_kwargs)
         if self.training:
-            class_center_update_(self.centers, embeddings.detach(), labels, self.momentum, self.ignore_index)
+            x, y = global_batch(embeddings, labels, group)
+            class_center_update_(self.centers, x, y, self.momentum, self.ignore_index)
         return loss
 
     def extra_repr(self) -> str:
