@@ -564,3 +564,11 @@ def test_fp32_without_tf32_uses_the_fma_tile_set():
     assert not tb._Launcher.uses_fma((x16,), dict(DOT_PRECISION="ieee"))
     for launcher in (tb._FWD, tb._SCORES, tb._DX, tb._DW):
         assert max(c.kwargs["BLOCK_K"] for c in launcher.configs[True]) == 32  # small K: FMA dot, fast ptxas
+
+
+def test_pow2_at_least_matches_tritons_next_power_of_2():
+    import triton
+
+    for n in [*range(0, 300), 1023, 1024, 1025, 2**20 - 1, 2**20, 2**20 + 1]:
+        assert tb._pow2_at_least(n) == max(16, triton.next_power_of_2(max(n, 1)))
+        assert tb._pow2_at_least(n, 64) == max(64, triton.next_power_of_2(max(n, 1)))

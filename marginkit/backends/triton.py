@@ -227,7 +227,9 @@ _INTERP_META = {
 
 
 def _pow2_at_least(n: int, low: int = 16) -> int:
-    return max(low, triton.next_power_of_2(max(int(n), 1)))
+    # Plain int arithmetic: triton.next_power_of_2 is a constexpr function, ~10 µs a call
+    # from Python, and this runs several times per launch.
+    return max(low, 1 << (max(int(n), 1) - 1).bit_length())
 
 
 def _shared_memory_limit(t: torch.Tensor) -> Optional[int]:
