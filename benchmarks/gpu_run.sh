@@ -9,13 +9,14 @@
 #   <gpu-slug>-<date>.png   time and peak extra memory against C (redrawn from the CSV if the sweep was cut)
 #   <gpu-slug>-<date>.json  versions, timer, first-call/compile times, notes, OOM/error details
 #   setup.log bench.log profile.txt gpu-tests.log gpu-tests.xml
-# Every phase is time-boxed: wheels ~10 s, build <= 150 s, sweep <= MK_BENCH_LIMIT_S (no new run
+# The defaults end in about 8 minutes on an H200 (10 at worst): run it with the device tool's
+# timeout_s=600. Every phase is time-boxed: wheels ~10 s, build <= 150 s, sweep <= MK_BENCH_LIMIT_S (no new run
 # starts after it; hard stop 60 s later), profile <= 90 s per C, tests <= MK_TESTS_S.
 # Peers that are not in the image travel as wheels in .whl/ (benchmarks/fetch_wheels.sh makes them).
 # Knobs: MK_SKIP_BUILD=1 (use the tree as it is), MK_BENCH_ARGS (default "--device cuda"; C runs in the
 # order given, e.g. "--device cuda --C 1M,100K,10M,4M" puts the headline size first), MK_BENCH_LIMIT_S
-# (default 270), MK_PROFILE_C (C values for benchmarks/profile_step.py, default 1M; empty skips),
-# MK_TESTS_S (default 300; 0 skips the tests), MARGINKIT_CUDA_ARCHS (e.g. "90a-real"
+# (default 200), MK_PROFILE_C (C values for benchmarks/profile_step.py, default 1M; empty skips),
+# MK_TESTS_S (default 180; 0 skips the tests), MARGINKIT_CUDA_ARCHS (e.g. "90a-real"
 # builds for Hopper only, in half the time), PYTHON.
 set -uo pipefail
 
@@ -25,8 +26,8 @@ OUTDIR=$(cd "$OUTDIR" && pwd)
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
-LIMIT=${MK_BENCH_LIMIT_S:-270}
-TESTS_S=${MK_TESTS_S:-300}
+LIMIT=${MK_BENCH_LIMIT_S:-200}
+TESTS_S=${MK_TESTS_S:-180}
 LOG="$OUTDIR/setup.log"
 T0=$(date +%s)
 phase() { echo "== [$(( $(date +%s) - T0 )) s] $*"; }
