@@ -1,24 +1,76 @@
 """backends/common.py: the per-row pieces every backend shares."""
 
+import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
-from marginkit.backends.common import add_rows_
-
-
-def test_add_rows_sums_duplicates_in_float64_then_rounds_once():
-    g = torch.Generator().manual_seed(0)
-    base = torch.randn(7, 5, generator=g).to(torch.bfloat16)
-    classes = torch.tensor([3, 0, 3, 6, 3, 0])
-    rows = torch.randn(6, 5, generator=g, dtype=torch.float64) * 1e-3
-    expected = base.clone().to(torch.float64)
-    for c, r in zip(classes.tolist(), rows):
-        expected[c] += r
-    out = add_rows_(base.clone(), classes, rows)
-    assert torch.equal(out, expected.to(torch.bfloat16))
-    untouched = [1, 2, 4, 5]
-    assert torch.equal(out[untouched], base[untouched])
+from marginkit.backends.common import apply_target_gradients, target_backward
 
 
-def test_add_rows_with_no_rows_is_a_no_op():
+def _inputs(B=13, C=7, D=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, D, generator=g)
+    w = torch.randn(C, D, generator=g)
+    labels = torch.randint(0, C, (B,), generator=g)
+    labels[[2, 9]] = -1  # rows whose target is not in this weight
+    target_grad = torch.randn(B, generator=g, dtype=torch.float64)
+    grad_x = torch.randn(B, D, generator=g)
+    return x, w, labels, target_grad, grad_x
+
+
+@pytest.mark.parametrize("rows_per_chunk", [None, 1, 4])
+def test_target_share_summed_in_float64_then_rounded_once(rows_per_chunk):
+    """Duplicate classes (several rows of one class, possibly in different chunks) are summed
+    in float64 and rounded once into the bf16 weight gradient; dX is rounded once too."""
+    x, w, labels, target_grad, grad_x = _inputs()
+    grad_w = (torch.randn(w.shape, generator=torch.Generator().manual_seed(1)) * 1e-3).to(torch.bfloat16)
+    tdx, classes, tdw = target_backward(x, w, labels, target_grad, True)  # the whole batch at once
+    want_w = grad_w.to(torch.float64)
+    for i, c in enumerate(classes.tolist()):
+        want_w[c] += tdw[i]
+    want_x = (grad_x.to(torch.float64) + tdx).to(torch.bfloat16)
+
+    out_w = grad_w.clone()
+    out_x = apply_target_gradients(grad_x, out_w, x, w, labels, target_grad, True, torch.bfloat16, rows_per_chunk)
+    assert torch.equal(out_x, want_x)
+    assert torch.equal(out_w, want_w.to(torch.bfloat16))
+    absent = sorted(set(range(w.shape[0])) - set(labels[labels >= 0].tolist()) - {0})
+    assert torch.equal(out_w[absent], grad_w[absent])  # classes without rows are not touched
+
+
+def test_without_a_weight_gradient_and_with_no_rows():
+    x, w, labels, target_grad, grad_x = _inputs()
+    tdx, _, _ = target_backward(x, w, labels, target_grad, False)
+    out = apply_target_gradients(grad_x, None, x, w, labels, target_grad, False, torch.float32)
+    assert torch.equal(out, (grad_x.double() + tdx).float())
     base = torch.randn(4, 3)
-    assert torch.equal(add_rows_(base.clone(), torch.empty(0, dtype=torch.long), torch.empty(0, 3, dtype=torch.float64)), base)
+    empty = apply_target_gradients(torch.empty(0, 3), base, torch.empty(0, 3), base, torch.empty(0, dtype=torch.long),
+                                   torch.empty(0, dtype=torch.float64), True, torch.float32)
+    assert empty.shape == (0, 3)
+
+
+class Float64Buffers(TorchDispatchMode):
+    """The distinct float64 tensors of at least ``threshold`` elements any aten op returns."""
+
+    def __init__(self, threshold):
+        super().__init__()
+        self.threshold, self.storages = threshold, set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.dtype == torch.float64 and t.numel() >= self.threshold:
+                self.storages.add(t.untyped_storage().data_ptr())
+        return out
+
+
+def test_float64_work_holds_one_batch_sized_buffer():
+    """Chunked: the only (B, D) float64 tensor is the per-class sums; every other float64
+    temporary is chunk-sized (the unchunked version made about six (B, D) ones)."""
+    B, D, rows = 512, 16, 64
+    x, w, labels, target_grad, grad_x = _inputs(B=B, C=50, D=D, seed=3)
+    grad_w = torch.zeros(w.shape)
+    with Float64Buffers(threshold=rows * D + 1) as mode:
+        apply_target_gradients(grad_x, grad_w, x, w, labels, target_grad, True, torch.float32, rows)
+    assert len(mode.storages) == 1

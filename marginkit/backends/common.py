@@ -6,6 +6,8 @@ in the backends.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 # Rows with a smaller norm are treated as having this norm (as F.normalize's eps).
@@ -95,7 +97,7 @@ def target_backward(
 
     target_grad (B,) is d/d cos θ_y per row. Returns (grad_embeddings (B, D), classes (B,),
     grad_weight_rows (B, D)): row i's contribution to the weight gradient of class
-    ``classes[i]`` (zero where the row's target is not in this weight), for ``add_rows_``;
+    ``classes[i]`` (zero where the row's target is not in this weight);
     nothing of size C × D is allocated. Done apart from the (B, C) tiles because
     dψ/dcos reaches ~1e3 near cos = ±1 (ArcFace, SphereFace), where the tangent direction
     ŵ − x̂·cos is a small difference of near-equal vectors: float64 keeps it exact.
@@ -116,16 +118,62 @@ def target_backward(
     return grad_embeddings, classes, grad_weight_rows
 
 
-def add_rows_(grad_weight: torch.Tensor, classes: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """grad_weight[classes[i]] += rows[i] for every i, duplicates summed in float64 first,
-    then one rounding to grad_weight's dtype.
+#: Float64 elements per temporary of the target path (8 MiB): rows go in chunks of this / D.
+TARGET_CHUNK_ELEMENTS = 1 << 20
 
-    No host sync (no torch.unique): rows are grouped by class with a sort, summed per group
-    into a (B, D) buffer, and every row of a group writes the same final value, so the
-    duplicate writes of index_put_ agree whatever their order.
+
+@torch.no_grad()
+def apply_target_gradients(
+    grad_embeddings: torch.Tensor,
+    grad_weight: Optional[torch.Tensor],
+    embeddings: torch.Tensor,
+    weight: torch.Tensor,
+    labels_local: torch.Tensor,
+    target_grad: torch.Tensor,
+    normalize: bool,
+    out_dtype: torch.dtype,
+    rows_per_chunk: Optional[int] = None,
+) -> torch.Tensor:
+    """Add the target column's share (``target_backward``) to both gradients.
+
+    Returns grad_embeddings + its target share (B, D), summed in float64 and rounded once
+    to ``out_dtype``. Into ``grad_weight`` (C, D), in place, goes the target share of each
+    class, its rows summed in float64 first and rounded once (no sum of roundings when a
+    class has several rows); None skips it.
+
+    Rows go in chunks (``TARGET_CHUNK_ELEMENTS`` / D rows), so the float64 work holds one
+    (B, D) float64 buffer (the per-class sums) and chunk-sized temporaries, not a handful
+    of (B, D) ones. No host sync: rows are grouped by class with a sort, and every row of a
+    group writes the same final value, so duplicate writes agree whatever their order.
     """
-    if classes.numel() == 0:
-        return grad_weight
+    num_rows, dim = embeddings.shape
+    step = rows_per_chunk or max(1, TARGET_CHUNK_ELEMENTS // max(dim, 1))
+    out = torch.empty((num_rows, dim), dtype=out_dtype, device=embeddings.device)
+    if grad_weight is not None and num_rows:
+        owned = (labels_local >= 0) & (labels_local < weight.shape[0])
+        classes = torch.where(owned, labels_local, torch.zeros_like(labels_local))
+        order = torch.argsort(classes, stable=True)
+        sorted_classes = classes[order]
+        starts = torch.ones_like(sorted_classes, dtype=torch.bool)
+        starts[1:] = sorted_classes[1:] != sorted_classes[:-1]
+        group = torch.cumsum(starts, dim=0) - 1  # group of each row, in sorted order
+        group_of_row = torch.empty_like(group).index_copy_(0, order, group)
+        group_sums = torch.zeros((num_rows, dim), dtype=torch.float64, device=embeddings.device)
+    for r0 in range(0, num_rows, step):
+        r1 = min(r0 + step, num_rows)
+        target_dx, _, target_dw = target_backward(
+            embeddings[r0:r1], weight, labels_local[r0:r1], target_grad[r0:r1], normalize
+        )
+        out[r0:r1] = (grad_embeddings[r0:r1].to(torch.float64) + target_dx).to(out_dtype)
+        if grad_weight is not None:
+            group_sums.index_add_(0, group_of_row[r0:r1], target_dw)
+    if grad_weight is not None and num_rows:
+        current = grad_weight.index_select(0, sorted_classes)  # every read before any write
+        for s0 in range(0, num_rows, step):
+            s1 = min(s0 + step, num_rows)
+            updated = current[s0:s1].to(torch.float64) + group_sums[group[s0:s1]]
+            grad_weight.index_put_((sorted_classes[s0:s1],), updated.to(grad_weight.dtype))
+    return out
     order = torch.argsort(classes, stable=True)
     sorted_classes = classes[order]
     starts = torch.ones_like(sorted_classes, dtype=torch.bool)

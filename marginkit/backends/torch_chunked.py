@@ -17,13 +17,12 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from marginkit.backends.common import (
-    add_rows_,
+    apply_target_gradients,
     combine_partials,
     compute_dtype,
     inverse_norms,
     normalization_backward,
     owned_labels,
-    target_backward,
     target_gradient,
 )
 
@@ -176,10 +175,10 @@ class _ChunkedMarginCE(torch.autograd.Function):
             need_weight_grad=ctx.needs_input_grad[1], negative_hook=ctx.negative_hook,
         )
         target_grad = target_gradient(losses, dtarget, grad_rows, ctx.scale)
-        target_dx, classes, target_dw = target_backward(embeddings, weight, labels_local, target_grad, ctx.normalize)
-        grad_embeddings = (grad_embeddings + target_dx).to(embeddings.dtype)
-        if grad_weight is not None:
-            add_rows_(grad_weight, classes, target_dw)
+        grad_embeddings = apply_target_gradients(
+            grad_embeddings, grad_weight, embeddings, weight, labels_local, target_grad, ctx.normalize,
+            embeddings.dtype,
+        )
         return grad_embeddings, grad_weight, None, None, None, None, None, None, None
 
 

@@ -109,11 +109,10 @@ import triton
 
 from marginkit.backends.common import (
     NORM_EPS,
-    add_rows_,
+    apply_target_gradients,
     combine_partials,
     compute_dtype,
     owned_labels,
-    target_backward,
     target_gradient,
 )
 from marginkit.errors import MarginKitTypeError
@@ -780,9 +779,10 @@ def _margin_ce_rows_backward(
     grad_w = grad_w.to(weight.dtype)
     with _torch_deterministic(deterministic):
         target_grad = target_gradient(losses, dtarget, grad_rows, scale)
-        target_dx, classes, target_dw = target_backward(embeddings, weight, labels_local, target_grad, normalize)
-        add_rows_(grad_w, classes, target_dw)
-    return (grad_x.to(torch.float64) + target_dx).to(embeddings.dtype), grad_w
+        grad_x = apply_target_gradients(
+            grad_x, grad_w, embeddings, weight, labels_local, target_grad, normalize, embeddings.dtype
+        )
+    return grad_x, grad_w
 
 
 @_margin_ce_rows_backward.register_fake

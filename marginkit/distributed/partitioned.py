@@ -39,10 +39,9 @@ import torch.distributed as dist
 from torch import nn
 
 from marginkit.backends.common import (
-    add_rows_,
+    apply_target_gradients,
     combine_partials,
     compute_dtype,
-    target_backward,
     target_cosine,
     target_gradient,
 )
@@ -281,9 +280,7 @@ class _PartitionedMarginCE(torch.autograd.Function):
             grad_x, grad_w = torch.zeros(x.shape, dtype=compute_dtype(x), device=x.device), torch.zeros_like(w)
         if w.shape[0]:
             tgrad = target_gradient(losses, dpsi, grad_rows, head.scale)
-            target_dx, classes, target_dw = target_backward(x, w, labels_local, tgrad, head.normalize)
-            grad_x = (grad_x.to(torch.float64) + target_dx).to(compute_dtype(x))
-            add_rows_(grad_w, classes, target_dw)
+            grad_x = apply_target_gradients(grad_x, grad_w, x, w, labels_local, tgrad, head.normalize, compute_dtype(x))
         # 7. the embedding gradient summed over shards; this rank keeps its rows.
         grad_local = coll.sum_rows_to_owner(grad_x, cfg.sizes, head.rank, head._group)
         factor = head._grad_factor()

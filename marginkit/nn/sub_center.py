@@ -31,13 +31,12 @@ from torch import nn
 
 from marginkit.backends.common import (
     NORM_EPS,
-    add_rows_,
+    apply_target_gradients,
     combine_partials,
     compute_dtype,
     inverse_norms,
     normalization_backward,
     owned_labels,
-    target_backward,
     target_gradient,
 )
 from marginkit.errors import MarginKitTypeError, check_positive_ints, check_real
@@ -126,9 +125,9 @@ class _SubCenterCE(torch.autograd.Function):
             ).to(weight.dtype)
         grad_embeddings = normalization_backward(grad_x_unit, embeddings, x_inv, normalize)
         target_grad = target_gradient(losses, dpsi, grad_rows, scale)
-        target_dx, rows, target_dw = target_backward(embeddings, weight, winner, target_grad, normalize)
-        grad_embeddings = (grad_embeddings + target_dx).to(embeddings.dtype)
-        add_rows_(grad_weight, rows, target_dw)
+        grad_embeddings = apply_target_gradients(
+            grad_embeddings, grad_weight, embeddings, weight, winner, target_grad, normalize, embeddings.dtype
+        )
         return grad_embeddings, grad_weight, None, None, None, None, None, None, None, None
 
 
