@@ -225,6 +225,10 @@ _INTERP_META = {
 }
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)  # triton.cdiv is a constexpr function in Triton 3.9: ~10 µs a host call
+
+
 def _pow2_at_least(n: int, low: int = 16) -> int:
     # Plain int arithmetic: triton.next_power_of_2 is a constexpr function, ~10 µs a call
     # from Python, and this runs several times per launch.
@@ -495,7 +499,7 @@ def inverse_norms(rows: torch.Tensor, normalize: bool) -> torch.Tensor:
     block_n = 16 if INTERPRETED else 32
     block_d = min(_pow2_at_least(rows.shape[1]), 64 if INTERPRETED else 128)
     with _device_guard(rows):
-        row_inv_norm_kernel[(triton.cdiv(num, block_n),)](
+        row_inv_norm_kernel[(_cdiv(num, block_n),)](
             rows, out, num, rows.shape[1], rows.stride(0), rows.stride(1), NORM_EPS,
             BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4,
         )
@@ -529,7 +533,7 @@ def _forward(x, w, x_inv, w_inv, labels_local, scale, deterministic=False, hard_
     threshold, t, hook = _hook_args(hard_negatives, x_inv)
     with _device_guard(x):
         _FWD(
-            lambda meta: (triton.cdiv(num_rows, meta["BLOCK_B"]), n_splits),
+            lambda meta: (_cdiv(num_rows, meta["BLOCK_B"]), n_splits),
             x, w, x_inv, w_inv, labels, part_max, part_sum, threshold,
             num_rows, num_classes, dim, per_split,
             x.stride(0), x.stride(1), w.stride(0), w.stride(1),
@@ -538,7 +542,7 @@ def _forward(x, w, x_inv, w_inv, labels_local, scale, deterministic=False, hard_
             pinned=deterministic,
         )
         block = 128
-        lse_merge_kernel[(triton.cdiv(num_rows, block),)](
+        lse_merge_kernel[(_cdiv(num_rows, block),)](
             part_max, part_sum, row_max, row_sumexp, num_rows, n_splits, BLOCK=block
         )
     return row_max, row_sumexp
@@ -581,7 +585,7 @@ def _backward(x, w, x_inv, w_inv, labels_local, lse, grad_rows, scale, normalize
 
     chunk = _chunk_classes(num_rows, num_classes, x.element_size())
     block_b = _scores_block_b(num_rows)
-    n_q = triton.cdiv(num_rows, block_b)
+    n_q = _cdiv(num_rows, block_b)
     workspace = torch.empty((num_rows, chunk), dtype=x.dtype, device=device)
     colsum = torch.empty((n_q, chunk) if normalize else (1, 1), dtype=torch.float32, device=device)
 
@@ -596,9 +600,9 @@ def _backward(x, w, x_inv, w_inv, labels_local, lse, grad_rows, scale, normalize
     with _device_guard(x):
         for start in range(0, num_classes, chunk):
             n_chunk = min(chunk, num_classes - start)
-            n_splits_here = triton.cdiv(n_chunk, k_per_split)
+            n_splits_here = _cdiv(n_chunk, k_per_split)
             _SCORES(
-                lambda meta: (n_q, triton.cdiv(n_chunk, meta["BLOCK_C"])),
+                lambda meta: (n_q, _cdiv(n_chunk, meta["BLOCK_C"])),
                 x, w, x_inv, w_inv, labels, lse32, grad_scaled, kappa,
                 workspace, colsum, threshold,
                 num_rows, dim, start, n_chunk,
@@ -607,7 +611,7 @@ def _backward(x, w, x_inv, w_inv, labels_local, lse, grad_rows, scale, normalize
                 HOOK=hook, NORMALIZE=bool(normalize), BLOCK_B=block_b, **dot_meta, pinned=deterministic,
             )
             _DX(
-                lambda meta: (triton.cdiv(num_rows, meta["BLOCK_M"]), triton.cdiv(dim, meta["BLOCK_N"]), n_splits_here),
+                lambda meta: (_cdiv(num_rows, meta["BLOCK_M"]), _cdiv(dim, meta["BLOCK_N"]), n_splits_here),
                 workspace, w, dx_acc,
                 num_rows, dim, start, n_chunk, k_per_split,
                 workspace.stride(0), w.stride(0), w.stride(1),
@@ -616,7 +620,7 @@ def _backward(x, w, x_inv, w_inv, labels_local, lse, grad_rows, scale, normalize
                 USE_ATOMICS=use_atomics, **dot_meta, pinned=deterministic,
             )
             _DW(
-                lambda meta: (triton.cdiv(n_chunk, meta["BLOCK_M"]), triton.cdiv(dim, meta["BLOCK_N"])),
+                lambda meta: (_cdiv(n_chunk, meta["BLOCK_M"]), _cdiv(dim, meta["BLOCK_N"])),
                 workspace, x, w, w_inv, colsum, kappa, grad_w,
                 num_rows, dim, start, n_chunk, n_q,
                 workspace.stride(0), x.stride(0), x.stride(1), w.stride(0), w.stride(1),
