@@ -1,6 +1,6 @@
 """A/B the Triton backend's launch choices on one shape: time and peak memory per variant.
 
-    python benchmarks/tune_sweep.py --C 1M --chunk-classes 0,32768,65536 --dx-splits 0,1,4
+    python benchmarks/tune_sweep.py --C 1M --chunk-classes 0,32768,65536 --dx-splits 0,1,4 --direct-launch 1,0
 
 Each variant is a ``marginkit.backends.triton.tuning(...)`` override (0 = the launcher's
 own choice) timed with the bench's ``measure`` on the bench's inputs, so its numbers
@@ -22,10 +22,13 @@ def choices(text: str) -> list[int]:
     return [0 if v.strip() == "0" else parse_size(v) for v in text.split(",") if v.strip()]
 
 
-def variants(chunk_classes, dx_splits):
-    """Every combination; 0 leaves a choice to the launcher."""
-    for chunk, splits in itertools.product(chunk_classes, dx_splits):
-        yield {k: v for k, v in (("chunk_classes", chunk), ("dx_splits", splits)) if v}
+def variants(chunk_classes, dx_splits, direct_launch=(1,)):
+    """Every combination; 0 leaves a choice to the launcher (direct_launch 0: through the autotuner)."""
+    for chunk, splits, direct in itertools.product(chunk_classes, dx_splits, direct_launch):
+        override = {k: v for k, v in (("chunk_classes", chunk), ("dx_splits", splits)) if v}
+        if not direct:
+            override["direct_launch"] = False
+        yield override
 
 
 def main(argv=None) -> None:
@@ -34,6 +37,8 @@ def main(argv=None) -> None:
     add_shape_arguments(p)
     p.add_argument("--chunk-classes", default="0", help="comma list; 0 = the launcher's choice")
     p.add_argument("--dx-splits", default="0", help="comma list; 0 = the launcher's choice")
+    p.add_argument("--direct-launch", default="1",
+                   help="comma list of 1 (the autotuner's pick launched directly) and 0 (every launch through it)")
     p.add_argument("--reps", type=int, default=None, help="fixed timed steps (default: do_bench on CUDA)")
     args = p.parse_args(argv)
 
@@ -43,7 +48,8 @@ def main(argv=None) -> None:
     inputs = make_inputs(cfg)
     print(f"marginkit B={cfg.B} D={cfg.D} C={cfg.C} {cfg.dtype} {cfg.margin} on {device}")
     print(f"{'variant':<40} {'ms median':>10} {'p20-p80':>17} {'peak extra MiB':>15}")
-    for override in variants(choices(args.chunk_classes), choices(args.dx_splits)):
+    direct = [int(v) for v in args.direct_launch.split(",") if v.strip()]
+    for override in variants(choices(args.chunk_classes), choices(args.dx_splits), direct):
         with tb.tuning(**override):
             case = provider.build(inputs, make_spec(provider.row_margin(cfg.margin)))
             m = measure(case, device, reps=args.reps)

@@ -572,3 +572,48 @@ def test_pow2_at_least_matches_tritons_next_power_of_2():
     for n in [*range(0, 300), 1023, 1024, 1025, 2**20 - 1, 2**20, 2**20 + 1]:
         assert tb._pow2_at_least(n) == max(16, triton.next_power_of_2(max(n, 1)))
         assert tb._pow2_at_least(n, 64) == max(64, triton.next_power_of_2(max(n, 1)))
+
+
+def test_later_launches_of_a_tuning_key_skip_the_autotuner():
+    """First launch per key: Triton's autotuner; then its pick, launched directly with the
+    same arguments and the pick's meta-parameters (the GPU-only path, with fakes here)."""
+    calls = []
+    pick = tb.SCORES_CONFIGS[2]
+
+    class FakeAutotuner:
+        best_config = None
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                calls.append(("autotuner", kwargs["HOOK"]))
+                self.best_config = pick
+            return run
+
+    class FakeKernel:
+        arg_names = tb.scores_kernel.arg_names
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append(("direct", grid, kwargs))
+
+    launcher = tb._Launcher(tb.scores_kernel, tb.SCORES_CONFIGS, tb.FMA_SCORES_CONFIGS,
+                            key=["D", "B_BUCKET", "HOOK", "NORMALIZE"], interp_meta={}, tiles=("BLOCK_B", "BLOCK_C", "BLOCK_K"))
+    launcher.fn, launcher.tuned = FakeKernel(), {False: FakeAutotuner(), True: FakeAutotuner()}
+    x = torch.empty(4, 8, dtype=torch.bfloat16)
+    n_positional = tb.scores_kernel.arg_names.index("B_BUCKET") + 1
+    args = [x] + [0] * (n_positional - 1)
+    args[tb.scores_kernel.arg_names.index("D")] = 512
+
+    def launch(hook, **over):
+        with tb.tuning(**over):
+            launcher(lambda meta: (1, 1000 // meta["BLOCK_C"]), *args, HOOK=hook, NORMALIZE=True,
+                     BLOCK_B=128, DOT_PRECISION="ieee", UPCAST=False)
+
+    launch(False)
+    launch(False)
+    launch(True)  # another key: the autotuner again
+    launch(False, direct_launch=False)
+    assert [c[0] for c in calls] == ["autotuner", "direct", "autotuner", "autotuner"]
+    _, grid, meta = calls[1]
+    assert grid == (1, 1000 // pick.kwargs["BLOCK_C"])
+    assert meta["num_warps"] == pick.num_warps and meta["num_stages"] == pick.num_stages
+    assert meta["BLOCK_C"] == pick.kwargs["BLOCK_C"] and meta["HOOK"] is False
