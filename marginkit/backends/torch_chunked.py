@@ -115,7 +115,7 @@ def grads_from_lse(
     negative_hook: Optional[NegativeHook] = None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Non-target share of the gradients of Σ_i grad_rows_i · loss_i, given the global
-    log-sum-exp ``lse`` (B,). The target column is left out (``common.target_backward``).
+    log-sum-exp ``lse`` (B,). The target column is left out (``common.apply_target_gradients``).
 
     Returns (grad_embeddings (B, D) float32 (float64 for float64 inputs), grad_weight
     (C, D) in weight.dtype, or None with ``need_weight_grad=False``, which skips a third

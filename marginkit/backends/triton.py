@@ -14,7 +14,7 @@ that calls a second custom op for the backward), so ``torch.compile(fullgraph=Tr
 traces through it and ``torch.library.opcheck`` passes. The kernels never see the margin:
 the target column is skipped in both passes, and its share (s·ψ in the loss,
 g·s·(p_y − 1)·dψ/dcos in the gradients) is combined per row in float64 by
-``common.combine_partials`` / ``common.target_backward``.
+``common.combine_partials`` / ``common.apply_target_gradients``.
 
 Forward
 -------

@@ -21,7 +21,7 @@ forward
 
 backward
   6. local: ``grads_from_lse`` over r's classes + the target column's share
-     (``common.target_backward``) for the rows r owns; the weight gradient is
+     (``common.apply_target_gradients``) for the rows r owns; the weight gradient is
      complete locally (r owns those rows).
   7. one reduce-scatter of the B×D float32 embedding gradient (each rank receives
      its own rows; an all-reduce and a slice where a backend has no reduce-scatter).
