@@ -203,13 +203,26 @@ def paper_state(ir, fair):
 
 
 def _check_paper_heads(world, rank):
-    """IR-Softmax centers and Fair Loss statistics/margins from local batches, synchronised."""
+    """IR-Softmax centers and Fair Loss statistics/margins from local batches, synchronised;
+    then a bad label on one rank: every rank raises its error, and the group goes on."""
     ir, fair = _paper_heads(ir_seed=11 + rank, fair_seed=12)  # centers differ at init: the first step shares them
     for seed in PAPER_STEPS:
         x, labels = global_batch(seed)
         ir(local_rows(x, world, rank), local_rows(labels, world, rank))
         fair(local_rows(x, world, rank), local_rows(labels, world, rank))
-    return paper_state(ir, fair)
+    out = paper_state(ir, fair)
+    x, labels = global_batch(PAPER_STEPS[0])
+    xl, yl = local_rows(x, world, rank), local_rows(labels, world, rank).clone()
+    if rank == _bad_rank(world):
+        yl[-1] = C + 5
+    for name, module in (("ir", ir), ("fair", fair)):
+        try:
+            module(xl, yl)
+            out[f"{name}_error"] = None
+        except ValueError as err:
+            out[f"{name}_error"] = str(err)
+    ir(local_rows(x, world, rank), local_rows(labels, world, rank))  # still in step
+    return out
 
 
 def _bad_rank(world):
@@ -716,6 +729,8 @@ def test_paper_heads_update_from_the_global_batch_on_every_rank(runs, world):
     for res in runs[world]:
         for name, value in want.items():
             assert torch.equal(res["papers"][name], value), name
+        for name in ("ir_error", "fair_error"):  # the bad rank's error, raised on every rank
+            assert res["papers"][name].startswith(f"rank {_bad_rank(world)} of {world}: labels contains {C + 5}")
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])

@@ -174,12 +174,3 @@ def apply_target_gradients(
             updated = current[s0:s1].to(torch.float64) + group_sums[group[s0:s1]]
             grad_weight.index_put_((sorted_classes[s0:s1],), updated.to(grad_weight.dtype))
     return out
-    order = torch.argsort(classes, stable=True)
-    sorted_classes = classes[order]
-    starts = torch.ones_like(sorted_classes, dtype=torch.bool)
-    starts[1:] = sorted_classes[1:] != sorted_classes[:-1]
-    group = torch.cumsum(starts, dim=0) - 1
-    group_sums = torch.zeros_like(rows).index_add_(0, group, rows[order])
-    updated = grad_weight.index_select(0, sorted_classes).to(torch.float64) + group_sums[group]
-    grad_weight.index_put_((sorted_classes,), updated.to(grad_weight.dtype))
-    return grad_weight

@@ -16,6 +16,8 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from marginkit.errors import MarginKitTypeError
+
 __all__ = [
     "is_nccl",
     "all_gather_rows",
@@ -23,6 +25,8 @@ __all__ = [
     "all_reduce_",
     "all_gather_small",
     "all_gather_batch",
+    "error_kind",
+    "raise_first_error",
     "broadcast_rows",
     "to_byte_rows",
     "from_byte_rows",
@@ -167,23 +171,60 @@ def broadcast_rows(
     return from_byte_rows(buf, local.dtype, row_shape)
 
 
+#: Error kinds exchanged between ranks: no error, ValueError, TypeError (MarginKitTypeError).
+OK, VALUE_ERROR, TYPE_ERROR = 0, 1, 2
+
+
+def error_kind(error: Optional[BaseException]) -> int:
+    if error is None:
+        return OK
+    return TYPE_ERROR if isinstance(error, TypeError) else VALUE_ERROR
+
+
+def raise_first_error(
+    kinds: Sequence[int], message: Optional[str], group: dist.ProcessGroup, device: torch.device
+) -> None:
+    """If any rank's kind is an error, every rank raises the first such rank's error.
+
+    ``kinds`` is every rank's error kind (already gathered), ``message`` this rank's error
+    text. The first bad rank broadcasts its text (the error path only), so a rank with
+    good input gets the same typed error instead of waiting in the next collective.
+    """
+    bad = [r for r, k in enumerate(kinds) if k != OK]
+    if not bad:
+        return
+    src, rank = bad[0], dist.get_rank(group)
+    box = [message if rank == src else None]
+    dist.broadcast_object_list(box, src=dist.get_global_rank(group, src), group=group,
+                               device=device if device.type == "cuda" else None)
+    text = f"rank {src} of {len(kinds)}: {box[0]}"
+    raise (ValueError if kinds[src] == VALUE_ERROR else MarginKitTypeError)(text)
+
+
 def all_gather_batch(
-    embeddings: torch.Tensor, labels: torch.Tensor, group: Optional[dist.ProcessGroup]
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    group: Optional[dist.ProcessGroup],
+    error: Optional[BaseException] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Every rank's (rows, D) embeddings and (rows,) labels, concatenated in rank order.
 
     Local batches may differ in size (padded for one all-gather, as raw bytes so any
-    dtype travels over gloo too). A rank whose D differs from the others' gets the same
-    ValueError on every rank instead of a hang.
+    dtype travels over gloo too). ``error``: this rank's input was rejected (its local
+    checks raised it); then, or when the ranks' D differ, every rank raises the same
+    typed error instead of leaving the others waiting.
     """
     if group is None:
+        if error is not None:
+            raise error
         return embeddings, labels
     world = dist.get_world_size(group)
-    shapes = all_gather_small(torch.tensor(embeddings.shape[:2], device=embeddings.device), world, group).tolist()
-    dims = {d for _, d in shapes}
-    if len(dims) != 1:
-        raise ValueError(f"embeddings must have the same D on every rank of the group, got {[d for _, d in shapes]}")
-    sizes = [n for n, _ in shapes]
+    n, d = (0, 0) if error is not None else embeddings.shape[:2]
+    meta = all_gather_small(torch.tensor([n, d, error_kind(error)], device=embeddings.device), world, group).tolist()
+    raise_first_error([k for _, _, k in meta], None if error is None else str(error), group, embeddings.device)
+    if len({d for _, d, _ in meta}) != 1:
+        raise ValueError(f"embeddings must have the same D on every rank of the group, got {[d for _, d, _ in meta]}")
+    sizes = [n for n, _, _ in meta]
     row_bytes = to_byte_rows(embeddings[:0]).shape[1]
     payload = torch.cat([to_byte_rows(embeddings), to_byte_rows(labels.to(torch.int64))], dim=1)
     rows = all_gather_rows(payload, sizes, group)

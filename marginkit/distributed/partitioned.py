@@ -118,7 +118,7 @@ def _backend_module(backend: str, device: torch.device):
 # --------------------------------------------------------------------------------------
 # Collective input validation
 # --------------------------------------------------------------------------------------
-_OK, _VALUE_ERROR, _TYPE_ERROR = 0, 1, 2
+_OK, _VALUE_ERROR, _TYPE_ERROR = coll.OK, coll.VALUE_ERROR, coll.TYPE_ERROR
 
 
 def _local_problem(head: "PartitionedMarginSoftmax", x, labels) -> tuple[int, int, str]:
@@ -162,22 +162,14 @@ def _check_inputs_everywhere(head: "PartitionedMarginSoftmax", x, labels) -> lis
     """Every rank's local batch size; raises the same error on every rank when any rank's
     inputs are bad (one all-gather of 2 int64 per rank; a broadcast only on the error path)."""
     b, kind, msg = _local_problem(head, x, labels)
-    group, world, rank = head._group, head.world_size, head.rank
+    group, world = head._group, head.world_size
     if group is None:
         if kind != _OK:
             raise (ValueError if kind == _VALUE_ERROR else MarginKitTypeError)(msg)
         return [b]
     meta = torch.tensor([b, kind], dtype=torch.int64, device=head.weight.device)
     table = coll.all_gather_small(meta, world, group).cpu()
-    kinds = table[:, 1].tolist()
-    bad_ranks = [r for r, k in enumerate(kinds) if k != _OK]
-    if bad_ranks:
-        src = bad_ranks[0]
-        box = [msg if rank == src else None]
-        device = head.weight.device if head.weight.device.type == "cuda" else None
-        dist.broadcast_object_list(box, src=dist.get_global_rank(group, src), group=group, device=device)
-        text = f"rank {src} of {world}: {box[0]}"
-        raise (ValueError if kinds[src] == _VALUE_ERROR else MarginKitTypeError)(text)
+    coll.raise_first_error(table[:, 1].tolist(), msg, group, head.weight.device)
     return table[:, 0].tolist()
 
 

@@ -10,7 +10,7 @@ rank and equals a single process's on the global batch.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -18,7 +18,7 @@ import torch.distributed as dist
 from marginkit.distributed.collectives import all_gather_batch
 from marginkit.distributed.sharding import group_size_and_rank
 
-__all__ = ["check_sync_args", "sync_group", "global_batch", "broadcast_from_first_"]
+__all__ = ["check_sync_args", "sync_group", "local_loss", "global_batch", "broadcast_from_first_"]
 
 
 def check_sync_args(sync_statistics, process_group) -> None:
@@ -36,9 +36,23 @@ def sync_group(sync_statistics: bool, process_group) -> Optional[dist.ProcessGro
     return group if world > 1 else None
 
 
-def global_batch(embeddings: torch.Tensor, labels: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor]:
-    """(all ranks' embeddings, labels) in rank order; the local ones without a group."""
-    return all_gather_batch(embeddings.detach(), labels, group)
+def local_loss(compute: Callable[[], torch.Tensor], group) -> tuple[Optional[torch.Tensor], Optional[Exception]]:
+    """(loss, None), or with a group (None, the error) when ``compute`` rejects this rank's
+    input: ``global_batch`` then raises it on every rank, so none waits in the all-gather."""
+    if group is None:
+        return compute(), None
+    try:
+        return compute(), None
+    except (TypeError, ValueError) as err:
+        return None, err
+
+
+def global_batch(
+    embeddings: torch.Tensor, labels: torch.Tensor, group, error: Optional[Exception] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(all ranks' embeddings, labels) in rank order; the local ones without a group.
+    Raises on every rank when any rank's ``error`` is set (see ``local_loss``)."""
+    return all_gather_batch(embeddings.detach() if error is None else embeddings, labels, group, error)
 
 
 @torch.no_grad()

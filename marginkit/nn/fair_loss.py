@@ -21,7 +21,7 @@ from marginkit.errors import check_positive_ints, check_real
 from marginkit.functional import margin_cross_entropy
 from marginkit.backends.torch_chunked import CHUNK_ELEMENTS
 from marginkit.nn._chunked import KeepBufferDtypes
-from marginkit.nn._sync import broadcast_from_first_, check_sync_args, global_batch, sync_group
+from marginkit.nn._sync import broadcast_from_first_, check_sync_args, global_batch, local_loss, sync_group
 from marginkit.specs import CosFace
 
 __all__ = ["FairLoss", "QNetwork"]
@@ -422,13 +422,13 @@ class FairLoss(KeepBufferDtypes):
         self.agent_moves += 1
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        loss = margin_cross_entropy(
+        group = sync_group(self.sync_statistics, self.process_group) if self.training else None
+        loss, error = local_loss(lambda: margin_cross_entropy(
             embeddings, self.weight, labels, CosFace(0.0), self.scale, class_margins=self.class_margins, **self.loss_kwargs
-        )
+        ), group)
         if self.training:
-            group = sync_group(self.sync_statistics, self.process_group)
             with torch.no_grad():
-                x, y = global_batch(embeddings, labels, group)
+                x, y = global_batch(embeddings, labels, group, error)
                 class_statistics_update_(
                     self.window_counts, self.window_cos_sum, self.window_sq_sum, x, self.weight.detach(), y,
                     self.ignore_index,

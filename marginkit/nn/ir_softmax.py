@@ -16,7 +16,7 @@ from marginkit.backends.cuda import class_center_update_
 from marginkit.errors import check_positive_ints, check_real
 from marginkit.functional import margin_cross_entropy
 from marginkit.nn._chunked import KeepBufferDtypes
-from marginkit.nn._sync import broadcast_from_first_, check_sync_args, global_batch, sync_group
+from marginkit.nn._sync import broadcast_from_first_, check_sync_args, global_batch, local_loss, sync_group
 from marginkit.specs import CosFace, MarginSpec
 
 __all__ = ["IRSoftmax"]
@@ -106,9 +106,11 @@ class IRSoftmax(KeepBufferDtypes):
         if self.training or centers.dtype != embeddings.dtype:
             # A snapshot: the in-place update below must not change what backward sees.
             centers = centers.to(dtype=embeddings.dtype, copy=True)
-        loss = margin_cross_entropy(embeddings, centers, labels, self.margin, self.scale, **self.loss_kwargs)
+        loss, error = local_loss(
+            lambda: margin_cross_entropy(embeddings, centers, labels, self.margin, self.scale, **self.loss_kwargs), group
+        )
         if self.training:
-            x, y = global_batch(embeddings, labels, group)
+            x, y = global_batch(embeddings, labels, group, error)
             class_center_update_(self.centers, x, y, self.momentum, self.ignore_index)
         return loss
 
