@@ -74,3 +74,29 @@ def test_float64_work_holds_one_batch_sized_buffer():
     with Float64Buffers(threshold=rows * D + 1) as mode:
         apply_target_gradients(grad_x, grad_w, x, w, labels, target_grad, True, torch.float32, rows)
     assert len(mode.storages) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_inverse_norms_equal_the_widened_copy(dtype):
+    """CPU twin of test_gpu_inverse_norms_copy_nothing: same numbers as widening first."""
+    from marginkit.backends.common import compute_dtype, inverse_norms
+
+    rows = torch.randn(300, 24, generator=torch.Generator().manual_seed(4)).to(dtype)
+    rows[7] = 0  # the eps clamp
+    want = torch.linalg.vector_norm(rows.to(compute_dtype(rows)), dim=1).clamp_min(1e-12).reciprocal()
+    assert torch.equal(inverse_norms(rows, True), want)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CPU twin above)")
+def test_gpu_inverse_norms_copy_nothing():
+    """1/‖w‖ of a bf16 (1M, 512) weight without a float32 copy of it (2 GB)."""
+    from marginkit.backends.common import inverse_norms
+
+    w = torch.randn(1_000_000, 512, device="cuda", dtype=torch.bfloat16)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    inverse_norms(w, True)
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - base < 64 * 2**20

@@ -24,7 +24,9 @@ def inverse_norms(rows: torch.Tensor, normalize: bool) -> torch.Tensor:
     dtype = compute_dtype(rows)
     if not normalize:
         return torch.ones(rows.shape[0], dtype=dtype, device=rows.device)
-    return torch.linalg.vector_norm(rows.to(dtype), dim=1).clamp_min(NORM_EPS).reciprocal()
+    # dtype= instead of rows.to(dtype): on CUDA the reduction widens bf16/fp16 as it reads,
+    # where a cast would first copy all of W in float32 (2 GB at C = 1M, D = 512).
+    return torch.linalg.vector_norm(rows, dim=1, dtype=dtype).clamp_min(NORM_EPS).reciprocal()
 
 
 def owned_labels(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
