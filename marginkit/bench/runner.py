@@ -506,15 +506,17 @@ def _measure_into(row: Row, prov, inputs: Inputs, rmargin: str, device: str, **t
             for p in case.params:
                 p.grad = None
         case = None
+    lost = False
     try:
         _cleanup(device)
     except Exception as exc:  # the synchronize after the run fails: the context is gone
+        lost = True
         failure = ("error", f"device failed, sweep stopped ({type(exc).__name__}: {_first_line(exc)})")
     if failure:
         row.status, row.note = failure
         row.ms_median = row.ms_p20 = row.ms_p80 = row.peak_extra_mib = math.nan
-        if failure[1].startswith("device failed"):
-            raise DeviceLost(failure[1])
+    if lost:
+        raise DeviceLost(row.note)
 
 
 # --------------------------------------------------------------------------------------
