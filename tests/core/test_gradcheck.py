@@ -12,7 +12,7 @@ import torch
 import marginkit as mk
 from marginkit.backends import torch_chunked
 from marginkit.backends.common import target_cosine
-from cases import SPECS, make_inputs, spec_id, with_gradient
+from tests.helpers import SPECS, make_inputs, spec_id, with_gradient
 
 
 @pytest.fixture(autouse=True)

@@ -273,7 +273,7 @@ def test_cce_is_skipped_past_its_32_bit_classifier_offsets():
 
 def test_tune_sweep_times_every_variant():
     """benchmarks/tune_sweep.py (the GPU A/B of the Triton launch choices) runs its plumbing on CPU."""
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "tune_sweep.py"
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "tune_sweep.py"
     proc = subprocess.run(
         [sys.executable, str(script), "--device", "cpu", "--C", "600", "--B", "8", "--D", "16", "--dtype", "fp32",
          "--chunk-classes", "0,256", "--dx-splits", "0,2", "--reps", "2"],

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import marginkit as mk
-from cases import make_inputs, rel_err
+from tests.helpers import make_inputs, rel_err
 
 
 def test_module_equals_functional_and_trains():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import marginkit as mk
-from cases import make_inputs
+from tests.helpers import make_inputs
 
 
 def call(x=None, w=None, y=None, **kwargs):

@@ -12,7 +12,7 @@ import torch
 from marginkit import demo
 from marginkit.demo_data import DataConfig, make_dataset, zipf_counts
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _table_rows(text):

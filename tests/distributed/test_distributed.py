@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import marginkit as mk
-from cases import rel_err
+from tests.helpers import rel_err
 from marginkit.distributed import (
     PartialFCAdamW,
     PartialFCSGD,

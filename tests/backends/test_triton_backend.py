@@ -24,7 +24,7 @@ import marginkit as mk  # noqa: E402
 from marginkit.backends import torch_chunked  # noqa: E402
 from marginkit.backends import triton as tb  # noqa: E402
 from marginkit.backends.common import combine_partials, owned_labels, target_cosine  # noqa: E402
-from cases import SPECS, spec_id  # noqa: E402
+from tests.helpers import SPECS, spec_id  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

@@ -5,7 +5,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import marginkit as mk
-from cases import make_inputs
+from tests.helpers import make_inputs
 
 
 class LargestTensor(TorchDispatchMode):

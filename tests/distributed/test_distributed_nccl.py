@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import marginkit as mk
-from cases import rel_err
+from tests.helpers import rel_err
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA and NCCL")]
 

@@ -7,7 +7,7 @@ import torch
 
 import marginkit as mk
 from marginkit.backends import torch_chunked
-from cases import GRADIENT_MODES, SPECS, loss_and_grads, make_inputs, rel_err, spec_id, with_gradient
+from tests.helpers import GRADIENT_MODES, SPECS, loss_and_grads, make_inputs, rel_err, spec_id, with_gradient
 
 TOL = 1e-5
 

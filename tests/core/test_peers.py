@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import marginkit as mk
-from cases import make_inputs, rel_err
+from tests.helpers import make_inputs, rel_err
 
 pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
 
