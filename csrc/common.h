@@ -125,7 +125,8 @@ inline void dispatch_host_float(DType t, F&& f) {
     case DType::bf16: f(bf16_t{}); return;
     case DType::f64: f(double{}); return;
   }
-  fail(std::string("unsupported dtype ") + dtype_name(t));
+  fail("unsupported dtype code " + std::to_string((int)t) +
+       " (allowed: 0 float32, 1 float16, 2 bfloat16, 3 float64)");
 }
 
 // Row normalisation follows torch.nn.functional.normalize: x / max(||x||, 1e-12).

@@ -5,8 +5,9 @@
 #include <cmath>
 #include <vector>
 
+#include "checks.h"
 #include "cpu/segments.h"
-#include "ops.h"
+#include "ops/class_center_update.h"
 
 namespace mk {
 namespace cpu {
@@ -44,14 +45,24 @@ void run(float* centers, int64_t D, const T* x, int64_t B, const int64_t* sl, co
 }
 }  // namespace
 
-void class_center_update(ptr_t centers, int64_t C, int64_t D, ptr_t emb, int emb_dtype, int64_t B,
-                         ptr_t sorted_labels, ptr_t order, double momentum, int64_t ignore_index) {
+void class_center_update(MK_PARAMS(MK_CLASS_CENTER_UPDATE_ARGS)) {
+  constexpr const char* fn = "class_center_update";
+  check_size(fn, "C", C);
+  check_size(fn, "D", D);
+  check_size(fn, "B", B);
+  check_product(fn, "C * D", C, D);
+  check_product(fn, "B * D", B, D);
+  const DType dtype = check_dtype(fn, "emb_dtype", emb_dtype);
   if (B == 0 || D == 0) return;
-  dispatch_host_float((DType)emb_dtype, [&](auto tag) {
+  check_ptrs(fn, {{"centers", centers}, {"emb", emb}, {"sorted_labels", sorted_labels}, {"order", order}});
+  const int64_t* sl = reinterpret_cast<const int64_t*>(sorted_labels);
+  const int64_t* ord = reinterpret_cast<const int64_t*>(order);
+  check_labels(fn, sl, B, C, ignore_index);
+  check_indices(fn, "order", ord, B, 0, B);
+  dispatch_host_float(dtype, [&](auto tag) {
     using T = decltype(tag);
-    run<T>(reinterpret_cast<float*>(centers), D, reinterpret_cast<const T*>(emb), B,
-           reinterpret_cast<const int64_t*>(sorted_labels), reinterpret_cast<const int64_t*>(order),
-           momentum, ignore_index);
+    run<T>(reinterpret_cast<float*>(centers), D, reinterpret_cast<const T*>(emb), B, sl, ord, momentum,
+           ignore_index);
   });
 }
 

@@ -5,8 +5,9 @@
 #include <algorithm>
 #include <cmath>
 
+#include "checks.h"
 #include "cpu/segments.h"
-#include "ops.h"
+#include "ops/class_statistics_update.h"
 
 namespace mk {
 namespace cpu {
@@ -51,19 +52,36 @@ void run(int64_t* counts, double* cos_sum, double* sq_sum, const TX* x, const TW
 }
 }  // namespace
 
-void class_statistics_update(ptr_t counts, ptr_t cos_sum, ptr_t sq_sum, int64_t C, ptr_t emb,
-                             int emb_dtype, ptr_t weight, int w_dtype, int64_t B, int64_t D,
-                             ptr_t sorted_labels, ptr_t order, int64_t ignore_index) {
+void class_statistics_update(MK_PARAMS(MK_CLASS_STATISTICS_UPDATE_ARGS)) {
+  constexpr const char* fn = "class_statistics_update";
+  check_size(fn, "C", C);
+  check_size(fn, "D", D);
+  check_size(fn, "B", B);
+  check_product(fn, "C * D", C, D);
+  check_product(fn, "B * D", B, D);
+  const DType xtype = check_dtype(fn, "emb_dtype", emb_dtype);
+  const DType wtype = check_dtype(fn, "w_dtype", w_dtype);
   if (B == 0) return;
-  dispatch_host_float((DType)emb_dtype, [&](auto xtag) {
+  check_ptrs(fn, {{"counts", counts}, {"cos_sum", cos_sum}, {"sq_sum", sq_sum}, {"emb", emb},
+                         {"weight", weight}, {"sorted_labels", sorted_labels}, {"order", order}});
+  const int64_t* sl = reinterpret_cast<const int64_t*>(sorted_labels);
+  const int64_t* ord = reinterpret_cast<const int64_t*>(order);
+  int64_t* cnt = reinterpret_cast<int64_t*>(counts);
+  check_labels(fn, sl, B, C, ignore_index);
+  check_indices(fn, "order", ord, B, 0, B);
+  // Before any write: no count may overflow (a failed call leaves every buffer as it was).
+  for_each_segment(sl, B, [&](int64_t, int64_t p0, int64_t p1) {
+    const int64_t c = sl[p0];
+    if (c == ignore_index) return;
+    MK_CHECK(cnt[c] >= 0 && cnt[c] <= std::numeric_limits<int64_t>::max() - (p1 - p0),
+             std::string(fn) + ": counts[" + str(c) + "] = " + str(cnt[c]) + " is negative or would overflow int64");
+  });
+  dispatch_host_float(xtype, [&](auto xtag) {
     using TX = decltype(xtag);
-    dispatch_host_float((DType)w_dtype, [&](auto wtag) {
+    dispatch_host_float(wtype, [&](auto wtag) {
       using TW = decltype(wtag);
-      run<TX, TW>(reinterpret_cast<int64_t*>(counts), reinterpret_cast<double*>(cos_sum),
-                  reinterpret_cast<double*>(sq_sum), reinterpret_cast<const TX*>(emb),
-                  reinterpret_cast<const TW*>(weight), B, D,
-                  reinterpret_cast<const int64_t*>(sorted_labels),
-                  reinterpret_cast<const int64_t*>(order), ignore_index);
+      run<TX, TW>(cnt, reinterpret_cast<double*>(cos_sum), reinterpret_cast<double*>(sq_sum),
+                  reinterpret_cast<const TX*>(emb), reinterpret_cast<const TW*>(weight), B, D, sl, ord, ignore_index);
     });
   });
 }

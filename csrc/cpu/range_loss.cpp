@@ -1,4 +1,4 @@
-// Range loss (Zhang et al., 2017) forward and backward, CPU. See ops.h for the saved outputs.
+// Range loss (Zhang et al., 2017) forward and backward, CPU. See ops/range_loss.h for the saved outputs.
 //
 // d(a, b) = ||x_a - x_b||^2 (rows as given, float64 sums, computed as sum of squared
 // differences). Per class with n >= 2 rows: the k' = min(k, n(n-1)/2) largest pairwise
@@ -14,8 +14,9 @@
 #include <type_traits>
 #include <vector>
 
+#include "checks.h"
 #include "cpu/segments.h"
-#include "ops.h"
+#include "ops/range_loss.h"
 
 namespace mk {
 namespace cpu {
@@ -151,32 +152,70 @@ void backward(double gout, const T* x, int64_t B, int64_t D, int64_t k2, const i
 }
 }  // namespace
 
-void range_loss_forward(ptr_t emb, int dtype, int64_t B, int64_t D, ptr_t sorted_labels, ptr_t order,
-                        int64_t k2, double margin, double alpha, double beta, ptr_t loss, ptr_t row_seg,
-                        ptr_t sel_pairs, ptr_t sel_coef, ptr_t closest, ptr_t inter_vec) {
-  MK_CHECK(k2 >= 1, "range_loss: k must be >= 1");
-  dispatch_host_float((DType)dtype, [&](auto tag) {
+namespace {
+// Sizes shared by forward and backward: the buffers (B, D), (B, k2, 2) and (B, k2) are addressable.
+void check_range_sizes(const char* fn, int64_t B, int64_t D, int64_t k2) {
+  check_size(fn, "B", B);
+  check_size(fn, "D", D);
+  MK_CHECK(k2 >= 1, std::string(fn) + ": k2 = " + str(k2) + " must be >= 1");
+  check_product(fn, "B * D", B, D);
+  check_product(fn, "B * k2 * 2", B, k2);
+  check_product(fn, "B * k2 * 2", B * k2, 2);
+}
+}  // namespace
+
+void range_loss_forward(MK_PARAMS(MK_RANGE_LOSS_FORWARD_ARGS)) {
+  constexpr const char* fn = "range_loss_forward";
+  const DType type = check_dtype(fn, "dtype", dtype);
+  check_range_sizes(fn, B, D, k2);
+  check_ptrs(fn, {{"loss", loss}, {"closest", closest}});
+  if (B > 0)
+    check_ptrs(fn, {{"emb", emb}, {"sorted_labels", sorted_labels}, {"order", order}, {"row_seg", row_seg},
+                    {"sel_pairs", sel_pairs}, {"sel_coef", sel_coef}});
+  if (D > 0) check_ptr(fn, "inter_vec", inter_vec);
+  const int64_t* ord = reinterpret_cast<const int64_t*>(order);
+  if (B > 0) check_indices(fn, "order", ord, B, 0, B);
+  dispatch_host_float(type, [&](auto tag) {
     using T = decltype(tag);
-    forward<T>(reinterpret_cast<const T*>(emb), B, D, reinterpret_cast<const int64_t*>(sorted_labels),
-               reinterpret_cast<const int64_t*>(order), k2, margin, alpha, beta,
-               reinterpret_cast<void*>(loss), reinterpret_cast<int64_t*>(row_seg),
+    forward<T>(reinterpret_cast<const T*>(emb), B, D, reinterpret_cast<const int64_t*>(sorted_labels), ord, k2,
+               margin, alpha, beta, reinterpret_cast<void*>(loss), reinterpret_cast<int64_t*>(row_seg),
                reinterpret_cast<int64_t*>(sel_pairs), reinterpret_cast<double*>(sel_coef),
                reinterpret_cast<int64_t*>(closest), reinterpret_cast<double*>(inter_vec));
   });
 }
 
-void range_loss_backward(ptr_t grad_loss, ptr_t emb, int dtype, int64_t B, int64_t D, int64_t k2,
-                         ptr_t row_seg, ptr_t sel_pairs, ptr_t sel_coef, ptr_t closest,
-                         ptr_t inter_vec, ptr_t grad_emb) {
+void range_loss_backward(MK_PARAMS(MK_RANGE_LOSS_BACKWARD_ARGS)) {
+  constexpr const char* fn = "range_loss_backward";
+  // The dtype code decides how grad_loss is read: checked first.
+  const DType type = check_dtype(fn, "dtype", dtype);
+  check_range_sizes(fn, B, D, k2);
+  if (B == 0) return;
+  check_ptrs(fn, {{"grad_loss", grad_loss}, {"emb", emb}, {"row_seg", row_seg}, {"sel_pairs", sel_pairs},
+                  {"sel_coef", sel_coef}, {"closest", closest}, {"grad_emb", grad_emb}});
+  if (D > 0) check_ptr(fn, "inter_vec", inter_vec);
+  // The saved forward outputs are indices: each must address the buffers it is used on.
+  const int64_t* rs = reinterpret_cast<const int64_t*>(row_seg);
+  const int64_t* sel = reinterpret_cast<const int64_t*>(sel_pairs);
+  const int64_t* cl = reinterpret_cast<const int64_t*>(closest);
+  check_indices(fn, "row_seg", rs, B, 0, B);
+  for (int64_t i = 0; i < B * k2; ++i) {
+    const int64_t a = sel[2 * i], b = sel[2 * i + 1];
+    MK_CHECK(a == -1 || (a >= 0 && a < B && b >= 0 && b < B),
+             std::string(fn) + ": sel_pairs[" + str(i / k2) + ", " + str(i % k2) + "] = (" + str(a) + ", " + str(b) +
+                 ") is neither a pair of rows in [0, B) = [0, " + str(B) + ") nor the pad -1");
+  }
+  check_indices(fn, "closest", cl, 2, -1, B);
+  for (int s = 0; s < 2; ++s)
+    MK_CHECK(cl[s] < 0 || cl[2 + s] >= 1, std::string(fn) + ": closest[" + std::to_string(2 + s) + "] = " +
+                                              str(cl[2 + s]) + " must be >= 1 (the size of segment closest[" +
+                                              std::to_string(s) + "] = " + str(cl[s]) + ")");
   // The loss (and so its gradient) is float64 for float64 embeddings, float32 otherwise.
-  const double gout = (DType)dtype == DType::f64 ? *reinterpret_cast<const double*>(grad_loss)
-                                                 : (double)*reinterpret_cast<const float*>(grad_loss);
-  dispatch_host_float((DType)dtype, [&](auto tag) {
+  const double gout = type == DType::f64 ? *reinterpret_cast<const double*>(grad_loss)
+                                         : (double)*reinterpret_cast<const float*>(grad_loss);
+  dispatch_host_float(type, [&](auto tag) {
     using T = decltype(tag);
-    backward<T>(gout, reinterpret_cast<const T*>(emb), B, D, k2, reinterpret_cast<const int64_t*>(row_seg),
-                reinterpret_cast<const int64_t*>(sel_pairs), reinterpret_cast<const double*>(sel_coef),
-                reinterpret_cast<const int64_t*>(closest), reinterpret_cast<const double*>(inter_vec),
-                reinterpret_cast<T*>(grad_emb));
+    backward<T>(gout, reinterpret_cast<const T*>(emb), B, D, k2, rs, sel, reinterpret_cast<const double*>(sel_coef),
+                cl, reinterpret_cast<const double*>(inter_vec), reinterpret_cast<T*>(grad_emb));
   });
 }
 

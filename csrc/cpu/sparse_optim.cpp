@@ -3,7 +3,8 @@
 // float32 in torch's order of operations; 16-bit tensors are read/written through float32.
 #include <cmath>
 
-#include "ops.h"
+#include "checks.h"
+#include "ops/sparse_optim.h"
 
 namespace mk {
 namespace cpu {
@@ -71,12 +72,29 @@ void adamw(T* w, const T* g, T* m1, T* m2, int64_t* step, const int64_t* rows, i
     }
   }
 }
+
+// Sizes, the dtype code and rows in [0, C), before anything is written.
+DType check_rows_step(const char* fn, ptr_t weight, ptr_t grad, ptr_t rows, int64_t R, int64_t C, int64_t D,
+                      int dtype) {
+  const DType type = check_dtype(fn, "dtype", dtype);
+  check_size(fn, "R", R);
+  check_size(fn, "C", C);
+  check_size(fn, "D", D);
+  check_product(fn, "C * D", C, D);
+  check_product(fn, "R * D", R, D);
+  if (R > 0) {
+    check_ptrs(fn, {{"weight", weight}, {"grad", grad}, {"rows", rows}});
+    check_indices(fn, "rows", reinterpret_cast<const int64_t*>(rows), R, 0, C);
+  }
+  return type;
+}
 }  // namespace
 
-void sparse_sgd_step(ptr_t weight, ptr_t grad, ptr_t momentum_buffer, ptr_t initialized, ptr_t rows,
-                     int64_t R, int64_t D, int dtype, double lr, double momentum, double weight_decay,
-                     double dampening, bool nesterov) {
-  dispatch_host_float((DType)dtype, [&](auto tag) {
+void sparse_sgd_step(MK_PARAMS(MK_SPARSE_SGD_STEP_ARGS)) {
+  const DType type = check_rows_step("sparse_sgd_step", weight, grad, rows, R, C, D, dtype);
+  if (R == 0 || D == 0) return;
+  if (momentum != 0.0) check_ptr("sparse_sgd_step", "momentum_buffer", momentum_buffer);
+  dispatch_host_float(type, [&](auto tag) {
     using T = decltype(tag);
     sgd<T>(reinterpret_cast<T*>(weight), reinterpret_cast<const T*>(grad),
            reinterpret_cast<T*>(momentum_buffer), reinterpret_cast<uint8_t*>(initialized),
@@ -85,10 +103,18 @@ void sparse_sgd_step(ptr_t weight, ptr_t grad, ptr_t momentum_buffer, ptr_t init
   });
 }
 
-void sparse_adamw_step(ptr_t weight, ptr_t grad, ptr_t exp_avg, ptr_t exp_avg_sq, ptr_t step,
-                       ptr_t rows, int64_t R, int64_t D, int dtype, double lr, double beta1,
-                       double beta2, double eps, double weight_decay) {
-  dispatch_host_float((DType)dtype, [&](auto tag) {
+void sparse_adamw_step(MK_PARAMS(MK_SPARSE_ADAMW_STEP_ARGS)) {
+  constexpr const char* fn = "sparse_adamw_step";
+  const DType type = check_rows_step(fn, weight, grad, rows, R, C, D, dtype);
+  if (R == 0) return;
+  check_ptrs(fn, {{"exp_avg", exp_avg}, {"exp_avg_sq", exp_avg_sq}, {"step", step}});
+  // A step count below 0 turns bias corrections into NaN; at the int64 limit it cannot be incremented.
+  const int64_t* rs = reinterpret_cast<const int64_t*>(rows);
+  const int64_t* st = reinterpret_cast<const int64_t*>(step);
+  for (int64_t r = 0; r < R; ++r)
+    MK_CHECK(st[rs[r]] >= 0 && st[rs[r]] < std::numeric_limits<int64_t>::max(),
+             std::string(fn) + ": step[" + str(rs[r]) + "] = " + str(st[rs[r]]) + " must be in [0, 2^63 - 1)");
+  dispatch_host_float(type, [&](auto tag) {
     using T = decltype(tag);
     adamw<T>(reinterpret_cast<T*>(weight), reinterpret_cast<const T*>(grad), reinterpret_cast<T*>(exp_avg),
              reinterpret_cast<T*>(exp_avg_sq), reinterpret_cast<int64_t*>(step),

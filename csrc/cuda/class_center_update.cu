@@ -3,6 +3,7 @@
 // 2) one block per label segment: threads own columns d and sum the segment's normalised
 //    rows in sorted order, then the block normalises the new center. No atomics.
 #include "cuda/cuda_common.cuh"
+#include "ops/class_center_update.h"
 
 namespace mk {
 namespace cuda {
@@ -52,37 +53,55 @@ center_update_kernel(float* __restrict__ centers, int64_t D, const T* __restrict
   const double inv = 1.0 / fmax(sqrt(block_sum(ss, red)), kNormEps);
   for (int64_t d = threadIdx.x; d < D; d += blockDim.x) ctr[d] = (float)((double)ctr[d] * inv);
 }
+
+// The scratch buffer, declared once: measured (base 0) by the _bytes entry, carved by the launch.
+struct Workspace {
+  int64_t *seg_start, *seg_id, *num_seg;
+  double* inv_norm;
+  int64_t bytes;
+  Workspace(ptr_t base, int64_t B) {
+    Carver cv(base);
+    seg_start = cv.take<int64_t>(B + 1);
+    seg_id = cv.take<int64_t>(B);
+    num_seg = cv.take<int64_t>(1);
+    inv_norm = cv.take<double>(B);
+    bytes = cv.bytes();
+  }
+};
 }  // namespace
 
 int64_t class_center_update_workspace_bytes(int64_t B, int64_t D) {
-  Carver cv(0);
-  cv.take<int64_t>(B + 1);
-  cv.take<int64_t>(B);
-  cv.take<int64_t>(1);
-  cv.take<double>(B);
-  return cv.bytes();
+  check_size("class_center_update_workspace_bytes", "B", B);
+  return Workspace(0, B).bytes;
 }
 
-void class_center_update(ptr_t centers, int64_t C, int64_t D, ptr_t emb, int emb_dtype, int64_t B,
-                         ptr_t sorted_labels, ptr_t order, double momentum, int64_t ignore_index,
-                         ptr_t workspace, int device, ptr_t stream_p) {
+void class_center_update(MK_PARAMS(MK_CLASS_CENTER_UPDATE_CUDA_ARGS)) {
+  constexpr const char* fn = "class_center_update";
+  check_size(fn, "C", C);
+  check_size(fn, "D", D);
+  check_size(fn, "B", B);
+  check_product(fn, "C * D", C, D);
+  check_product(fn, "B * D", B, D);
+  check_dtype(fn, "emb_dtype", emb_dtype);
   if (B == 0 || D == 0) return;
+  check_ptrs(fn, {{"centers", centers}, {"emb", emb}, {"sorted_labels", sorted_labels}, {"order", order},
+                  {"workspace", workspace}});
   DeviceGuard guard(device);
-  cudaStream_t stream = as_stream(stream_p);
-  Carver cv(workspace);
-  int64_t* seg_start = cv.take<int64_t>(B + 1);
-  int64_t* seg_id = cv.take<int64_t>(B);
-  int64_t* num_seg = cv.take<int64_t>(1);
-  double* inv_norm = cv.take<double>(B);
+  cudaStream_t stream_h = as_stream(stream);
+  Workspace ws(workspace, B);
+  int64_t* seg_start = ws.seg_start;
+  int64_t* seg_id = ws.seg_id;
+  int64_t* num_seg = ws.num_seg;
+  double* inv_norm = ws.inv_norm;
   const int64_t* sl = reinterpret_cast<const int64_t*>(sorted_labels);
   const int64_t* ord = reinterpret_cast<const int64_t*>(order);
-  launch_segments(sl, B, seg_start, seg_id, num_seg, stream);
+  launch_segments(sl, B, seg_start, seg_id, num_seg, stream_h);
   dispatch_dev_float((DType)emb_dtype, [&](auto tag) {
     using T = decltype(tag);
     const T* x = reinterpret_cast<const T*>(emb);
-    row_inv_norm_kernel<T><<<ceil_div_u(B, kThreads / 32), kThreads, 0, stream>>>(x, B, D, ord, inv_norm);
+    row_inv_norm_kernel<T><<<ceil_div_u(B, kThreads / 32), kThreads, 0, stream_h>>>(x, B, D, ord, inv_norm);
     MK_CUDA_CHECK_LAUNCH();
-    center_update_kernel<T><<<(unsigned)B, kThreads, 0, stream>>>(reinterpret_cast<float*>(centers), D, x, sl,
+    center_update_kernel<T><<<(unsigned)B, kThreads, 0, stream_h>>>(reinterpret_cast<float*>(centers), D, x, sl,
                                                                   ord, inv_norm, seg_start, num_seg, momentum,
                                                                   ignore_index);
     MK_CUDA_CHECK_LAUNCH();

@@ -3,6 +3,7 @@
 // 2) one thread per label segment: sums its rows in sorted order and adds to the class
 //    accumulators. Deterministic: no floating-point atomics.
 #include "cuda/cuda_common.cuh"
+#include "ops/class_statistics_update.h"
 
 namespace mk {
 namespace cuda {
@@ -59,42 +60,60 @@ __global__ void segment_accumulate_kernel(int64_t* __restrict__ counts, double* 
   cos_sum[c] += cs;
   sq_sum[c] += sq;
 }
+
+// The scratch buffer, declared once: measured (base 0) by the _bytes entry, carved by the launch.
+struct Workspace {
+  int64_t *seg_start, *seg_id, *num_seg;
+  double* vals;
+  int64_t bytes;
+  Workspace(ptr_t base, int64_t B) {
+    Carver cv(base);
+    seg_start = cv.take<int64_t>(B + 1);
+    seg_id = cv.take<int64_t>(B);
+    num_seg = cv.take<int64_t>(1);
+    vals = cv.take<double>(2 * B);
+    bytes = cv.bytes();
+  }
+};
 }  // namespace
 
 int64_t class_statistics_update_workspace_bytes(int64_t B, int64_t D) {
-  Carver cv(0);
-  cv.take<int64_t>(B + 1);
-  cv.take<int64_t>(B);
-  cv.take<int64_t>(1);
-  cv.take<double>(2 * B);
-  return cv.bytes();
+  check_size("class_statistics_update_workspace_bytes", "B", B);
+  return Workspace(0, B).bytes;
 }
 
-void class_statistics_update(ptr_t counts, ptr_t cos_sum, ptr_t sq_sum, int64_t C, ptr_t emb,
-                             int emb_dtype, ptr_t weight, int w_dtype, int64_t B, int64_t D,
-                             ptr_t sorted_labels, ptr_t order, int64_t ignore_index, ptr_t workspace,
-                             int device, ptr_t stream_p) {
+void class_statistics_update(MK_PARAMS(MK_CLASS_STATISTICS_UPDATE_CUDA_ARGS)) {
+  constexpr const char* fn = "class_statistics_update";
+  check_size(fn, "C", C);
+  check_size(fn, "D", D);
+  check_size(fn, "B", B);
+  check_product(fn, "C * D", C, D);
+  check_product(fn, "B * D", B, D);
+  check_dtype(fn, "emb_dtype", emb_dtype);
+  check_dtype(fn, "w_dtype", w_dtype);
   if (B == 0) return;
+  check_ptrs(fn, {{"counts", counts}, {"cos_sum", cos_sum}, {"sq_sum", sq_sum}, {"emb", emb}, {"weight", weight},
+                  {"sorted_labels", sorted_labels}, {"order", order}, {"workspace", workspace}});
   DeviceGuard guard(device);
-  cudaStream_t stream = as_stream(stream_p);
-  Carver cv(workspace);
-  int64_t* seg_start = cv.take<int64_t>(B + 1);
-  int64_t* seg_id = cv.take<int64_t>(B);
-  int64_t* num_seg = cv.take<int64_t>(1);
-  double* vals = cv.take<double>(2 * B);
+  cudaStream_t stream_h = as_stream(stream);
+  Workspace ws(workspace, B);
+  int64_t* seg_start = ws.seg_start;
+  int64_t* seg_id = ws.seg_id;
+  int64_t* num_seg = ws.num_seg;
+  double* vals = ws.vals;
   const int64_t* sl = reinterpret_cast<const int64_t*>(sorted_labels);
   const int64_t* ord = reinterpret_cast<const int64_t*>(order);
-  launch_segments(sl, B, seg_start, seg_id, num_seg, stream);
+  launch_segments(sl, B, seg_start, seg_id, num_seg, stream_h);
   dispatch_dev_float((DType)emb_dtype, [&](auto xtag) {
     using TX = decltype(xtag);
     dispatch_dev_float((DType)w_dtype, [&](auto wtag) {
       using TW = decltype(wtag);
-      row_stats_kernel<TX, TW><<<ceil_div_u(B, kThreads / 32), kThreads, 0, stream>>>(
+      row_stats_kernel<TX, TW><<<ceil_div_u(B, kThreads / 32), kThreads, 0, stream_h>>>(
           reinterpret_cast<const TX*>(emb), reinterpret_cast<const TW*>(weight), B, D, sl, ord, ignore_index, vals);
       MK_CUDA_CHECK_LAUNCH();
     });
   });
-  segment_accumulate_kernel<<<ceil_div_u(B, 128), 128, 0, stream>>>(
+  segment_accumulate_kernel<<<ceil_div_u(B, 128), 128, 0, stream_h>>>(
       reinterpret_cast<int64_t*>(counts), reinterpret_cast<double*>(cos_sum), reinterpret_cast<double*>(sq_sum), sl,
       vals, seg_start, num_seg, B, ignore_index);
   MK_CUDA_CHECK_LAUNCH();

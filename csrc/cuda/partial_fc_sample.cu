@@ -6,6 +6,7 @@
 //          flagged; a three-kernel exclusive scan turns flags into positions, writes the sorted
 //          index and remaps the labels.
 #include "cuda/cuda_common.cuh"
+#include "ops/partial_fc_sample.h"
 
 namespace mk {
 namespace cuda {
@@ -200,73 +201,96 @@ inline unsigned grid_for(int64_t n, int threads) {
 }
 }  // namespace
 
+// 0 <= start <= stop, n = stop - start < 2^31 (int32 positions), B >= 0.
+static void check_shard(const char* fn, int64_t start, int64_t stop, int64_t B) {
+  MK_CHECK(start >= 0, std::string(fn) + ": start = " + str(start) + " must be >= 0");
+  MK_CHECK(stop >= start, std::string(fn) + ": stop = " + str(stop) + " must be >= start = " + str(start));
+  MK_CHECK(stop - start < (int64_t(1) << 31), std::string(fn) + ": stop - start = " + str(stop - start) + " must be < 2^31");
+  check_size(fn, "B", B);
+}
+
 int64_t partial_fc_workspace_bytes(int64_t n) {
+  MK_CHECK(n >= 0 && n < (int64_t(1) << 31), "partial_fc_workspace_bytes: n = " + str(n) + " must be in [0, 2^31)");
   int64_t bytes = 0;
   carve(0, n, &bytes);
   return bytes;
 }
 
-int64_t partial_fc_mark(ptr_t labels, int64_t B, int64_t start, int64_t stop, ptr_t flags_p, ptr_t workspace,
-                        int device, ptr_t stream_p) {
+int64_t partial_fc_mark(MK_PARAMS(MK_PARTIAL_FC_MARK_CUDA_ARGS)) {
+  check_shard("partial_fc_mark", start, stop, B);
   const int64_t n = stop - start;
   if (n <= 0) return 0;
+  check_ptrs("partial_fc_mark", {{"flags", flags}, {"workspace", workspace}});
+  if (B > 0) check_ptr("partial_fc_mark", "labels", labels);
+  const ptr_t flags_p = flags, stream_p = stream;
   DeviceGuard guard(device);
-  cudaStream_t stream = as_stream(stream_p);
+  cudaStream_t stream_h = as_stream(stream_p);
   Layout l = carve(workspace, n, nullptr);
-  int32_t* flags = reinterpret_cast<int32_t*>(flags_p);
-  MK_CUDA_CHECK(cudaMemsetAsync(flags, 0, (size_t)n * sizeof(int32_t), stream));
-  MK_CUDA_CHECK(cudaMemsetAsync(l.count, 0, sizeof(unsigned long long), stream));
+  int32_t* flg = reinterpret_cast<int32_t*>(flags_p);
+  MK_CUDA_CHECK(cudaMemsetAsync(flg, 0, (size_t)n * sizeof(int32_t), stream_h));
+  MK_CUDA_CHECK(cudaMemsetAsync(l.count, 0, sizeof(unsigned long long), stream_h));
   if (B > 0) {
-    mark_kernel<<<ceil_div_u(B, kThreads), kThreads, 0, stream>>>(reinterpret_cast<const int64_t*>(labels), B,
-                                                                   start, stop, flags);
+    mark_kernel<<<ceil_div_u(B, kThreads), kThreads, 0, stream_h>>>(reinterpret_cast<const int64_t*>(labels), B,
+                                                                   start, stop, flg);
     MK_CUDA_CHECK_LAUNCH();
   }
-  count_kernel<<<grid_for(n, kThreads), kThreads, 0, stream>>>(flags, n, l.count);
+  count_kernel<<<grid_for(n, kThreads), kThreads, 0, stream_h>>>(flg, n, l.count);
   MK_CUDA_CHECK_LAUNCH();
   unsigned long long P = 0;
-  MK_CUDA_CHECK(cudaMemcpyAsync(&P, l.count, sizeof(P), cudaMemcpyDeviceToHost, stream));
-  MK_CUDA_CHECK(cudaStreamSynchronize(stream));
+  MK_CUDA_CHECK(cudaMemcpyAsync(&P, l.count, sizeof(P), cudaMemcpyDeviceToHost, stream_h));
+  MK_CUDA_CHECK(cudaStreamSynchronize(stream_h));
   return (int64_t)P;
 }
 
-void partial_fc_select(ptr_t flags_p, int64_t start, int64_t stop, uint64_t seed, int64_t m, ptr_t labels,
-                       int64_t B, ptr_t index, ptr_t local_labels, ptr_t workspace, int device, ptr_t stream_p) {
+void partial_fc_select(MK_PARAMS(MK_PARTIAL_FC_SELECT_CUDA_ARGS)) {
+  constexpr const char* fn = "partial_fc_select";
+  check_shard(fn, start, stop, B);
+  check_size(fn, "m", m);
+  check_size(fn, "num_index", num_index);
   const int64_t n = stop - start;
+  // The flag count lives on the device: the host checks what it can without a sync.
+  MK_CHECK(m <= n && num_index >= m && num_index <= n,
+           std::string(fn) + ": need m <= num_index <= n, got m = " + str(m) + ", num_index = " + str(num_index) +
+               ", n = " + str(n));
+  if (n > 0) check_ptrs(fn, {{"flags", flags}, {"workspace", workspace}});
+  if (B > 0) check_ptrs(fn, {{"labels", labels}, {"local_labels", local_labels}});
+  if (num_index > 0) check_ptr(fn, "index", index);
+  const ptr_t flags_p = flags, stream_p = stream;
   DeviceGuard guard(device);
-  cudaStream_t stream = as_stream(stream_p);
-  int32_t* flags = reinterpret_cast<int32_t*>(flags_p);
+  cudaStream_t stream_h = as_stream(stream_p);
+  int32_t* flg = reinterpret_cast<int32_t*>(flags_p);
   if (n > 0) {
     Layout l = carve(workspace, n, nullptr);
     const uint64_t salt = seed_salt(seed);
     if (m > 0) {
       // Number of candidates is n - P; the wrapper passes m <= n - P.
-      radix_init_kernel<<<1, 32, 0, stream>>>(l.st, (long long)(m - 1));
+      radix_init_kernel<<<1, 32, 0, stream_h>>>(l.st, (long long)(m - 1));
       MK_CUDA_CHECK_LAUNCH();
-      MK_CUDA_CHECK(cudaMemsetAsync(l.hist, 0, 256 * sizeof(unsigned long long), stream));
+      MK_CUDA_CHECK(cudaMemsetAsync(l.hist, 0, 256 * sizeof(unsigned long long), stream_h));
       for (int shift = 56; shift >= 0; shift -= 8) {
-        radix_hist_kernel<<<grid_for(n, kThreads), kThreads, 0, stream>>>(flags, n, start, salt, shift, l.st, l.hist);
+        radix_hist_kernel<<<grid_for(n, kThreads), kThreads, 0, stream_h>>>(flg, n, start, salt, shift, l.st, l.hist);
         MK_CUDA_CHECK_LAUNCH();
-        radix_pick_kernel<<<1, 32, 0, stream>>>(shift, l.st, l.hist);
+        radix_pick_kernel<<<1, 32, 0, stream_h>>>(shift, l.st, l.hist);
         MK_CUDA_CHECK_LAUNCH();
       }
       // If m == n - P the threshold is the largest key and every candidate is taken.
-      radix_mark_kernel<<<grid_for(n, kThreads), kThreads, 0, stream>>>(flags, n, start, salt, l.st);
+      radix_mark_kernel<<<grid_for(n, kThreads), kThreads, 0, stream_h>>>(flg, n, start, salt, l.st);
       MK_CUDA_CHECK_LAUNCH();
     }
     const int64_t tiles = (n + kTile - 1) / kTile;
-    tile_count_kernel<<<(unsigned)tiles, kThreads, 0, stream>>>(flags, n, l.tiles);
+    tile_count_kernel<<<(unsigned)tiles, kThreads, 0, stream_h>>>(flg, n, l.tiles);
     MK_CUDA_CHECK_LAUNCH();
-    scan_tiles_kernel<<<1, 1024, 0, stream>>>(l.tiles, tiles);
+    scan_tiles_kernel<<<1, 1024, 0, stream_h>>>(l.tiles, tiles);
     MK_CUDA_CHECK_LAUNCH();
-    tile_emit_kernel<<<(unsigned)tiles, kThreads, 0, stream>>>(flags, n, l.tiles, reinterpret_cast<int64_t*>(index));
+    tile_emit_kernel<<<(unsigned)tiles, kThreads, 0, stream_h>>>(flg, n, l.tiles, reinterpret_cast<int64_t*>(index));
     MK_CUDA_CHECK_LAUNCH();
   }
   if (B > 0) {
     if (n > 0) {
-      local_labels_kernel<<<ceil_div_u(B, kThreads), kThreads, 0, stream>>>(
-          reinterpret_cast<const int64_t*>(labels), B, start, stop, flags, reinterpret_cast<int64_t*>(local_labels));
+      local_labels_kernel<<<ceil_div_u(B, kThreads), kThreads, 0, stream_h>>>(
+          reinterpret_cast<const int64_t*>(labels), B, start, stop, flg, reinterpret_cast<int64_t*>(local_labels));
     } else {
-      MK_CUDA_CHECK(cudaMemsetAsync(reinterpret_cast<void*>(local_labels), 0xFF, (size_t)B * sizeof(int64_t), stream));
+      MK_CUDA_CHECK(cudaMemsetAsync(reinterpret_cast<void*>(local_labels), 0xFF, (size_t)B * sizeof(int64_t), stream_h));
     }
     MK_CUDA_CHECK_LAUNCH();
   }

@@ -15,6 +15,7 @@
 #include <cfloat>
 
 #include "cuda/cuda_common.cuh"
+#include "ops/range_loss.h"
 
 namespace mk {
 namespace cuda {
@@ -329,74 +330,91 @@ Layout carve(ptr_t base, int64_t B, int64_t D, int64_t k2, int64_t* bytes) {
 
 int64_t range_loss_max_k() { return kMaxK; }
 
+// Sizes shared by forward and backward (k2 within the kernels' limit).
+static void check_range_sizes(const char* fn, int64_t B, int64_t D, int64_t k2) {
+  check_size(fn, "B", B);
+  check_size(fn, "D", D);
+  MK_CHECK(k2 >= 1 && k2 <= kMaxK, std::string(fn) + ": k2 = " + str(k2) + " must be in [1, " + str(kMaxK) + "] on CUDA");
+  check_product(fn, "B * D", B, D);
+  check_product(fn, "B * k2 * 2", B, 2 * k2);
+}
+
 int64_t range_loss_workspace_bytes(int64_t B, int64_t D, int64_t k2) {
+  check_range_sizes("range_loss_workspace_bytes", B, D, k2);
   int64_t bytes = 0;
   carve(0, B, D, k2, &bytes);
   return bytes;
 }
 
-void range_loss_forward(ptr_t emb, int dtype, int64_t B, int64_t D, ptr_t sorted_labels, ptr_t order,
-                        int64_t k2, double margin, double alpha, double beta, ptr_t loss, ptr_t row_seg,
-                        ptr_t sel_pairs, ptr_t sel_coef, ptr_t closest, ptr_t inter_vec,
-                        ptr_t workspace, int device, ptr_t stream_p) {
-  MK_CHECK(k2 >= 1 && k2 <= kMaxK, "range_loss: k must be in [1, " + std::to_string(kMaxK) + "] on CUDA");
+void range_loss_forward(MK_PARAMS(MK_RANGE_LOSS_FORWARD_CUDA_ARGS)) {
+  constexpr const char* fn = "range_loss_forward";
+  check_dtype(fn, "dtype", dtype);
+  check_range_sizes(fn, B, D, k2);
   if (B == 0) return;  // the wrapper fills the outputs
+  check_ptrs(fn, {{"emb", emb}, {"sorted_labels", sorted_labels}, {"order", order}, {"loss", loss},
+                  {"row_seg", row_seg}, {"sel_pairs", sel_pairs}, {"sel_coef", sel_coef}, {"closest", closest},
+                  {"workspace", workspace}});
+  const ptr_t stream_p = stream;
   DeviceGuard guard(device);
-  cudaStream_t stream = as_stream(stream_p);
+  cudaStream_t stream_h = as_stream(stream_p);
   Layout l = carve(workspace, B, D, k2, nullptr);
   const int S = splits_for(k2);
   const int64_t* sl = reinterpret_cast<const int64_t*>(sorted_labels);
   const int64_t* ord = reinterpret_cast<const int64_t*>(order);
-  launch_segments(sl, B, l.seg_start, l.seg_id, l.num_seg, stream);
-  row_seg_kernel<<<ceil_div_u(B, 256), 256, 0, stream>>>(ord, l.seg_id, B, reinterpret_cast<int64_t*>(row_seg));
+  launch_segments(sl, B, l.seg_start, l.seg_id, l.num_seg, stream_h);
+  row_seg_kernel<<<ceil_div_u(B, 256), 256, 0, stream_h>>>(ord, l.seg_id, B, reinterpret_cast<int64_t*>(row_seg));
   MK_CUDA_CHECK_LAUNCH();
   const size_t smem = (size_t)kWarps * (size_t)k2 * (sizeof(double) + sizeof(int64_t));
   dispatch_dev_float((DType)dtype, [&](auto tag) {
     using T = decltype(tag);
     const T* x = reinterpret_cast<const T*>(emb);
-    pair_topk_kernel<T><<<dim3((unsigned)B, (unsigned)S), kThreads, smem, stream>>>(x, D, ord, l.seg_start,
+    pair_topk_kernel<T><<<dim3((unsigned)B, (unsigned)S), kThreads, smem, stream_h>>>(x, D, ord, l.seg_start,
                                                                                    l.num_seg, k2, S, l.partial);
     MK_CUDA_CHECK_LAUNCH();
-    select_kernel<<<ceil_div_u(B, 128), 128, 0, stream>>>(ord, l.seg_start, l.num_seg, B, k2, S, alpha, l.partial,
+    select_kernel<<<ceil_div_u(B, 128), 128, 0, stream_h>>>(ord, l.seg_start, l.num_seg, B, k2, S, alpha, l.partial,
                                                            reinterpret_cast<int64_t*>(sel_pairs),
                                                            reinterpret_cast<double*>(sel_coef), l.intra);
     MK_CUDA_CHECK_LAUNCH();
-    means_kernel<T><<<(unsigned)B, kThreads, 0, stream>>>(x, D, ord, l.seg_start, l.num_seg, l.means);
+    means_kernel<T><<<(unsigned)B, kThreads, 0, stream_h>>>(x, D, ord, l.seg_start, l.num_seg, l.means);
     MK_CUDA_CHECK_LAUNCH();
   });
-  closest_kernel<<<kClosestBlocks, kThreads, 0, stream>>>(l.means, D, l.num_seg, l.closest_partial);
+  closest_kernel<<<kClosestBlocks, kThreads, 0, stream_h>>>(l.means, D, l.num_seg, l.closest_partial);
   MK_CUDA_CHECK_LAUNCH();
   if ((DType)dtype == DType::f64) {
-    finalize_kernel<double><<<1, kThreads, 0, stream>>>(
+    finalize_kernel<double><<<1, kThreads, 0, stream_h>>>(
         l.intra, l.means, D, l.seg_start, l.num_seg, l.closest_partial, kClosestBlocks, margin, alpha, beta,
         reinterpret_cast<double*>(loss), reinterpret_cast<int64_t*>(closest), reinterpret_cast<double*>(inter_vec));
   } else {
-    finalize_kernel<float><<<1, kThreads, 0, stream>>>(
+    finalize_kernel<float><<<1, kThreads, 0, stream_h>>>(
         l.intra, l.means, D, l.seg_start, l.num_seg, l.closest_partial, kClosestBlocks, margin, alpha, beta,
         reinterpret_cast<float*>(loss), reinterpret_cast<int64_t*>(closest), reinterpret_cast<double*>(inter_vec));
   }
   MK_CUDA_CHECK_LAUNCH();
 }
 
-void range_loss_backward(ptr_t grad_loss, ptr_t emb, int dtype, int64_t B, int64_t D, int64_t k2,
-                         ptr_t row_seg, ptr_t sel_pairs, ptr_t sel_coef, ptr_t closest,
-                         ptr_t inter_vec, ptr_t grad_emb, int device, ptr_t stream_p) {
+void range_loss_backward(MK_PARAMS(MK_RANGE_LOSS_BACKWARD_CUDA_ARGS)) {
+  constexpr const char* fn = "range_loss_backward";
+  check_dtype(fn, "dtype", dtype);
+  check_range_sizes(fn, B, D, k2);
   if (B == 0 || D == 0) return;
+  check_ptrs(fn, {{"grad_loss", grad_loss}, {"emb", emb}, {"row_seg", row_seg}, {"sel_pairs", sel_pairs},
+                  {"sel_coef", sel_coef}, {"closest", closest}, {"inter_vec", inter_vec}, {"grad_emb", grad_emb}});
+  const ptr_t stream_p = stream;
   DeviceGuard guard(device);
-  cudaStream_t stream = as_stream(stream_p);
+  cudaStream_t stream_h = as_stream(stream_p);
   const int64_t* rs = reinterpret_cast<const int64_t*>(row_seg);
   const int64_t* sp = reinterpret_cast<const int64_t*>(sel_pairs);
   const double* sc = reinterpret_cast<const double*>(sel_coef);
   const int64_t* cl = reinterpret_cast<const int64_t*>(closest);
   const double* iv = reinterpret_cast<const double*>(inter_vec);
   if ((DType)dtype == DType::f64) {
-    backward_kernel_f64<double><<<(unsigned)B, 128, 0, stream>>>(
+    backward_kernel_f64<double><<<(unsigned)B, 128, 0, stream_h>>>(
         reinterpret_cast<const double*>(grad_loss), reinterpret_cast<const double*>(emb), D, k2, rs, sp, sc, cl, iv,
         reinterpret_cast<double*>(grad_emb));
   } else {
     dispatch_dev_float((DType)dtype, [&](auto tag) {
       using T = decltype(tag);
-      backward_kernel<T, float><<<(unsigned)B, 128, 0, stream>>>(
+      backward_kernel<T, float><<<(unsigned)B, 128, 0, stream_h>>>(
           reinterpret_cast<const float*>(grad_loss), reinterpret_cast<const T*>(emb), D, k2, rs, sp, sc, cl, iv,
           reinterpret_cast<T*>(grad_emb));
     });

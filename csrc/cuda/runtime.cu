@@ -3,6 +3,7 @@
 #include <cuda_runtime.h>
 
 #include "cuda/cuda_common.cuh"
+#include "cuda/runtime.h"
 
 namespace mk {
 namespace cuda {

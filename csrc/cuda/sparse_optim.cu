@@ -3,6 +3,7 @@
 // "initialized" flag, the AdamW step count) is read by the update kernel and written by a
 // second kernel, so no block reads a value another block is writing.
 #include "cuda/cuda_common.cuh"
+#include "ops/sparse_optim.h"
 
 namespace mk {
 namespace cuda {
@@ -80,45 +81,58 @@ __global__ void bump_steps_kernel(int64_t* __restrict__ step, const int64_t* __r
 }
 }  // namespace
 
-void sparse_sgd_step(ptr_t weight, ptr_t grad, ptr_t momentum_buffer, ptr_t initialized, ptr_t rows, int64_t R,
-                     int64_t D, int dtype, double lr, double momentum, double weight_decay, double dampening,
-                     bool nesterov, int device, ptr_t stream_p) {
+// Sizes and the dtype code (rows live on the device: the Python side checks them).
+static void check_step_sizes(const char* fn, int64_t R, int64_t C, int64_t D, int dtype) {
+  check_dtype(fn, "dtype", dtype);
+  check_size(fn, "R", R);
+  check_size(fn, "C", C);
+  check_size(fn, "D", D);
+  check_product(fn, "C * D", C, D);
+  check_product(fn, "R * D", R, D);
+}
+
+void sparse_sgd_step(MK_PARAMS(MK_SPARSE_SGD_STEP_CUDA_ARGS)) {
+  check_step_sizes("sparse_sgd_step", R, C, D, dtype);
   if (R == 0 || D == 0) return;
+  check_ptrs("sparse_sgd_step", {{"weight", weight}, {"grad", grad}, {"rows", rows}});
+  const ptr_t stream_p = stream;
   DeviceGuard guard(device);
-  cudaStream_t stream = as_stream(stream_p);
+  cudaStream_t stream_h = as_stream(stream_p);
   const int64_t* rs = reinterpret_cast<const int64_t*>(rows);
   uint8_t* init = reinterpret_cast<uint8_t*>(initialized);
   dispatch_dev_float((DType)dtype, [&](auto tag) {
     using T = decltype(tag);
-    sgd_kernel<T><<<(unsigned)R, kThreads, 0, stream>>>(
+    sgd_kernel<T><<<(unsigned)R, kThreads, 0, stream_h>>>(
         reinterpret_cast<T*>(weight), reinterpret_cast<const T*>(grad), reinterpret_cast<T*>(momentum_buffer), init,
         rs, D, (float)lr, (float)momentum, (float)weight_decay, (float)(1.0 - dampening), nesterov);
     MK_CUDA_CHECK_LAUNCH();
   });
   if (init != nullptr && momentum != 0.0) {
-    set_flags_kernel<<<ceil_div_u(R, 256), 256, 0, stream>>>(init, rs, R);
+    set_flags_kernel<<<ceil_div_u(R, 256), 256, 0, stream_h>>>(init, rs, R);
     MK_CUDA_CHECK_LAUNCH();
   }
 }
 
-void sparse_adamw_step(ptr_t weight, ptr_t grad, ptr_t exp_avg, ptr_t exp_avg_sq, ptr_t step, ptr_t rows,
-                       int64_t R, int64_t D, int dtype, double lr, double beta1, double beta2, double eps,
-                       double weight_decay, int device, ptr_t stream_p) {
+void sparse_adamw_step(MK_PARAMS(MK_SPARSE_ADAMW_STEP_CUDA_ARGS)) {
+  check_step_sizes("sparse_adamw_step", R, C, D, dtype);
   if (R == 0) return;
+  check_ptrs("sparse_adamw_step", {{"weight", weight}, {"grad", grad}, {"exp_avg", exp_avg},
+                                   {"exp_avg_sq", exp_avg_sq}, {"step", step}, {"rows", rows}});
+  const ptr_t stream_p = stream;
   DeviceGuard guard(device);
-  cudaStream_t stream = as_stream(stream_p);
+  cudaStream_t stream_h = as_stream(stream_p);
   const int64_t* rs = reinterpret_cast<const int64_t*>(rows);
   int64_t* st = reinterpret_cast<int64_t*>(step);
   if (D > 0) {
     dispatch_dev_float((DType)dtype, [&](auto tag) {
       using T = decltype(tag);
-      adamw_kernel<T><<<(unsigned)R, kThreads, 0, stream>>>(
+      adamw_kernel<T><<<(unsigned)R, kThreads, 0, stream_h>>>(
           reinterpret_cast<T*>(weight), reinterpret_cast<const T*>(grad), reinterpret_cast<T*>(exp_avg),
           reinterpret_cast<T*>(exp_avg_sq), st, rs, D, lr, beta1, beta2, eps, weight_decay);
       MK_CUDA_CHECK_LAUNCH();
     });
   }
-  bump_steps_kernel<<<ceil_div_u(R, 256), 256, 0, stream>>>(st, rs, R);
+  bump_steps_kernel<<<ceil_div_u(R, 256), 256, 0, stream_h>>>(st, rs, R);
   MK_CUDA_CHECK_LAUNCH();
 }
 

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from marginkit.backends.cuda import range_loss
+from marginkit.ops import range_loss
 from marginkit.errors import check_real
 
 __all__ = ["RangeLoss"]
@@ -24,7 +24,7 @@ class RangeLoss(nn.Module):
     inter = max(margin − min_{Q≠R} ‖x̄_Q − x̄_R‖², 0) (0 with fewer than 2 classes).
     ``forward(embeddings (B, D), labels (B,) int64) -> alpha·intra + beta·inter``, a 0-d
     float32 tensor (float64 for float64 embeddings), differentiable in the embeddings.
-    Runs the csrc op (CPU or CUDA kernels; see ``marginkit.backends.cuda.range_loss``).
+    Runs the csrc op (CPU or CUDA kernels; see ``marginkit.ops.range_loss``).
 
     Rows labelled ``ignore_index`` (default −100, as ``margin_cross_entropy``) are left
     out; ``ignore_index=None`` keeps every row (labels are then plain group ids).

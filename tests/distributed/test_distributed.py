@@ -331,7 +331,7 @@ def _free_port() -> int:
 # torch._dynamo, which the first custom-op call imports, DCP, marginkit): each worker then
 # starts in milliseconds instead of paying ~7 s of imports on a 2-core machine.
 PRELOAD = ["torch", "torch._dynamo", "torch.distributed.checkpoint", "torch.nn.parallel",
-           "marginkit", "marginkit.distributed", "marginkit.backends.cuda", __name__]
+           "marginkit", "marginkit.distributed", "marginkit.ops", __name__]
 
 
 def run_world(world: int, outdir: str, timeout: float = SPAWN_TIMEOUT_S, worker=None) -> list:

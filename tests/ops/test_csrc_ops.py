@@ -1,4 +1,4 @@
-"""CPU tests of the csrc ops (marginkit._C via marginkit.backends.cuda) against plain PyTorch."""
+"""CPU tests of the csrc ops (marginkit._C via marginkit.ops) against plain PyTorch."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-mc = pytest.importorskip("marginkit.backends.cuda")
+mc = pytest.importorskip("marginkit.ops")
 if not mc.available():  # pragma: no cover
     pytest.skip("marginkit._C is not built", allow_module_level=True)
 
