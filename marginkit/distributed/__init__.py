@@ -12,8 +12,8 @@ See docs/scaling.md for the communication volume and a step-time model.
 
 from marginkit.distributed.checkpoint import load_sharded, save_sharded
 from marginkit.distributed.partial_fc import PartialFCAdamW, PartialFCSGD
-from marginkit.distributed.partitioned import PER_CLASS_STATE, PartitionedMarginSoftmax, seeded_normal_rows
-from marginkit.distributed.sharding import shard_range, shard_sizes
+from marginkit.distributed.partitioned import PartitionedMarginSoftmax
+from marginkit.distributed.sharding import PER_CLASS_STATE, seeded_normal_rows, shard_range, shard_sizes
 
 __all__ = [
     "PER_CLASS_STATE",

@@ -32,7 +32,7 @@ from typing import Optional, Union
 import torch
 
 from marginkit.distributed import collectives as coll
-from marginkit.distributed.sharding import shard_range
+from marginkit.distributed.sharding import PER_CLASS_STATE, shard_range
 
 __all__ = ["gather_full_state", "load_full_state", "sharded_state", "save_sharded", "load_sharded"]
 
@@ -46,12 +46,6 @@ def _quiet_sharded_tensor():
         warnings.filterwarnings("ignore", message=".*_shard.*deprecat.*")
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
         yield
-
-
-def _per_class_state():
-    from marginkit.distributed.partitioned import PER_CLASS_STATE
-
-    return PER_CLASS_STATE
 
 
 @torch.no_grad()
@@ -81,7 +75,7 @@ def gather_full_state(head, device: Optional[Union[torch.device, str]] = None) -
 @torch.no_grad()
 def load_full_state(head, state_dict: dict, strict: bool = True) -> None:
     """See :meth:`PartitionedMarginSoftmax.load_full_state_dict`."""
-    per_class = _per_class_state()
+    per_class = PER_CLASS_STATE
     if strict:
         unknown = sorted(set(state_dict) - set(per_class) - set(_PLAIN_STATE))
         if unknown:
@@ -167,7 +161,7 @@ def load_sharded(head, checkpoint_id) -> None:
     metadata = dcp.FileSystemReader(checkpoint_id).read_metadata().state_dict_metadata
     if "weight" not in metadata:
         raise ValueError(f"{checkpoint_id} holds no 'weight'")
-    for name in _per_class_state():
+    for name in PER_CLASS_STATE:
         if name not in metadata:
             continue
         md = metadata[name]

@@ -4,9 +4,10 @@ Every helper is a no-op for a world of one (``group is None``). Tensors of any d
 travel as raw bytes where the payload mixes dtypes or the backend may lack the dtype
 (gloo and bfloat16/bool), so one code path serves every input dtype.
 
-Uneven row counts (local batches, class shards) are padded to the largest count,
-exchanged with one equal-size collective and trimmed: NCCL's all-gather and
-reduce-scatter want equal blocks. (Class shards differ by at most one row.)
+Uneven row counts (local batches, class shards) are padded to the largest count (or a
+declared maximum), exchanged with one equal-size collective and trimmed with one indexed
+copy: NCCL's all-gather and reduce-scatter want equal blocks. (Class shards differ by at
+most one row.)
 """
 
 from __future__ import annotations
@@ -20,7 +21,12 @@ from marginkit.errors import MarginKitTypeError
 
 __all__ = [
     "is_nccl",
+    "padded_positions",
+    "all_gather_padded",
     "all_gather_rows",
+    "to_padded_layout",
+    "PendingRows",
+    "reduce_scatter_padded",
     "sum_rows_to_owner",
     "all_reduce_",
     "all_gather_small",
@@ -80,64 +86,107 @@ def from_byte_rows(b: torch.Tensor, dtype: torch.dtype, row_shape: Sequence[int]
     return b.view(dtype).reshape(n, *row_shape)
 
 
+def padded_positions(sizes: torch.Tensor, block_rows: int) -> torch.Tensor:
+    """Row of each gathered row in the padded layout (vectorised: no per-rank loop).
+
+    ``sizes`` (W,) int64 on the host (callers hold them there already): rows of every rank;
+    the padded layout gives rank r the rows ``[r·block_rows, r·block_rows + sizes[r])``.
+    Returns (sum(sizes),) int64 on the host; move it to the data's device.
+    """
+    ends = torch.cumsum(sizes, 0)
+    rows = torch.arange(int(ends[-1]))
+    rank_of_row = torch.searchsorted(ends, rows, right=True)
+    return rank_of_row * block_rows + rows - (ends - sizes).index_select(0, rank_of_row)
+
+
+def all_gather_padded(t: torch.Tensor, block_rows: int, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+    """Every rank's (block_rows, ...) tensor in rank order: (W·block_rows, ...), one all-gather.
+
+    The rows of a rank's block past its own batch are whatever it padded them with.
+    """
+    if group is None:
+        return t
+    world = dist.get_world_size(group)
+    out = t.new_empty((world * block_rows, *t.shape[1:]))
+    _all_gather_single(out, t.contiguous(), group=group)
+    return out
+
+
 def all_gather_rows(
     t: torch.Tensor, sizes: Sequence[int], group: Optional[dist.ProcessGroup]
 ) -> torch.Tensor:
     """Concatenate every rank's rows in rank order: (sizes[rank], ...) -> (sum(sizes), ...).
 
-    One all-gather of max(sizes) rows per rank.
+    One all-gather of max(sizes) rows per rank (padding only because the collective needs
+    equal blocks); uneven blocks are trimmed with one index_select, not a per-rank loop.
     """
     if group is None:
         return t
-    world = len(sizes)
     max_rows = max(sizes)
     padded = t.new_zeros((max_rows, *t.shape[1:]))
     padded[: t.shape[0]] = t
-    out = t.new_empty((world * max_rows, *t.shape[1:]))
-    try:
-        _all_gather_single(out, padded, group=group)
-        blocks = list(out.split(max_rows))
-    except _UNSUPPORTED as err:  # pragma: no cover - backends without the single-tensor form
-        if not _unsupported(err, group):
-            raise
-        blocks = [torch.empty_like(padded) for _ in range(world)]
-        dist.all_gather(blocks, padded, group=group)
+    out = all_gather_padded(padded, max_rows, group)
     if all(n == max_rows for n in sizes):
-        return torch.cat(blocks)
-    return torch.cat([block[:n] for block, n in zip(blocks, sizes)])
+        return out
+    return out.index_select(0, padded_positions(torch.tensor(sizes, dtype=torch.int64), max_rows).to(t.device))
 
 
-def sum_rows_to_owner(
-    t: torch.Tensor, sizes: Sequence[int], rank: int, group: Optional[dist.ProcessGroup]
-) -> torch.Tensor:
-    """Sum a (sum(sizes), ...) tensor over ranks and return this rank's rows (sizes[rank], ...).
-
-    One reduce-scatter of max(sizes) rows per rank (each rank receives only its rows);
-    where the backend has no reduce-scatter, one all-reduce and the slice.
-    """
-    if group is None:
-        return t
-    world = len(sizes)
+def to_padded_layout(t: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
+    """(sum(sizes), ...) rows in rank order -> (W·max(sizes), ...) with zero rows as padding."""
     max_rows = max(sizes)
     if all(n == max_rows for n in sizes):
-        padded = t.contiguous()
-    else:
-        padded = t.new_zeros((world * max_rows, *t.shape[1:]))
-        start = 0
-        for r, n in enumerate(sizes):
-            padded[r * max_rows : r * max_rows + n] = t[start : start + n]
-            start += n
-    out = t.new_empty((max_rows, *t.shape[1:]))
+        return t.contiguous()
+    padded = t.new_zeros((len(sizes) * max_rows, *t.shape[1:]))
+    positions = padded_positions(torch.tensor(sizes, dtype=torch.int64), max_rows).to(t.device)
+    return padded.index_copy_(0, positions, t)
+
+
+class PendingRows:
+    """This rank's rows of a reduce-scatter in flight: ``wait()`` returns them (rows, ...)."""
+
+    def __init__(self, out: torch.Tensor, rows: int, work=None, fallback=None) -> None:
+        self._out, self._rows, self._work, self._fallback = out, rows, work, fallback
+
+    def wait(self) -> torch.Tensor:
+        if self._work is not None:
+            self._work.wait()
+        if self._fallback is not None:
+            return self._fallback()
+        return self._out[: self._rows]
+
+
+def reduce_scatter_padded(
+    padded: torch.Tensor, rows: int, rank: int, group: Optional[dist.ProcessGroup], async_op: bool = False
+) -> PendingRows:
+    """Sum a (W·block, ...) padded tensor over ranks; rank r receives block r, trimmed to ``rows``.
+
+    One reduce-scatter (``async_op=True``: started now, finished by ``.wait()``, so the
+    caller computes meanwhile); where the backend has none, one all-reduce and the slice.
+    """
+    if group is None:
+        return PendingRows(padded, rows)
+    world = dist.get_world_size(group)
+    block = padded.shape[0] // world
+    out = padded.new_empty((block, *padded.shape[1:]))
     try:
-        _reduce_scatter_single(out, padded, group=group)
-        return out[: sizes[rank]]
+        work = _reduce_scatter_single(out, padded.contiguous(), group=group, async_op=async_op)
+        return PendingRows(out, rows, work)
     except _UNSUPPORTED as err:  # pragma: no cover - e.g. older gloo had no reduce-scatter
         if not _unsupported(err, group):
             raise
-    offset = sum(sizes[:rank])
-    t = t.contiguous()
-    dist.all_reduce(t, group=group)
-    return t[offset : offset + sizes[rank]]
+    full = padded.contiguous()
+    work = dist.all_reduce(full, group=group, async_op=async_op)
+    return PendingRows(full, rows, work, fallback=lambda: full[rank * block : rank * block + rows])
+
+
+def sum_rows_to_owner(
+    t: torch.Tensor, sizes: Sequence[int], rank: int, group: Optional[dist.ProcessGroup], async_op: bool = False
+) -> PendingRows:
+    """Sum a (sum(sizes), ...) tensor over ranks; this rank gets its rows (sizes[rank], ...)
+    from ``.wait()``. One reduce-scatter of max(sizes) rows per rank."""
+    if group is None:
+        return PendingRows(t, t.shape[0])
+    return reduce_scatter_padded(to_padded_layout(t, sizes), sizes[rank], rank, group, async_op)
 
 
 def all_reduce_(t: torch.Tensor, op, group: Optional[dist.ProcessGroup]) -> torch.Tensor:

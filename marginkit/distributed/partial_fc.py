@@ -33,14 +33,14 @@ from typing import Callable, Optional
 
 import torch
 
+from marginkit.distributed.partitioned import PartitionedMarginSoftmax
 from marginkit.errors import check_real
+from marginkit.ops import sparse_adamw_step_, sparse_sgd_step_
 
 __all__ = ["PartialFCSGD", "PartialFCAdamW"]
 
 
 def _check_head(head) -> None:
-    from marginkit.distributed.partitioned import PartitionedMarginSoftmax
-
     if not isinstance(head, PartitionedMarginSoftmax):
         raise TypeError(f"expected a PartitionedMarginSoftmax, got {type(head).__name__}")
 
@@ -51,6 +51,18 @@ class _RowSparseOptimizer(torch.optim.Optimizer):
         super().__init__([head.weight], defaults)
         if len(self.param_groups) != 1:  # pragma: no cover - defensive
             raise ValueError("a row-sparse optimizer takes exactly one head")
+        self.head = head
+
+    # torch.optim.Optimizer pickles only defaults, state and param_groups: keep the head too,
+    # so copy.deepcopy / pickle give an optimizer that steps (its copy of the head).
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["head"] = self.head
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        head = state.pop("head", None)
+        super().__setstate__(state)
         self.head = head
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -124,8 +136,6 @@ class PartialFCSGD(_RowSparseOptimizer):
     def _update_rows(self, rows, grad, g):
         weight = self.head.weight.detach()
         if g["momentum"] > 0:
-            from marginkit.backends.cuda import sparse_sgd_step_
-
             self._ensure_state()
             sparse_sgd_step_(
                 weight, grad, self.head.momentum_buffer, rows, float(g["lr"]), float(g["momentum"]),
@@ -159,8 +169,6 @@ class PartialFCAdamW(_RowSparseOptimizer):
         head.register_per_class_buffer("adam_step", torch.zeros(w.shape[0], dtype=torch.int64, device=w.device))
 
     def _update_rows(self, rows, grad, g):
-        from marginkit.backends.cuda import sparse_adamw_step_
-
         h = self.head
         sparse_adamw_step_(
             h.weight.detach(), grad, h.exp_avg, h.exp_avg_sq, h.adam_step, rows, float(g["lr"]),
