@@ -1,12 +1,15 @@
 """Triton kernels of the fused margin cross-entropy (forward and backward).
 
 Notation (all per call, one shard of classes):
-    X (B, D) embeddings, W (C, D) class weights, both fp32, fp16 or bf16;
+    X (B, D) embeddings, W (C, D) class weights: fp32, fp16 or bf16, the same dtype, or W fp32
+    with X fp16/bf16 (fp32 master weights: W tiles are cast to X's dtype in registers);
     x_inv_i = 1/‖x_i‖, w_inv_j = 1/‖w_j‖ (ones when the inputs are taken as normalised);
     cos_ij = (x_i · w_j) · x_inv_i · w_inv_j;  logit_ij = scale · cos_ij.
 The kernels are margin-agnostic: the target column j = y_i (labels_local, when it lies in
 this shard) is skipped in the forward and the backward; its share (ψ, dψ/dcos) is added
-per row in float64 by the caller (notes/CONTRACTS.md, two-phase API v3).
+per row in float64 by the caller (notes/CONTRACTS.md). The non-target cosines may pass
+through one modulation N (marginkit.modulation.NegativeModulation, MODULATE): above the
+row's threshold, N(cos) = quadratic·cos² + linear·cos with slope 2·quadratic·cos + linear.
 
 Forward (two kernels):
     lse_partials_kernel   grid (row blocks, class splits). A program owns BLOCK_B rows and one
@@ -57,6 +60,43 @@ def _mma(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _dot_step(
+    x_ptr, w_ptr, rows, row_mask, cols, col_mask, ks, D,
+    stride_xb, stride_xd, stride_wc, stride_wd, acc,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """One k step of the X·Wᵀ tile loop: acc + X[rows, ks]·W[cols, ks]ᵀ (fp32 accumulate).
+
+    The W tile is cast to X's dtype in registers (a no-op unless W holds fp32 master
+    weights for fp16/bf16 embeddings: no (C, D) copy in the compute dtype is ever made).
+    """
+    k_mask = ks < D
+    xt = tl.load(
+        x_ptr + rows[:, None] * stride_xb + ks[None, :] * stride_xd,
+        mask=row_mask[:, None] & k_mask[None, :],
+        other=0.0,
+    )
+    wt = tl.load(
+        w_ptr + cols[:, None] * stride_wc + ks[None, :] * stride_wd,
+        mask=col_mask[:, None] & k_mask[None, :],
+        other=0.0,
+    ).to(xt.dtype)
+    return _mma(xt, tl.trans(wt), acc, DOT_PRECISION, UPCAST)
+
+
+@triton.jit
+def _modulated(cos, threshold, quadratic, linear):
+    """N(cos): quadratic·cos² + linear·cos above the row's threshold (B, 1), cos elsewhere."""
+    return tl.where(cos > threshold[:, None], cos * (quadratic * cos + linear), cos)
+
+
+@triton.jit
+def _modulation_slope(cos, threshold, quadratic, linear):
+    """dN/dcos: 2·quadratic·cos + linear above the row's threshold, 1 elsewhere."""
+    return tl.where(cos > threshold[:, None], 2.0 * quadratic * cos + linear, 1.0)
+
+
+@triton.jit
 def row_inv_norm_kernel(
     x_ptr,
     out_ptr,
@@ -94,7 +134,7 @@ def lse_partials_kernel(
     labels_ptr,
     part_max_ptr,
     part_sum_ptr,
-    thr_ptr,
+    threshold_ptr,
     B,
     C,
     D,
@@ -104,9 +144,10 @@ def lse_partials_kernel(
     stride_wc,
     stride_wd,
     scale,
-    curriculum_t,
+    quadratic,
+    linear,
     B_BUCKET,
-    HOOK: tl.constexpr,
+    MODULATE: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -116,8 +157,8 @@ def lse_partials_kernel(
     """Per (row, class split) online log-sum-exp partials: part_max[s, i], part_sum[s, i].
 
     part_sum is Σ exp(logit − part_max) over the split's non-target classes; a split with
-    none writes (−inf, 0). B_BUCKET only feeds the autotuning key. HOOK: hard negatives
-    (cos > thr[i]) are modulated to cos·(t + cos) (CurricularFace; thr_ptr unused otherwise).
+    none writes (−inf, 0). B_BUCKET only feeds the autotuning key. MODULATE: the non-target
+    cosines enter as N(cos) (threshold_ptr (B,), quadratic, linear; unused otherwise).
     """
     pid_b = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -127,8 +168,8 @@ def lse_partials_kernel(
     # logit = ((acc · x_inv) · w_inv) · scale (bitwise equal when their BLOCK_K match).
     x_inv = tl.load(x_inv_ptr + rows, mask=row_mask, other=0.0)
     label = tl.load(labels_ptr + rows, mask=row_mask, other=-1)
-    if HOOK:
-        thr = tl.load(thr_ptr + rows, mask=row_mask, other=0.0)
+    if MODULATE:
+        threshold = tl.load(threshold_ptr + rows, mask=row_mask, other=0.0)
 
     # Class indices fit in int32 (C < 2^31); they are widened before any pointer product.
     c_begin = pid_s * classes_per_split
@@ -147,25 +188,15 @@ def lse_partials_kernel(
         kt = it - ct * k_tiles
         cols = (c_begin + ct * BLOCK_C + offs_c).to(tl.int64)
         col_mask = cols < c_end
-        ks = kt * BLOCK_K + offs_k
-        k_mask = ks < D
-        xt = tl.load(
-            x_ptr + rows[:, None] * stride_xb + ks[None, :] * stride_xd,
-            mask=row_mask[:, None] & k_mask[None, :],
-            other=0.0,
+        acc = _dot_step(
+            x_ptr, w_ptr, rows, row_mask, cols, col_mask, kt * BLOCK_K + offs_k, D,
+            stride_xb, stride_xd, stride_wc, stride_wd, acc, DOT_PRECISION, UPCAST,
         )
-        wt = tl.load(
-            w_ptr + cols[:, None] * stride_wc + ks[None, :] * stride_wd,
-            mask=col_mask[:, None] & k_mask[None, :],
-            other=0.0,
-        )
-        acc = _mma(xt, tl.trans(wt), acc, DOT_PRECISION, UPCAST)
         if kt == k_tiles - 1:
             w_inv = tl.load(w_inv_ptr + cols, mask=col_mask, other=0.0)
             cos = acc * x_inv[:, None] * w_inv[None, :]
-            if HOOK:
-                # CurricularFace: a hard negative (cos > the row's target logit) becomes cos·(t + cos).
-                cos = tl.where(cos > thr[:, None], cos * (curriculum_t + cos), cos)
+            if MODULATE:
+                cos = _modulated(cos, threshold, quadratic, linear)
             logits = cos * scale
             keep = col_mask[None, :] & (cols[None, :] != label[:, None])
             logits = tl.where(keep, logits, float("-inf"))
@@ -225,7 +256,7 @@ def scores_kernel(
     kappa_ptr,
     ws_ptr,
     q_ptr,
-    thr_ptr,
+    threshold_ptr,
     B,
     D,
     chunk_start,
@@ -237,9 +268,10 @@ def scores_kernel(
     stride_ws,
     stride_q,
     scale,
-    curriculum_t,
+    quadratic,
+    linear,
     B_BUCKET,
-    HOOK: tl.constexpr,
+    MODULATE: tl.constexpr,
     NORMALIZE: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -251,10 +283,9 @@ def scores_kernel(
 
     Writes ws[i, j − chunk_start] = κ·dS_ij·x_inv_i·w_inv_j in ws's dtype and, with
     NORMALIZE, q[pid_b, j − chunk_start] = Σ_{i in block} dS_ij·cos_ij (fp32).
-    dS_ij = g_i·scale·exp(logit_ij − lse_i) (× t + 2·cos_ij on HOOK's hard negatives), 0 at
-    the target column; grad_scaled = g_i·scale
-    (0 on rows that contribute nothing). No probability filter: every class's
-    exp(logit − lse) enters, however small.
+    dS_ij = g_i·scale·exp(logit_ij − lse_i)·dN/dcos_ij (slope 1 without MODULATE), 0 at the
+    target column; grad_scaled = g_i·scale (0 on rows that contribute nothing). No
+    probability filter: every class's exp(logit − lse) enters, however small.
     """
     pid_b = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -266,19 +297,10 @@ def scores_kernel(
 
     acc = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_mask = ks < D
-        xt = tl.load(
-            x_ptr + rows[:, None] * stride_xb + ks[None, :] * stride_xd,
-            mask=row_mask[:, None] & k_mask[None, :],
-            other=0.0,
+        acc = _dot_step(
+            x_ptr, w_ptr, rows, row_mask, cols, col_mask, k0 + tl.arange(0, BLOCK_K), D,
+            stride_xb, stride_xd, stride_wc, stride_wd, acc, DOT_PRECISION, UPCAST,
         )
-        wt = tl.load(
-            w_ptr + cols[:, None] * stride_wc + ks[None, :] * stride_wd,
-            mask=col_mask[:, None] & k_mask[None, :],
-            other=0.0,
-        )
-        acc = _mma(xt, tl.trans(wt), acc, DOT_PRECISION, UPCAST)
 
     x_inv = tl.load(x_inv_ptr + rows, mask=row_mask, other=0.0)
     w_inv = tl.load(w_inv_ptr + cols, mask=col_mask, other=0.0)
@@ -290,12 +312,11 @@ def scores_kernel(
     # Same expression as the forward's logit (see lse_partials_kernel).
     cos = acc * x_inv[:, None] * w_inv[None, :]
     live = (grad_scaled != 0.0)[:, None] & col_mask[None, :] & (cols[None, :] != label[:, None])
-    if HOOK:
-        # d/dcos of cos·(t + cos) is t + 2·cos on hard negatives, 1 elsewhere.
-        thr = tl.load(thr_ptr + rows, mask=row_mask, other=0.0)
-        hard = cos > thr[:, None]
-        p = tl.exp(tl.where(hard, cos * (curriculum_t + cos), cos) * scale - lse[:, None])
-        ds = tl.where(live, p * grad_scaled[:, None] * tl.where(hard, curriculum_t + 2.0 * cos, 1.0), 0.0)
+    if MODULATE:
+        threshold = tl.load(threshold_ptr + rows, mask=row_mask, other=0.0)
+        p = tl.exp(_modulated(cos, threshold, quadratic, linear) * scale - lse[:, None])
+        slope = _modulation_slope(cos, threshold, quadratic, linear)
+        ds = tl.where(live, p * grad_scaled[:, None] * slope, 0.0)
     else:
         p = tl.exp(cos * scale - lse[:, None])
         ds = tl.where(live, p * grad_scaled[:, None], 0.0)
@@ -335,7 +356,7 @@ def dx_gemm_kernel(
     DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    """out += E[:, split] · W[chunk_start + split, :] for split pid_s of the chunk (fp32).
+    """out += E[:, split] · W[chunk_start + split, :] for split pid_s of the chunk (fp32 accumulate).
 
     USE_ATOMICS: every split adds into the same (B, D) fp32 buffer with relaxed atomics
     (order of the adds varies run to run). Otherwise split s owns out[s] (stride_os) and
@@ -364,7 +385,7 @@ def dx_gemm_kernel(
             w_ptr + (chunk_start + ks)[:, None] * stride_wc + dcols[None, :] * stride_wd,
             mask=k_mask[:, None] & d_mask[None, :],
             other=0.0,
-        )
+        ).to(a.dtype)  # fp32 master weights: cast in registers to the workspace dtype
         acc = _mma(a, b, acc, DOT_PRECISION, UPCAST)
 
     out_mask = row_mask[:, None] & d_mask[None, :]
@@ -407,7 +428,8 @@ def dw_gemm_kernel(
     DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    """dW[chunk] = Eᵀ·X/κ (− w_inv²·(Σ_r q[r, j])·w_j with NORMALIZE), stored once in dW's dtype."""
+    """dW[chunk] = Eᵀ·X/κ (− w_inv²·(Σ_r q[r, j])·w_j with NORMALIZE), stored once in dW's dtype
+    (W's: float32 for fp32 master weights)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     lcls = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)

@@ -168,7 +168,8 @@ def apply_target_gradients(
         )
         out[r0:r1] = (grad_embeddings[r0:r1].to(torch.float64) + target_dx).to(out_dtype)
         if grad_weight is not None:
-            group_sums.index_add_(0, group_of_row[r0:r1], target_dw)
+            # index_put_(accumulate) is deterministic on CUDA too (index_add_ there uses float atomics)
+            group_sums.index_put_((group_of_row[r0:r1],), target_dw, accumulate=True)
     if grad_weight is not None and num_rows:
         current = grad_weight.index_select(0, sorted_classes)  # every read before any write
         for s0 in range(0, num_rows, step):

@@ -23,7 +23,11 @@ import torch.nn.functional as F  # noqa: E402
 import marginkit as mk  # noqa: E402
 from marginkit.backends import torch_chunked  # noqa: E402
 from marginkit.backends import triton as tb  # noqa: E402
-from marginkit.backends.common import combine_partials, owned_labels, target_cosine  # noqa: E402
+from marginkit.backends.common import combine_partials, target_cosine  # noqa: E402
+from marginkit.backends.triton import configs, launch, passes  # noqa: E402
+from marginkit.errors import MarginKitTypeError  # noqa: E402
+from marginkit.modulation import NegativeModulation, curricular, interclass_filter  # noqa: E402
+from marginkit.triton_kernels import lse_partials_kernel, scores_kernel  # noqa: E402
 from tests.helpers import SPECS, spec_id  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -54,8 +58,16 @@ def make(B, C, D, dtype=torch.float32, seed=0, ignored=0, device=DEVICE):
     return x.to(device=device, dtype=dtype), w.to(device=device, dtype=dtype), y.to(device)
 
 
-def reference_rows(x, w, y, spec, scale, margins=None, normalize=True):
-    """float64 textbook: per-row losses (0 on ignored rows), differentiable in x and w."""
+def owned_labels(y):
+    """labels_local of one shard: the label, -1 on ignored rows."""
+    return torch.where(y == IGNORE, torch.full_like(y, -1), y)
+
+
+def reference_rows(x, w, y, spec, scale, margins=None, normalize=True, modulation=None):
+    """float64 textbook: per-row losses (0 on ignored rows), differentiable in x and w.
+
+    modulation: (threshold (B,), quadratic, linear) applied to the non-target cosines,
+    written here from its definition (cos above the row's threshold -> q·cos² + l·cos)."""
     x64, w64 = x.double(), w.double()
     if normalize:
         x64, w64 = F.normalize(x64, dim=1), F.normalize(w64, dim=1)
@@ -66,16 +78,24 @@ def reference_rows(x, w, y, spec, scale, margins=None, normalize=True):
     m = None if margins is None else margins.double()
     psi = spec.differentiable_target(cos_y, m)
     onehot = F.one_hot(safe, w.shape[0]).bool() & owned[:, None]
+    if modulation is not None:
+        threshold, quadratic, linear = modulation
+        above = cos > threshold.double()[:, None]
+        cos = torch.where(above, quadratic * cos * cos + linear * cos, cos)
     logits = torch.where(onehot, scale * psi[:, None], scale * cos)
     losses = torch.logsumexp(logits, dim=1) - scale * psi
     return torch.where(owned, losses, torch.zeros_like(losses))
 
 
-def triton_rows(x, w, y, spec, scale, margins=None, normalize=True, deterministic=False):
-    labels_local = owned_labels(y, IGNORE)
+def triton_rows(x, w, y, spec, scale, margins=None, normalize=True, deterministic=False, modulation=None):
+    labels_local = owned_labels(y)
     cos = target_cosine(x, w, labels_local, normalize)
     psi, dpsi = spec.target_terms(cos, margins)
-    return tb.row_losses(x, w, y, psi, dpsi, scale, IGNORE, normalize, deterministic=deterministic)
+    if modulation is not None:
+        modulation = NegativeModulation(*modulation)
+    return tb.row_losses(
+        x, w, labels_local, psi, dpsi, scale, normalize, modulation=modulation, deterministic=deterministic
+    )
 
 
 def run(fn, x, w, y, *args, grad_seed=1, **kwargs):
@@ -90,7 +110,7 @@ def run(fn, x, w, y, *args, grad_seed=1, **kwargs):
 
 def assert_close_to_reference(x, w, y, spec, scale=64.0, margins=None, normalize=True, tol=1e-5, **kwargs):
     out = run(triton_rows, x, w, y, spec, scale, margins, normalize, **kwargs)
-    ref = run(reference_rows, x, w, y, spec, scale, margins, normalize)
+    ref = run(reference_rows, x, w, y, spec, scale, margins, normalize, modulation=kwargs.get("modulation"))
     assert out[0].dtype == torch.float32
     assert out[1].dtype == x.dtype and out[2].dtype == w.dtype
     errs = [rel(o, r) for o, r in zip(out, ref)]
@@ -304,12 +324,12 @@ def test_fp16_small_gradients_survive():
 
 
 def test_tf32_flag_is_followed():
-    assert tb._dot_precision(torch.float32) == ("tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee")
+    assert launch.dot_precision(torch.float32) == ("tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee")
     old = torch.backends.cuda.matmul.allow_tf32
     try:
         torch.backends.cuda.matmul.allow_tf32 = True
-        assert tb._dot_precision(torch.float32) == "tf32"
-        assert tb._dot_precision(torch.bfloat16) == "ieee"
+        assert launch.dot_precision(torch.float32) == "tf32"
+        assert launch.dot_precision(torch.bfloat16) == "ieee"
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
 
@@ -322,7 +342,7 @@ def test_two_phase_api_matches_torch_backend_and_shards_combine():
     two class shards (local labels, partials merged by hand) equal to one."""
     x, w, y = make(B=10, C=130, D=40, seed=13, ignored=2)
     scale = 64.0
-    labels = owned_labels(y, IGNORE)
+    labels = owned_labels(y)
     psi, _ = mk.ArcFace(0.5).target_terms(target_cosine(x, w, labels, True))
     grad_rows = torch.where(labels >= 0, torch.rand(10, generator=torch.Generator().manual_seed(0)), 0.0)
     rm, rs = torch_chunked.lse_partials(x, w, labels, scale, True)
@@ -333,6 +353,7 @@ def test_two_phase_api_matches_torch_backend_and_shards_combine():
         _, lse = combine_partials(m1, s1, psi, scale)
         gx, gw = tb.grads_from_lse(x, w, labels, lse, grad_rows, scale, True)
         gx_det, gw_det = tb.grads_from_lse(x, w, labels, lse, grad_rows, scale, True, deterministic=True)
+        gx_only, no_gw = tb.grads_from_lse(x, w, labels, lse, grad_rows, scale, True, need_weight_grad=False)
         cut = 70
         shards = []
         for lo, hi in ((0, cut), (cut, 130)):
@@ -348,6 +369,7 @@ def test_two_phase_api_matches_torch_backend_and_shards_combine():
     assert rel(m1, rm) < 1e-6 and rel(s1, rs) < 1e-5
     assert rel(gx, rgx) < 1e-5 and rel(gw, rgw) < 1e-5
     assert rel(gx_det, gx) < 1e-6 and rel(gw_det, gw) < 1e-6
+    assert no_gw is None and torch.equal(gx_only, gx)  # no dW GEMM, the same dX
     assert rel(lse_sharded, lse) < 1e-6
     assert rel(shard_grads[0][0] + shard_grads[1][0], gx) < 1e-5
     assert rel(torch.cat([shard_grads[0][1], shard_grads[1][1]]), gw) < 1e-5
@@ -356,7 +378,7 @@ def test_two_phase_api_matches_torch_backend_and_shards_combine():
 def test_row_without_non_target_class():
     """C = 1: the only class is the target; partials are (−inf, 0) and the loss is 0."""
     x, w, y = make(B=3, C=1, D=8)
-    m, s = tb.lse_partials(x, w, y, 64.0, True)
+    m, s = tb.lse_partials(x, w, owned_labels(y), 64.0, True)
     assert torch.equal(m, torch.full_like(m, float("-inf"))) and torch.equal(s, torch.zeros_like(s))
     out = run(triton_rows, x, w, y, mk.ArcFace(0.5), 64.0)
     assert all(torch.isfinite(t).all() for t in out) and torch.equal(out[0], torch.zeros_like(out[0]))
@@ -373,7 +395,7 @@ def test_rejects_mismatched_dtypes():
 # ------------------------------------------------------------------------------------------
 def test_opcheck():
     x, w, y = make(B=3, C=20, D=8, seed=14, ignored=1)
-    labels = owned_labels(y, IGNORE)
+    labels = owned_labels(y)
     psi, dpsi = mk.ArcFace(0.5).target_terms(target_cosine(x, w, labels, True))
     x.requires_grad_(True)
     w.requires_grad_(True)
@@ -383,9 +405,9 @@ def test_opcheck():
     bwd_args = (x.detach(), w.detach(), labels, dpsi, losses, lse, w_inv, torch.ones(3, device=x.device),
                 16.0, True, True)
     torch.library.opcheck(torch.ops.marginkit.triton_margin_ce_rows_backward.default, bwd_args)
-    hook = (psi.float(), 0.3)  # CurricularFace's negative hook
-    torch.library.opcheck(torch.ops.marginkit.triton_margin_ce_rows.default, args + hook)
-    torch.library.opcheck(torch.ops.marginkit.triton_margin_ce_rows_backward.default, bwd_args + hook)
+    modulation = (psi.float(), 1.0, 0.3)  # a negative modulation: threshold, quadratic, linear
+    torch.library.opcheck(torch.ops.marginkit.triton_margin_ce_rows.default, args + modulation)
+    torch.library.opcheck(torch.ops.marginkit.triton_margin_ce_rows_backward.default, bwd_args + modulation)
 
 
 def test_torch_compile_fullgraph():
@@ -403,9 +425,9 @@ def test_torch_compile_fullgraph():
 
         def forward(self, feats, labels):
             emb = self.proj(feats)
-            local = owned_labels(labels, IGNORE)
+            local = owned_labels(labels)
             psi, dpsi = self.spec.target_terms(target_cosine(emb, self.weight, local, True))
-            return tb.row_losses(emb, self.weight, labels, psi, dpsi, 32.0, IGNORE, True).mean()
+            return tb.row_losses(emb, self.weight, local, psi, dpsi, 32.0, True).mean()
 
     torch.manual_seed(0)
     model = Model().to(DEVICE)
@@ -468,25 +490,25 @@ def test_gpu_four_million_classes():
     x = torch.randn(B, D, device="cuda", generator=gen).bfloat16()
     w = (torch.randn(C, D, device="cuda", generator=gen) * 0.5).bfloat16()
     y = torch.randint(0, C, (B,), device="cuda", generator=gen)
-    labels = owned_labels(y, IGNORE)
+    labels = owned_labels(y)
     spec, scale = mk.ArcFace(0.5), 64.0
     psi, dpsi = spec.target_terms(target_cosine(x, w, labels, True))
     x.requires_grad_(True)
     w.requires_grad_(True)
-    losses = tb.row_losses(x, w, y, psi, dpsi, scale, IGNORE, True)  # warm-up + autotune
+    losses = tb.row_losses(x, w, labels, psi, dpsi, scale, True)  # warm-up + autotune
     losses.mean().backward()
     x.grad = w.grad = None
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    losses = tb.row_losses(x, w, y, psi, dpsi, scale, IGNORE, True)
+    losses = tb.row_losses(x, w, labels, psi, dpsi, scale, True)
     losses.mean().backward()
     torch.cuda.synchronize()
     grads_bytes = x.grad.numel() * 2 + w.grad.numel() * 2
     extra = torch.cuda.max_memory_allocated() - base - grads_bytes
     assert extra <= 64 * 2**20 + C * 4, f"peak extra {extra / 2**20:.1f} MiB"  # + w_inv (C floats, saved)
     with torch.no_grad():
-        ref = torch_chunked.row_losses(x, w, y, psi, dpsi, scale, IGNORE, True)
+        ref = torch_chunked.row_losses(x, w, labels, psi, dpsi, scale, True)
     assert rel(losses, ref) < 1e-3
     assert torch.isfinite(x.grad).all() and torch.isfinite(w.grad).all()
 
@@ -495,15 +517,20 @@ def test_gpu_four_million_classes():
 @pytest.mark.gpu
 def test_gpu_direct_launch_matches_the_autotuner_path():
     """CPU twin: test_later_launches_of_a_tuning_key_skip_the_autotuner. The autotuner's pick
-    launched directly computes what the autotuner's own launch computes."""
+    launched directly, and through the cached CompiledKernel handles, computes what the
+    autotuner's own launch computes."""
     x, w, y = make(B=512, C=30011, D=256, dtype=torch.bfloat16, seed=22, ignored=5)
     with tb.tuning(direct_launch=False):
         via_autotuner = run(triton_rows, x, w, y, mk.ArcFace(0.5), 64.0)
-    assert tb._SCORES.picked and tb._DX.picked and tb._DW.picked  # the first launches recorded their picks
-    direct = run(triton_rows, x, w, y, mk.ArcFace(0.5), 64.0)
-    assert torch.equal(direct[0], via_autotuner[0])  # forward: same kernels and tiles, no atomics
-    for a, b in zip(direct[1:], via_autotuner[1:]):
-        assert rel(a, b) < 1e-3  # dX's split-K adds with atomics, in any order
+    with tb.tuning(compiled_launch=False):
+        via_jit = run(triton_rows, x, w, y, mk.ArcFace(0.5), 64.0)  # direct, records the handles
+    assert passes.SCORES.picked and passes.DX.picked and passes.DW.picked  # the first launches recorded their picks
+    direct = run(triton_rows, x, w, y, mk.ArcFace(0.5), 64.0)  # through the cached handles
+    assert passes.SCORES.handles and passes.DX.handles and passes.DW.handles
+    for other in (via_autotuner, via_jit):
+        assert torch.equal(direct[0], other[0])  # forward: same kernels and tiles, no atomics
+        for a, b in zip(direct[1:], other[1:]):
+            assert rel(a, b) < 1e-3  # dX's split-K adds with atomics, in any order
 
 
 def test_public_deterministic_flag_reaches_the_kernels():
@@ -524,60 +551,166 @@ def test_public_deterministic_flag_reaches_the_kernels():
     assert rel(first[0], ref) < 1e-5
 
 
-@pytest.mark.parametrize("t", [0.0, 0.4])
-def test_curricular_hook_matches_the_torch_backend(t):
-    """CurricularFace's hard-negative hook in the kernels equals the torch backend's (which
-    tests/test_adaptive.py checks against the paper's formula in float64)."""
-    from marginkit.nn.curricular_face import curricular_cross_entropy
-
-    # Small scale weight rows and a large margin: many negatives are harder than the target.
-    x, w, y = make(B=7, C=150, D=24, seed=43, ignored=1)
-    spec = mk.ArcFace(0.8)
-    psi, _ = spec.target_terms(target_cosine(x, w, owned_labels(y, IGNORE), True))
+# ------------------------------------------------------------------------------------------
+# The negative modulation (CurricularFace, inter-class filtering, any quadratic)
+# ------------------------------------------------------------------------------------------
+def hard_negative_inputs(seed=43):
+    """Inputs where many non-target cosines exceed the row's ArcFace(0.8) target logit."""
+    x, w, y = make(B=7, C=150, D=24, seed=seed, ignored=1)
+    psi, _ = mk.ArcFace(0.8).target_terms(target_cosine(x, w, owned_labels(y), True))
     cos = F.normalize(x.double(), dim=1) @ F.normalize(w.double(), dim=1).T
-    assert int((cos > psi[:, None]).sum()) > 20  # the hook has work to do
+    assert int((cos > psi[:, None]).sum()) > 20  # the modulation has work to do
+    return x, w, y, psi
 
-    def run(backend):
-        xr, wr = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
-        with tb.tuning(**SMALL):
-            loss = curricular_cross_entropy(xr, wr, y, t, spec, 16.0, backend=backend)
-        loss.backward()
-        return loss.detach(), xr.grad, wr.grad
 
-    for name, a, b in zip(("loss", "dX", "dW"), run("triton"), run("torch")):
+@pytest.mark.parametrize(
+    "quadratic,linear", [(1.0, 0.0), (1.0, 0.4), (-0.6, 1.3), (0.0, 0.0)],
+    ids=["curricular-t0", "curricular-t0.4", "any-quadratic", "filter-to-zero"],
+)
+def test_modulation_matches_float64_reference(quadratic, linear):
+    """N(cos) = q·cos² + l·cos above the row's threshold (ψ here), in the loss and both gradients."""
+    x, w, y, psi = hard_negative_inputs()
+    with tb.tuning(**SMALL):
+        assert_close_to_reference(x, w, y, mk.ArcFace(0.8), scale=16.0, modulation=(psi.float(), quadratic, linear))
+
+
+@pytest.mark.parametrize("t", [0.0, 0.4])
+def test_curricular_modulation_matches_the_torch_backend(t):
+    """The kernels' modulation equals the torch backend's ``NegativeModulation.apply``."""
+    x, w, y, psi = hard_negative_inputs()
+    labels = owned_labels(y)
+    _, dpsi = mk.ArcFace(0.8).target_terms(target_cosine(x, w, labels, True))
+    modulation = curricular(psi, t)
+
+    def rows(backend):
+        return lambda x, w, y: backend.row_losses(x, w, labels, psi, dpsi, 16.0, True, modulation=modulation)
+
+    with tb.tuning(**SMALL):
+        ours = run(rows(tb), x, w, y)
+    theirs = run(rows(torch_chunked), x, w, y)
+    for name, a, b in zip(("loss", "dX", "dW"), ours, theirs):
         assert rel(a, b) < 1e-5, name
 
 
+def test_interclass_filter_on_labelled_rows_only():
+    """insightface's inter-class filtering: non-target cosines above 0.2 count as 0 on labelled
+    rows; the ignored row keeps +inf (untouched, and takes no part anyway)."""
+    x, w, y = make(B=9, C=120, D=16, seed=44, ignored=2)
+    x[2:5] = w[:3] * 3.0 + 0.5 * w[3:6]  # rows close to two classes: their negatives exceed 0.2
+    filt = interclass_filter(y != IGNORE, 0.2, torch.float32)
+    assert torch.isinf(filt.threshold[:2]).all()
+    with tb.tuning(**SMALL):
+        (loss, *_), _ = assert_close_to_reference(
+            x, w, y, mk.ArcFace(0.5), modulation=(filt.threshold, filt.quadratic, filt.linear)
+        )
+    plain = run(reference_rows, x, w, y, mk.ArcFace(0.5), 64.0)[0]
+    assert rel(loss, plain) > 1e-3  # the filter changed the losses
+
+
 # ------------------------------------------------------------------------------------------
-# Launch configs (the autotuner's candidate lists; pure Python, no kernel runs)
+# fp32 master weights, float64, deterministic without the global flag
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_fp32_master_weights(dtype):
+    """fp16/bf16 embeddings with a float32 weight: computed in the embeddings' dtype (W tiles cast
+    in registers), weight.grad float32, embeddings.grad in their dtype; as accurate as the
+    explicit cast of W, and equal to it up to the rounding of W itself."""
+    x, w32, y = make(B=12, C=200, D=40, seed=45, ignored=1)
+    x = x.to(dtype)
+    spec = mk.ArcFace(0.5)
+    with tb.tuning(**SMALL):
+        master = run(triton_rows, x, w32, y, spec, 64.0)
+        cast = run(triton_rows, x, w32.to(dtype), y, spec, 64.0)
+    ref = run(reference_rows, x, w32, y, spec, 64.0)
+    assert master[1].dtype == dtype and master[2].dtype == torch.float32
+    floor = 1e-2 if dtype == torch.bfloat16 else 2e-3
+    for name, a, b, r in zip(("loss", "dX", "dW"), master, cast, ref):
+        assert rel(a, r) <= rel(b, r) + floor / 4, name  # no worse than casting W first
+        assert rel(a, r) < floor, (name, rel(a, r))
+        assert rel(a, b) < floor, (name, rel(a, b))
+
+
+def test_fp32_master_weights_two_phase_api():
+    x, w32, y = make(B=10, C=90, D=24, seed=46)
+    x = x.to(torch.bfloat16)
+    labels = owned_labels(y)
+    with tb.tuning(**SMALL):
+        row_max, row_sumexp = tb.lse_partials(x, w32, labels, 32.0, True)
+        cast_max, cast_sumexp = tb.lse_partials(x, w32.bfloat16(), labels, 32.0, True)
+        _, lse = combine_partials(row_max, row_sumexp, torch.zeros(10, dtype=torch.float64), 32.0)
+        gx, gw = tb.grads_from_lse(x, w32, labels, lse, torch.ones(10), 32.0, True)
+    assert gw.dtype == torch.float32 and gx.dtype == torch.float32
+    assert rel(row_max, cast_max) < 1e-2 and rel(row_sumexp, cast_sumexp) < 2e-2
+
+
+def test_rejected_dtype_pairs_name_both_dtypes():
+    x, w, y = make(B=2, C=5, D=8)
+    for emb, weight in ((x, w.double()), (x.bfloat16(), w.half()), (x, w.bfloat16())):
+        with pytest.raises(MarginKitTypeError, match="weight dtype"):
+            tb.lse_partials(emb, weight, owned_labels(y), 64.0, True)
+    with pytest.raises(MarginKitTypeError, match="int64"):
+        tb.lse_partials(x.long(), w, owned_labels(y), 64.0, True)
+
+
+def test_float64_inputs_are_computed_in_float32():
+    """Documented: float64 in, float64 losses out, float32 accuracy (the torch backend computes float64)."""
+    x, w, y = make(B=8, C=60, D=16, seed=47, ignored=1, dtype=torch.float64)
+    with tb.tuning(**SMALL):
+        out = run(triton_rows, x, w, y, mk.ArcFace(0.5), 64.0)
+    ref = run(reference_rows, x, w, y, mk.ArcFace(0.5), 64.0)
+    assert out[0].dtype == out[1].dtype == out[2].dtype == torch.float64
+    errs = [rel(o, r) for o, r in zip(out, ref)]
+    assert all(e < 1e-5 for e in errs), errs
+
+
+def test_deterministic_mode_leaves_torchs_global_flag_alone(monkeypatch):
+    """deterministic=True never calls torch.use_deterministic_algorithms (other threads would see
+    it, and a user's own setting made meanwhile would be lost), and gives the same bits."""
+    calls = []
+    monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda *a, **k: calls.append(a))
+    x, w, y = make(B=10, C=100, D=24, seed=48)
+    y[3:7] = y[2]  # several rows of one class: the target share of dW sums duplicates
+    with tb.tuning(class_splits=2, chunk_classes=64, dx_splits=2):
+        a = run(triton_rows, x, w, y, mk.ArcFace(0.5), 64.0, deterministic=True)
+        b = run(triton_rows, x, w, y, mk.ArcFace(0.5), 64.0, deterministic=True)
+    assert calls == [] and not torch.are_deterministic_algorithms_enabled()
+    assert all(torch.equal(p, q) for p, q in zip(a, b))
+
+
+# ------------------------------------------------------------------------------------------
+# Launch configs and the launcher (pure Python, no kernel runs)
 # ------------------------------------------------------------------------------------------
 def _fwd_args(dtype, B=1024, D=512):
     x = torch.empty(B, D, dtype=dtype)
-    return dict(zip(tb.lse_partials_kernel.arg_names, [x])) | {"B": B, "D": D}
+    return dict(zip(lse_partials_kernel.arg_names, [x])) | {"B": B, "D": D}
 
 
-def _tiles(configs):
-    return [(c.num_warps, c.num_stages, c.kwargs["BLOCK_B"], c.kwargs["BLOCK_C"], c.kwargs["BLOCK_K"]) for c in configs]
+def _tiles(configs_):
+    return [(c.num_warps, c.num_stages, c.kwargs["BLOCK_B"], c.kwargs["BLOCK_C"], c.kwargs["BLOCK_K"]) for c in configs_]
 
 
 def test_configs_whose_pipeline_exceeds_shared_memory_are_pruned(monkeypatch):
     """fp32 tiles take twice bf16's shared memory: on a 227 KiB device (H100/H200) four of the six
     forward configs cannot launch (Triton reports 263168 B and more for them when compiled for
     sm_90), so the autotuner must not spend a compile on each."""
-    monkeypatch.setattr(tb, "_shared_memory_limit", lambda t: 232448)
-    kept_fp32 = _tiles(tb._FWD.prune(tb.FWD_CONFIGS, _fwd_args(torch.float32)))
+    monkeypatch.setattr(configs, "shared_memory_limit", lambda t: configs.HOPPER_SHARED_MEMORY_BYTES)
+    kept_fp32 = _tiles(passes.FWD.prune(configs.FWD_CONFIGS, _fwd_args(torch.float32)))
     assert kept_fp32 == [(8, 3, 128, 128, 64), (4, 4, 64, 128, 64)]  # 3·256·64·4 and 4·192·64·4 = 196608 B
-    assert len(tb._FWD.prune(tb.FWD_CONFIGS, _fwd_args(torch.bfloat16))) == len(tb.FWD_CONFIGS)
-    monkeypatch.setattr(tb, "_shared_memory_limit", lambda t: None)  # off CUDA: shape limits only
-    assert len(tb._FWD.prune(tb.FWD_CONFIGS, _fwd_args(torch.float32))) == len(tb.FWD_CONFIGS)
+    assert len(passes.FWD.prune(configs.FWD_CONFIGS, _fwd_args(torch.bfloat16))) == len(configs.FWD_CONFIGS)
+    # fp32 master weights: W tiles sit in shared memory as fp32, so the fp32 limits apply
+    master = _fwd_args(torch.bfloat16) | {"w_ptr": torch.empty(8, 512)}
+    master = {k: master[k] for k in ["x_ptr", "w_ptr", "B", "D"]}
+    assert _tiles(passes.FWD.prune(configs.FWD_CONFIGS, master)) == kept_fp32
+    monkeypatch.setattr(configs, "shared_memory_limit", lambda t: None)  # off CUDA: shape limits only
+    assert len(passes.FWD.prune(configs.FWD_CONFIGS, _fwd_args(torch.float32))) == len(configs.FWD_CONFIGS)
 
 
 def test_fp32_without_tf32_uses_the_fma_tile_set():
     x32, x16 = torch.empty(4, 4), torch.empty(4, 4, dtype=torch.bfloat16)
-    assert tb._Launcher.uses_fma((x32,), dict(DOT_PRECISION="ieee"))
-    assert not tb._Launcher.uses_fma((x32,), dict(DOT_PRECISION="tf32"))
-    assert not tb._Launcher.uses_fma((x16,), dict(DOT_PRECISION="ieee"))
-    for launcher in (tb._FWD, tb._SCORES, tb._DX, tb._DW):
+    assert launch.KernelLauncher.uses_fma((x32,), dict(DOT_PRECISION="ieee"))
+    assert not launch.KernelLauncher.uses_fma((x32,), dict(DOT_PRECISION="tf32"))
+    assert not launch.KernelLauncher.uses_fma((x16,), dict(DOT_PRECISION="ieee"))
+    for launcher in (passes.FWD, passes.SCORES, passes.DX, passes.DW):
         assert max(c.kwargs["BLOCK_K"] for c in launcher.configs[True]) == 32  # small K: FMA dot, fast ptxas
 
 
@@ -585,50 +718,136 @@ def test_pow2_at_least_matches_tritons_next_power_of_2():
     import triton
 
     for n in [*range(0, 300), 1023, 1024, 1025, 2**20 - 1, 2**20, 2**20 + 1]:
-        assert tb._pow2_at_least(n) == max(16, triton.next_power_of_2(max(n, 1)))
-        assert tb._pow2_at_least(n, 64) == max(64, triton.next_power_of_2(max(n, 1)))
+        assert configs.pow2_at_least(n) == max(16, triton.next_power_of_2(max(n, 1)))
+        assert configs.pow2_at_least(n, 64) == max(64, triton.next_power_of_2(max(n, 1)))
 
 
-def test_later_launches_of_a_tuning_key_skip_the_autotuner():
-    """First launch per key: Triton's autotuner; then its pick, launched directly with the
-    same arguments and the pick's meta-parameters (the GPU-only path, with fakes here)."""
-    calls = []
-    pick = tb.SCORES_CONFIGS[2]
+class FakeCompiledKernel:
+    """Stands in for Triton's CompiledKernel: ``handle[grid](*every argument in signature order)``.
+    It computes what the fake JIT kernel computes, from the positional arguments alone."""
 
+    def __init__(self, calls, arg_names):
+        self.calls, self.arg_names = calls, arg_names
+
+    def __getitem__(self, grid):
+        def launch(*args):
+            assert len(args) == len(self.arg_names), "every argument, constexprs included"
+            self.calls.append(("handle", grid, dict(zip(self.arg_names, args))))
+            fake_kernel_body(dict(zip(self.arg_names, args)))
+        return launch
+
+
+def fake_kernel_body(named):
+    """What the fake kernels 'compute': ws += scale·BLOCK_C + D (depends on a runtime and a meta arg)."""
+    named["ws_ptr"].add_(named["scale"] * named["BLOCK_C"] + named["D"])
+
+
+def fake_launcher(calls, pick):
     class FakeAutotuner:
         best_config = None
 
         def __getitem__(self, grid):
             def run(*args, **kwargs):
-                calls.append(("autotuner", kwargs["HOOK"]))
+                calls.append(("autotuner", kwargs["MODULATE"]))
                 self.best_config = pick
             return run
 
-    class FakeKernel:
-        arg_names = tb.scores_kernel.arg_names
+    class FakeJITKernel:
+        arg_names = scores_kernel.arg_names
 
         def __getitem__(self, grid):
-            return lambda *args, **kwargs: calls.append(("direct", grid, kwargs))
+            def run(*args, **meta):
+                calls.append(("jit", grid, meta))
+                fake_kernel_body({**dict(zip(self.arg_names, args)), **meta})
+                return FakeCompiledKernel(calls, self.arg_names)
+            return run
 
-    launcher = tb._Launcher(tb.scores_kernel, tb.SCORES_CONFIGS, tb.FMA_SCORES_CONFIGS,
-                            key=["D", "B_BUCKET", "HOOK", "NORMALIZE"], interp_meta={}, tiles=("BLOCK_B", "BLOCK_C", "BLOCK_K"))
-    launcher.fn, launcher.tuned = FakeKernel(), {False: FakeAutotuner(), True: FakeAutotuner()}
-    x = torch.empty(4, 8, dtype=torch.bfloat16)
-    n_positional = tb.scores_kernel.arg_names.index("B_BUCKET") + 1
-    args = [x] + [0] * (n_positional - 1)
-    args[tb.scores_kernel.arg_names.index("D")] = 512
+    launcher = launch.KernelLauncher(
+        scores_kernel, configs.SCORES_CONFIGS, configs.FMA_SCORES_CONFIGS,
+        key=["D", "B_BUCKET", "MODULATE", "NORMALIZE"], interp_meta={}, tiles=("BLOCK_B", "BLOCK_C", "BLOCK_K"),
+    )
+    launcher.fn, launcher.tuned = FakeJITKernel(), {False: FakeAutotuner(), True: FakeAutotuner()}
+    return launcher
 
-    def launch(hook, **over):
+
+def scores_args(chunk_start=0, ws=None):
+    names = scores_kernel.arg_names
+    args = [torch.empty(4, 8, dtype=torch.bfloat16)] + [0] * (names.index("B_BUCKET"))
+    args[names.index("w_ptr")] = torch.empty(4, 8, dtype=torch.bfloat16)
+    args[names.index("ws_ptr")] = ws if ws is not None else torch.zeros(3)
+    args[names.index("D")] = 512
+    args[names.index("chunk_start")] = chunk_start
+    args[names.index("scale")] = 2.0
+    return args
+
+
+def test_later_launches_of_a_tuning_key_skip_the_autotuner():
+    """First launch per key: Triton's autotuner; then its pick, launched through JITFunction.run
+    with the pick's meta-parameters, and from then on through the cached compiled handle
+    (the GPU-only path, with fakes here)."""
+    calls = []
+    pick = configs.SCORES_CONFIGS[2]
+    launcher = fake_launcher(calls, pick)
+
+    def go(modulate, **over):
         with tb.tuning(**over):
-            launcher(lambda meta: (1, 1000 // meta["BLOCK_C"]), *args, HOOK=hook, NORMALIZE=True,
+            launcher(lambda meta: (1, 1000 // meta["BLOCK_C"]), *scores_args(), MODULATE=modulate, NORMALIZE=True,
                      BLOCK_B=128, DOT_PRECISION="ieee", UPCAST=False)
 
-    launch(False)
-    launch(False)
-    launch(True)  # another key: the autotuner again
-    launch(False, direct_launch=False)
-    assert [c[0] for c in calls] == ["autotuner", "direct", "autotuner", "autotuner"]
+    go(False)
+    go(False)
+    go(False)
+    go(True)  # another key: the autotuner again
+    go(False, direct_launch=False)
+    go(False, compiled_launch=False)
+    assert [c[0] for c in calls] == ["autotuner", "jit", "handle", "autotuner", "autotuner", "jit"]
     _, grid, meta = calls[1]
     assert grid == (1, 1000 // pick.kwargs["BLOCK_C"])
     assert meta["num_warps"] == pick.num_warps and meta["num_stages"] == pick.num_stages
-    assert meta["BLOCK_C"] == pick.kwargs["BLOCK_C"] and meta["HOOK"] is False
+    assert meta["BLOCK_C"] == pick.kwargs["BLOCK_C"] and meta["MODULATE"] is False
+    _, grid, named = calls[2]
+    assert grid == (1, 1000 // pick.kwargs["BLOCK_C"], 1)  # the handle takes a 3-D grid
+    assert named["BLOCK_C"] == pick.kwargs["BLOCK_C"] and named["MODULATE"] is False and named["D"] == 512
+
+
+def test_cached_handle_computes_what_the_normal_launch_computes_and_misses_on_new_specialisation():
+    """Same arguments: the handle gives the normal launch's result. A launch that Triton would
+    specialise differently (an int no longer divisible by 16, an int equal to 1, a misaligned
+    pointer, another dtype) misses the cache and takes the normal path, which adds a handle."""
+    calls = []
+    launcher = fake_launcher(calls, configs.SCORES_CONFIGS[0])
+    meta = dict(MODULATE=False, NORMALIZE=True, BLOCK_B=128, DOT_PRECISION="ieee", UPCAST=False)
+    grid = (2, 3)
+
+    def go(**kw):
+        launcher(grid, *scores_args(**kw), **meta)
+
+    go()  # autotuner
+    normal, cached = torch.zeros(3), torch.zeros(3)
+    go(ws=normal)  # JITFunction.run
+    go(ws=cached)  # the handle
+    assert [c[0] for c in calls[1:]] == ["jit", "handle"] and torch.equal(normal, cached) and normal.abs().sum() > 0
+    for variant in (dict(chunk_start=17), dict(chunk_start=1), dict(ws=torch.zeros(4)[1:])):
+        before = len(launcher.handles)
+        go(**variant)
+        assert calls[-1][0] == "jit" and len(launcher.handles) == before + 1, variant
+        go(**variant)
+        assert calls[-1][0] == "handle", variant
+    go(chunk_start=32)  # divisible by 16 like 0: Triton would reuse the kernel, so does the cache
+    assert calls[-1][0] == "handle"
+
+
+def test_specialization_key_follows_tritons_binder():
+    """Every distinction Triton's binder makes is a distinction of the cache key (a finer key
+    is safe; a coarser one would launch a kernel compiled for other arguments)."""
+    from triton.backends.compiler import BaseBackend
+    from triton.runtime.jit import native_specialize_impl
+
+    values = [0, 1, 2, 16, 17, 32, 2**31 - 16, 2**31, 2**31 + 16, -16, -1, 2.5, True, False,
+              torch.zeros(8), torch.zeros(8)[1:], torch.zeros(8, dtype=torch.bfloat16), torch.zeros(8, dtype=torch.int64)]
+    for a in values:
+        for b in values:
+            if launch.specialization_key([a], {}) == launch.specialization_key([b], {}):
+                triton_a = native_specialize_impl(BaseBackend, a, False, True, True)
+                triton_b = native_specialize_impl(BaseBackend, b, False, True, True)
+                assert triton_a == triton_b or (triton_a[0] == "constexpr" and a == b), (a, b)

@@ -51,18 +51,19 @@ SCRIPT = textwrap.dedent(
         gemm = dict(DOT_PRECISION=prec, UPCAST=False)
         tiles = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64)
         fwd_types = dict(x_ptr=P, w_ptr=P, x_inv_ptr=F, w_inv_ptr=F, labels_ptr="*i64", part_max_ptr=F,
-                         part_sum_ptr=F, thr_ptr=F, scale="fp32", curriculum_t="fp32")
+                         part_sum_ptr=F, threshold_ptr=F, scale="fp32", quadratic="fp32", linear="fp32")
         scores_types = dict(x_ptr=P, w_ptr=P, x_inv_ptr=F, w_inv_ptr=F, labels_ptr="*i64", lse_ptr=F,
-                            grad_scaled_ptr=F, kappa_ptr=F, ws_ptr=P, q_ptr=F, thr_ptr=F, scale="fp32",
-                            curriculum_t="fp32")
+                            grad_scaled_ptr=F, kappa_ptr=F, ws_ptr=P, q_ptr=F, threshold_ptr=F, scale="fp32",
+                            quadratic="fp32", linear="fp32")
         out[dt] = {}
-        for hook in (False, True):  # plain, and with CurricularFace's negative hook
-            suffix = "_hook" if hook else ""
+        for modulate in (False, True):  # plain, and with the negative modulation
+            suffix = "_modulated" if modulate else ""
             out[dt]["lse_partials" + suffix] = compile_kernel(
-                K.lse_partials_kernel, fwd_types, dict(HOOK=hook, BLOCK_B=128, BLOCK_C=128, BLOCK_K=64, **gemm), 8, 3)
+                K.lse_partials_kernel, fwd_types,
+                dict(MODULATE=modulate, BLOCK_B=128, BLOCK_C=128, BLOCK_K=64, **gemm), 8, 3)
             out[dt]["scores" + suffix] = compile_kernel(
                 K.scores_kernel, scores_types,
-                dict(HOOK=hook, NORMALIZE=True, BLOCK_B=128, BLOCK_C=128, BLOCK_K=64, **gemm), 8, 3)
+                dict(MODULATE=modulate, NORMALIZE=True, BLOCK_B=128, BLOCK_C=128, BLOCK_K=64, **gemm), 8, 3)
         out[dt].update({
             "dx_gemm_atomic": compile_kernel(
                 K.dx_gemm_kernel, dict(ws_ptr=P, w_ptr=P, out_ptr=F), dict(USE_ATOMICS=True, **tiles, **gemm), 8, 3),
@@ -73,26 +74,39 @@ SCRIPT = textwrap.dedent(
                 dict(ws_ptr=P, x_ptr=P, w_ptr=P, w_inv_ptr=F, q_ptr=F, kappa_ptr=F, dw_ptr=P),
                 dict(NORMALIZE=True, **tiles, **gemm), 8, 3),
         })
-        if dt == "bf16":
+        if dt == "bf16":  # fp32 master weights: W tiles loaded as fp32, cast to bf16 before wgmma
+            master = dict(w_ptr=F)
+            out[dt]["lse_partials_master"] = compile_kernel(
+                K.lse_partials_kernel, dict(fwd_types, **master),
+                dict(MODULATE=False, BLOCK_B=128, BLOCK_C=128, BLOCK_K=64, **gemm), 8, 3)
+            out[dt]["scores_master"] = compile_kernel(
+                K.scores_kernel, dict(scores_types, **master),
+                dict(MODULATE=False, NORMALIZE=True, BLOCK_B=128, BLOCK_C=128, BLOCK_K=64, **gemm), 8, 3)
+            out[dt]["dx_gemm_master"] = compile_kernel(
+                K.dx_gemm_kernel, dict(ws_ptr=P, w_ptr=F, out_ptr=F), dict(USE_ATOMICS=True, **tiles, **gemm), 8, 3)
+            out[dt]["dw_gemm_master"] = compile_kernel(
+                K.dw_gemm_kernel,
+                dict(ws_ptr=P, x_ptr=P, w_ptr=F, w_inv_ptr=F, q_ptr=F, kappa_ptr=F, dw_ptr=F),
+                dict(NORMALIZE=True, **tiles, **gemm), 8, 3)
             out[dt]["row_inv_norm"] = compile_kernel(
                 K.row_inv_norm_kernel, dict(x_ptr=P, out_ptr=F, eps="fp32"), dict(BLOCK_N=32, BLOCK_D=128), 4, 1)
             out[dt]["lse_merge"] = compile_kernel(
                 K.lse_merge_kernel, dict(part_max_ptr=F, part_sum_ptr=F, max_out_ptr=F, sum_out_ptr=F),
                 dict(BLOCK=128), 4, 1)
     # fp32 without TF32: the FMA tile set (first config of each), as the launcher picks it
-    from marginkit.backends import triton as tb
+    from marginkit.backends.triton import configs as tc
     P, F, ieee = "*fp32", "*fp32", dict(DOT_PRECISION="ieee", UPCAST=False)
-    fwd, sc, gm = tb.FMA_FWD_CONFIGS[0], tb.FMA_SCORES_CONFIGS[0], tb.FMA_GEMM_CONFIGS[0]
+    fwd, sc, gm = tc.FMA_FWD_CONFIGS[0], tc.FMA_SCORES_CONFIGS[0], tc.FMA_GEMM_CONFIGS[0]
     fwd_types = dict(x_ptr=P, w_ptr=P, x_inv_ptr=F, w_inv_ptr=F, labels_ptr="*i64", part_max_ptr=F,
-                     part_sum_ptr=F, thr_ptr=F, scale="fp32", curriculum_t="fp32")
+                     part_sum_ptr=F, threshold_ptr=F, scale="fp32", quadratic="fp32", linear="fp32")
     scores_types = dict(x_ptr=P, w_ptr=P, x_inv_ptr=F, w_inv_ptr=F, labels_ptr="*i64", lse_ptr=F,
-                        grad_scaled_ptr=F, kappa_ptr=F, ws_ptr=P, q_ptr=F, thr_ptr=F, scale="fp32",
-                        curriculum_t="fp32")
+                        grad_scaled_ptr=F, kappa_ptr=F, ws_ptr=P, q_ptr=F, threshold_ptr=F, scale="fp32",
+                        quadratic="fp32", linear="fp32")
     out["fp32_fma"] = {
-        "lse_partials": compile_kernel(K.lse_partials_kernel, fwd_types, dict(HOOK=False, **fwd.kwargs, **ieee),
+        "lse_partials": compile_kernel(K.lse_partials_kernel, fwd_types, dict(MODULATE=False, **fwd.kwargs, **ieee),
                                        fwd.num_warps, fwd.num_stages),
         "scores": compile_kernel(K.scores_kernel, scores_types,
-                                 dict(HOOK=False, NORMALIZE=True, BLOCK_B=128, **sc.kwargs, **ieee),
+                                 dict(MODULATE=False, NORMALIZE=True, BLOCK_B=128, **sc.kwargs, **ieee),
                                  sc.num_warps, sc.num_stages),
         "dx_gemm_atomic": compile_kernel(K.dx_gemm_kernel, dict(ws_ptr=P, w_ptr=P, out_ptr=F),
                                          dict(USE_ATOMICS=True, **gm.kwargs, **ieee), gm.num_warps, gm.num_stages),
@@ -121,8 +135,11 @@ def _compile_all():
 def test_kernels_compile_for_hopper_as_pipelined_wgmma():
     results = _compile_all()
     for dtype, kernels in ((d, results[d]) for d in ("bf16", "fp32")):
-        for name in ("lse_partials", "scores", "lse_partials_hook", "scores_hook", "dx_gemm_atomic",
-                     "dx_gemm_owned", "dw_gemm"):
+        names = ["lse_partials", "scores", "lse_partials_modulated", "scores_modulated", "dx_gemm_atomic",
+                 "dx_gemm_owned", "dw_gemm"]
+        if dtype == "bf16":
+            names += ["lse_partials_master", "scores_master", "dx_gemm_master", "dw_gemm_master"]
+        for name in names:
             info = kernels[name]
             assert info["cp_async"], f"{dtype} {name}: loads not pipelined ({info})"
             assert info["smem"] >= 2 * 128 * 64 * 2, f"{dtype} {name}: fewer than 2 pipeline stages ({info})"

@@ -1,0 +1,140 @@
+"""Launch configs of the Triton kernels and the pruner that keeps the autotuner honest.
+
+Hopper-sized candidate tiles per kernel (wgmma tiles of 64/128 rows, 3–4 pipeline
+stages), a smaller FMA set for fp32 without TF32, one fixed small config per kernel
+under the interpreter, and ``pruner``: drop the configs whose tiles exceed the problem
+or whose pipelined operand buffers exceed the device's shared memory (each would cost a
+compile, then fail). Kept apart from the launcher as cut-cross-entropy keeps its
+``tl_autotune.py``: the tile lists change with hardware, the launch logic does not.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable, Optional
+
+import torch
+import triton
+
+__all__ = [
+    "FWD_CONFIGS", "SCORES_CONFIGS", "GEMM_CONFIGS",
+    "FMA_FWD_CONFIGS", "FMA_SCORES_CONFIGS", "FMA_GEMM_CONFIGS",
+    "INTERPRETER_META", "pow2_at_least", "pruner", "shared_memory_limit",
+]
+
+#: Shared memory per block on H100/H200 (227 KiB), when the device does not report it.
+HOPPER_SHARED_MEMORY_BYTES = 232448
+#: The smallest wgmma tile side: problem bounds are rounded up to at least this.
+MIN_TILE_SIDE = 64
+
+
+def _cfg(num_warps, num_stages, **meta):
+    return triton.Config(meta, num_warps=num_warps, num_stages=num_stages)
+
+
+FWD_CONFIGS = [
+    _cfg(8, 3, BLOCK_B=128, BLOCK_C=128, BLOCK_K=64),
+    _cfg(4, 4, BLOCK_B=128, BLOCK_C=128, BLOCK_K=64),
+    _cfg(8, 3, BLOCK_B=128, BLOCK_C=256, BLOCK_K=64),
+    _cfg(8, 4, BLOCK_B=64, BLOCK_C=256, BLOCK_K=64),
+    _cfg(8, 3, BLOCK_B=128, BLOCK_C=128, BLOCK_K=128),
+    _cfg(4, 4, BLOCK_B=64, BLOCK_C=128, BLOCK_K=64),
+]
+SCORES_CONFIGS = [  # BLOCK_B is the launcher's (it sizes the column-sum buffer)
+    _cfg(8, 3, BLOCK_C=128, BLOCK_K=64),
+    _cfg(4, 4, BLOCK_C=128, BLOCK_K=64),
+    _cfg(8, 3, BLOCK_C=256, BLOCK_K=64),
+    _cfg(4, 4, BLOCK_C=64, BLOCK_K=64),
+    _cfg(8, 3, BLOCK_C=128, BLOCK_K=128),
+]
+GEMM_CONFIGS = [
+    _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64),
+    _cfg(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64),
+    _cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64),
+    _cfg(4, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64),
+    _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128),
+    _cfg(8, 4, BLOCK_M=64, BLOCK_N=256, BLOCK_K=64),
+    _cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64),  # small B or D
+]
+
+# fp32 with torch's default (no TF32): tl.dot runs as FMAs, where big tiles buy nothing and
+# take ptxas 5-17 s each to compile (vs 1-3 s for these; measured for sm_90 on the CPU).
+FMA_FWD_CONFIGS = [
+    _cfg(4, 3, BLOCK_B=64, BLOCK_C=64, BLOCK_K=32),
+    _cfg(8, 3, BLOCK_B=128, BLOCK_C=64, BLOCK_K=32),
+    _cfg(8, 3, BLOCK_B=64, BLOCK_C=128, BLOCK_K=32),
+]
+FMA_SCORES_CONFIGS = [
+    _cfg(4, 3, BLOCK_C=64, BLOCK_K=32),
+    _cfg(8, 3, BLOCK_C=64, BLOCK_K=32),
+    _cfg(8, 3, BLOCK_C=128, BLOCK_K=32),
+]
+FMA_GEMM_CONFIGS = [
+    _cfg(4, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32),
+    _cfg(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32),
+    _cfg(8, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32),
+]
+
+#: One small fixed config per kernel under the interpreter (autotuning there is slow).
+INTERPRETER_META = {
+    "fwd": dict(BLOCK_B=16, BLOCK_C=32, BLOCK_K=32),
+    "scores": dict(BLOCK_C=32, BLOCK_K=32),
+    "dx": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32),
+    "dw": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16),
+}
+
+
+def pow2_at_least(n: int, low: int = 16) -> int:
+    """The smallest power of two ≥ max(n, low), in plain int arithmetic
+    (triton.next_power_of_2 is a constexpr function: ~10 µs a host call)."""
+    return max(low, 1 << (max(int(n), 1) - 1).bit_length())
+
+
+def shared_memory_limit(t: torch.Tensor) -> Optional[int]:
+    """Shared memory one block may use on ``t``'s device (None off CUDA)."""
+    return _cuda_shared_memory(t.device.index if t.device.index is not None else 0) if t.is_cuda else None
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_shared_memory(index: int) -> int:
+    props = torch.cuda.get_device_properties(index)
+    return int(getattr(props, "shared_memory_per_block_optin", HOPPER_SHARED_MEMORY_BYTES))
+
+
+def _pipeline_bytes(config, args, tiles, element_size) -> int:
+    """Shared memory of the pipelined operand tiles: stages · (M + N) · K · element size."""
+    m, n, k = (config.kwargs.get(name, args.get(name, 0)) for name in tiles)
+    return config.num_stages * (m + n) * k * element_size
+
+
+def pruner(limits: dict[str, Callable[[dict], int]], tiles: tuple[str, str, str]):
+    """An ``early_config_prune`` for ``triton.autotune``; always keeps ≥ 1 config.
+
+    ``limits`` maps a meta-parameter to the problem size it must not exceed (rounded up to
+    a power of two ≥ ``MIN_TILE_SIDE``); ``tiles`` names the (M, N, K) tile sizes of the
+    kernel's main tl.dot. The operand element size is the largest of the kernel's first
+    two arguments (fp32 master weights take 4 bytes per W element in shared memory).
+    """
+
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        operands = list(named_args.values())[:2]  # every kernel's first two arguments are GEMM operands
+        smem = shared_memory_limit(operands[0])
+        element_size = max(t.element_size() for t in operands if isinstance(t, torch.Tensor))
+        keep = []
+        for config in configs:
+            ok = all(
+                config.kwargs[name] <= pow2_at_least(bound(args), MIN_TILE_SIDE)
+                for name, bound in limits.items()
+                if name in config.kwargs
+            )
+            if smem is not None and _pipeline_bytes(config, args, tiles, element_size) > smem:
+                ok = False
+            if ok:
+                keep.append(config)
+        if not keep:
+            keep = [min(configs, key=lambda c: math.prod(v for v in c.kwargs.values() if isinstance(v, int)))]
+        return keep
+
+    return prune

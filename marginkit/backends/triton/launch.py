@@ -1,0 +1,274 @@
+"""Launching the Triton kernels: the launcher with its caches, and the launch-shape rules.
+
+``KernelLauncher`` launches one kernel three ways: under the interpreter with one fixed
+small config; on a GPU through Triton's autotuner the first time a tuning key is seen;
+afterwards with the autotuner's pick (or, in deterministic mode, the first config that
+fits), through a cached ``CompiledKernel`` handle when Triton would specialise the call
+exactly as an earlier one, else through ``JITFunction.run`` (which returns the handle).
+The shape rules (class splits, backward chunk, dX split-K, B buckets) sit below it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+from typing import Iterator
+
+import torch
+import triton
+
+from marginkit.backends.triton.configs import pow2_at_least, pruner
+from marginkit.triton_kernels import lse_partials_kernel
+
+__all__ = ["INTERPRETED", "KernelLauncher", "tuning", "cdiv", "specialization_key"]
+
+# Kernels are InterpretedFunction objects when TRITON_INTERPRET=1 was set before import.
+INTERPRETED = type(lse_partials_kernel).__name__ == "InterpretedFunction"
+
+#: Class granule: splits, chunks and split-K ranges are multiples of the largest class tile.
+GRANULE = 32 if INTERPRETED else 256
+#: Budget of the backward's dS workspace (elements of the compute dtype × their size).
+WORKSPACE_BYTES = 32 << 20
+#: Cap on the deterministic mode's per-split dX buffers.
+MAX_SPLIT_BUFFER_BYTES = 16 << 20
+#: Most dX split-K ways: past 8 the per-split fp32 traffic outweighs the extra SMs filled.
+MAX_DX_SPLITS = 8
+#: Largest B bucket of the autotuning key (larger batches tile alike).
+MAX_B_BUCKET = 1 << 16
+#: Rows per forward program in the split heuristic, and per dX output tile (the largest tiles).
+ROWS_PER_TILE = 128
+#: SM count assumed off CUDA (only sizes the interpreter's grids).
+CPU_SM_COUNT = 4
+
+# Test/benchmark overrides of launcher choices (see ``tuning``).
+_overrides: dict = {}
+_TUNING_KEYS = {"class_splits", "chunk_classes", "dx_splits", "direct_launch", "compiled_launch"}
+
+
+@contextlib.contextmanager
+def tuning(**kwargs) -> Iterator[None]:
+    """Temporarily override launcher choices (tests, benchmarks).
+
+    Keys: ``class_splits`` (forward class splits), ``chunk_classes`` (backward chunk),
+    ``dx_splits`` (split-K of the dX GEMM), ``direct_launch`` (False: every launch through
+    Triton's autotuner), ``compiled_launch`` (False: no cached ``CompiledKernel`` handles,
+    every direct launch through ``JITFunction.run``); the last two are for A/B timing.
+    """
+    unknown = set(kwargs) - _TUNING_KEYS
+    if unknown:
+        raise ValueError(f"tuning: unknown keys {sorted(unknown)}; allowed: {sorted(_TUNING_KEYS)}")
+    saved = dict(_overrides)
+    _overrides.update({k: v for k, v in kwargs.items() if v is not None})
+    try:
+        yield
+    finally:
+        _overrides.clear()
+        _overrides.update(saved)
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)  # triton.cdiv is a constexpr function in Triton 3.9: ~10 µs a host call
+
+
+def _round_up(n: int, m: int) -> int:
+    return cdiv(n, m) * m
+
+
+# ----------------------------------------------------------------------------------------
+# The launcher
+# ----------------------------------------------------------------------------------------
+_INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
+
+
+def _arg_specialization(value):
+    """What Triton's binder specialises one runtime argument on (a superset is safe: it only
+    splits the cache further): a tensor's dtype and 16-byte alignment; an int's width, == 1
+    (then a constexpr) and divisibility by 16; a bool's value; a float's type."""
+    if isinstance(value, torch.Tensor):
+        return (value.dtype, value.data_ptr() % 16 == 0)
+    if isinstance(value, bool):
+        return ("u1", value)
+    if isinstance(value, int):
+        return (_INT32_MIN <= value <= _INT32_MAX, value == 1, value % 16 == 0)
+    if isinstance(value, float):
+        return "fp32"
+    return (type(value), value)
+
+
+def specialization_key(args, meta: dict) -> tuple:
+    """The compiled-handle cache key of a launch: per-argument specialisation, then every
+    constexpr and compile option in ``meta`` (tile sizes, flags, num_warps, num_stages)."""
+    return tuple(_arg_specialization(a) for a in args) + tuple(sorted(meta.items()))
+
+
+class KernelLauncher:
+    """A kernel with its autotuner (GPU) or its fixed interpreter config, and its caches.
+
+    ``picked``: tuning key -> the autotuner's config, recorded at the first launch of the key.
+    ``handles``: specialisation key -> the ``CompiledKernel`` of a direct launch; later
+    launches with the same key call the handle (``handle[grid](*every argument in signature
+    order)``), skipping the binder, the specialisation and the kernel-cache lookup of
+    ``JITFunction.run`` (host µs per launch in notes/PERF.md). A key miss takes the normal
+    path, whose return value fills the cache.
+
+    ``pinned=True`` (deterministic mode) skips the autotuner and launches the first config
+    that fits the shape: tile sizes fix the fp32 summation order, so pinning them makes the
+    bits identical across processes, not only within one.
+    """
+
+    def __init__(self, fn, configs, fma_configs, key, interp_meta, tiles, limits=None, restore_value=()):
+        self.fn = fn
+        self.interp_meta = interp_meta
+        self.configs = {False: configs, True: fma_configs}  # keyed by "fp32 without TF32"
+        self.prune = pruner(limits or {}, tiles)
+        self.key_positions = [(name, fn.arg_names.index(name)) for name in key]
+        self.picked = {}
+        self.pinned_configs = {}
+        self.handles = {}
+        self.tuned = None
+        if not INTERPRETED:
+            kwargs = dict(key=key, restore_value=list(restore_value), prune_configs_by={"early_config_prune": self.prune})
+            if "cache_results" in inspect.signature(triton.autotune).parameters:
+                kwargs["cache_results"] = True
+            self.tuned = {fma: triton.autotune(configs=c, **kwargs)(fn) for fma, c in self.configs.items()}
+
+    @staticmethod
+    def uses_fma(args, kwargs) -> bool:
+        """fp32 operands with an IEEE dot: no tensor cores, so the FMA tile set."""
+        return kwargs.get("DOT_PRECISION") == "ieee" and args[0].dtype == torch.float32
+
+    def tuning_key(self, fma, args, kwargs) -> tuple:
+        """What the autotuner keys on (its key arguments, the operands' dtypes) and the tile set."""
+        values = tuple(args[i] if i < len(args) else kwargs[name] for name, i in self.key_positions)
+        return (fma, args[0].dtype, args[1].dtype) + values
+
+    def __call__(self, grid, *args, pinned=False, **kwargs):
+        if self.tuned is None:
+            meta = {**self.interp_meta, **kwargs}
+            self.fn[grid(meta) if callable(grid) else grid](*args, **meta)
+            return
+        fma = self.uses_fma(args, kwargs)
+        key = self.tuning_key(fma, args, kwargs)
+        if pinned:
+            config = self.pinned_configs.get(key)
+            if config is None:
+                config = self.prune(self.configs[fma], dict(zip(self.fn.arg_names, args)), **kwargs)[0]
+                self.pinned_configs[key] = config
+        else:
+            config = self.picked.get(key) if _overrides.get("direct_launch", True) else None
+            if config is None:
+                tuner = self.tuned[fma]
+                tuner[grid](*args, **kwargs)
+                self.picked[key] = tuner.best_config
+                return
+        self.launch_config(config, grid, args, kwargs)
+
+    def launch_config(self, config, grid, args, kwargs):
+        """Launch with ``config``'s meta-parameters: through a cached handle when one matches."""
+        meta = {**kwargs, **config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+        if config.num_ctas != 1:
+            meta["num_ctas"] = config.num_ctas
+        grid = grid(meta) if callable(grid) else grid
+        if not _overrides.get("compiled_launch", True):
+            self.fn[grid](*args, **meta)
+            return
+        spec = specialization_key(args, meta) + (args[0].get_device(),)  # Triton caches per device
+        handle = self.handles.get(spec)
+        if handle is not None:
+            # CompiledKernel launches take every argument in signature order, constexprs included.
+            constexprs = [meta[name] for name in self.fn.arg_names[len(args):]]
+            handle[tuple(grid) + (1,) * (3 - len(grid))](*args, *constexprs)
+            return
+        handle = self.fn[grid](*args, **meta)
+        if handle is not None:
+            self.handles[spec] = handle
+
+
+# ----------------------------------------------------------------------------------------
+# Launch-shape rules
+# ----------------------------------------------------------------------------------------
+def num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return CPU_SM_COUNT
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def b_bucket(num_rows: int) -> int:
+    """Power-of-two bucket of B for the autotuning keys."""
+    return min(pow2_at_least(num_rows), MAX_B_BUCKET)
+
+
+def class_splits(num_rows: int, num_classes: int, device: torch.device) -> tuple[int, int]:
+    """(number of class splits, classes per split) of the forward grid."""
+    if "class_splits" in _overrides:
+        wanted = int(_overrides["class_splits"])
+    elif INTERPRETED:
+        wanted = 2
+    else:  # about two programs per SM, each over a long contiguous class range
+        wanted = max(1, cdiv(2 * num_sms(device), cdiv(num_rows, ROWS_PER_TILE)))
+    per_split = _round_up(cdiv(num_classes, max(wanted, 1)), GRANULE)
+    return cdiv(num_classes, per_split), per_split
+
+
+def chunk_classes(num_rows: int, num_classes: int, element_size: int) -> int:
+    """Classes per backward chunk: the (B, chunk) workspace fits ``WORKSPACE_BYTES``."""
+    if "chunk_classes" in _overrides:
+        chunk = int(_overrides["chunk_classes"])
+    else:
+        chunk = (WORKSPACE_BYTES // max(num_rows * element_size, 1)) // GRANULE * GRANULE
+        chunk = max(chunk, GRANULE)
+    return max(1, min(chunk, _round_up(num_classes, GRANULE)))
+
+
+def scores_block_b(num_rows: int) -> int:
+    """Rows per program of the scores kernel (it sizes the column-sum buffer)."""
+    if INTERPRETED:
+        return 16
+    return min(ROWS_PER_TILE, pow2_at_least(num_rows))
+
+
+def dx_splits(num_rows: int, dim: int, chunk: int, deterministic: bool, device: torch.device) -> int:
+    """Split-K ways of the dX GEMM; deterministic mode keeps its per-split buffers ≤ 16 MiB."""
+    if "dx_splits" in _overrides:
+        splits = int(_overrides["dx_splits"])
+    elif INTERPRETED:
+        splits = 1
+    else:  # split K until the (B/128)·(D/128) output tiles fill the SMs
+        tiles = cdiv(num_rows, ROWS_PER_TILE) * cdiv(dim, ROWS_PER_TILE)
+        splits = max(1, min(MAX_DX_SPLITS, round(num_sms(device) / tiles)))
+    splits = max(1, min(splits, cdiv(chunk, GRANULE)))
+    if deterministic:
+        while splits > 1 and splits * num_rows * dim * 4 > MAX_SPLIT_BUFFER_BYTES:
+            splits -= 1
+    return splits
+
+
+def split_k_size(chunk: int, splits: int) -> int:
+    """Classes per dX split, a multiple of the granule."""
+    return _round_up(cdiv(chunk, splits), GRANULE)
+
+
+def dot_meta(dtype: torch.dtype) -> dict:
+    """The GEMM kernels' dtype-dependent constexprs."""
+    # The interpreter multiplies bf16 tiles as raw bits: widen them there (see _mma).
+    return dict(DOT_PRECISION=dot_precision(dtype), UPCAST=INTERPRETED and dtype == torch.bfloat16)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """'tf32' for fp32 when torch allows TF32 matmuls, else 'ieee'."""
+    if dtype != torch.float32:
+        return "ieee"
+    matmul = torch.backends.cuda.matmul
+    if getattr(matmul, "fp32_precision", "none") == "tf32" or matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def device_guard(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()

@@ -1,0 +1,171 @@
+"""``row_losses`` as two ``torch.library`` custom ops (forward, backward) with fakes and an
+autograd formula, so ``torch.compile(fullgraph=True)`` traces through the Triton backend
+and ``torch.library.opcheck`` passes.
+
+The kernels give the non-target share; the target column's share is combined per row in
+float64 (``common.combine_partials`` in the forward; ``common.target_gradient`` and
+``common.apply_target_gradients`` in the backward), so a 1e-7 loss is not rounded away.
+A ``NegativeModulation`` crosses the op boundary as (threshold (B,), quadratic, linear).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from marginkit.backends.common import apply_target_gradients, combine_partials, compute_dtype, target_gradient
+from marginkit.backends.triton.passes import backward, check_inputs, compute_operands, forward, inverse_norms
+from marginkit.modulation import NegativeModulation
+
+__all__ = ["row_losses"]
+
+
+def _modulation(threshold: Optional[torch.Tensor], quadratic: float, linear: float) -> Optional[NegativeModulation]:
+    return None if threshold is None else NegativeModulation(threshold, quadratic, linear)
+
+
+def _owned(labels_local: torch.Tensor, num_classes: int) -> torch.Tensor:
+    return (labels_local >= 0) & (labels_local < num_classes)
+
+
+@torch.library.custom_op("marginkit::triton_margin_ce_rows", mutates_args=())
+def _margin_ce_rows(
+    embeddings: torch.Tensor,
+    weight: torch.Tensor,
+    labels_local: torch.Tensor,
+    target_logit: torch.Tensor,
+    dtarget: torch.Tensor,
+    scale: float,
+    normalize: bool,
+    deterministic: bool,
+    threshold: Optional[torch.Tensor] = None,
+    quadratic: float = 0.0,
+    linear: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(losses (B,) f64, lse (B,) f64, w_inv (C,) f32); losses are 0 on rows not owned."""
+    check_inputs(embeddings, weight)
+    x, w = compute_operands(embeddings, weight)
+    w_inv = inverse_norms(w, normalize)
+    row_max, row_sumexp = forward(
+        x, w, inverse_norms(x, normalize), w_inv, labels_local, scale, deterministic,
+        _modulation(threshold, quadratic, linear),
+    )
+    losses, lse = combine_partials(row_max, row_sumexp, target_logit, scale)
+    owned = _owned(labels_local, weight.shape[0])
+    return torch.where(owned, losses, torch.zeros_like(losses)), lse, w_inv
+
+
+@_margin_ce_rows.register_fake
+def _margin_ce_rows_fake(
+    embeddings, weight, labels_local, target_logit, dtarget, scale, normalize, deterministic,
+    threshold=None, quadratic=0.0, linear=0.0,
+):
+    num_rows, num_classes = embeddings.shape[0], weight.shape[0]
+    return (
+        embeddings.new_empty((num_rows,), dtype=torch.float64),
+        embeddings.new_empty((num_rows,), dtype=torch.float64),
+        weight.new_empty((num_classes,), dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("marginkit::triton_margin_ce_rows_backward", mutates_args=())
+def _margin_ce_rows_backward(
+    embeddings: torch.Tensor,
+    weight: torch.Tensor,
+    labels_local: torch.Tensor,
+    dtarget: torch.Tensor,
+    losses: torch.Tensor,
+    lse: torch.Tensor,
+    w_inv: torch.Tensor,
+    grad_rows: torch.Tensor,
+    scale: float,
+    normalize: bool,
+    deterministic: bool,
+    threshold: Optional[torch.Tensor] = None,
+    quadratic: float = 0.0,
+    linear: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_embeddings in embeddings.dtype, grad_weight in weight.dtype) of Σ grad_rows·losses.
+
+    Kernels: the non-target share. Then the target column's share per row in float64
+    (g·s·(p_y − 1)·dψ, p_y − 1 = expm1(−loss)), added to the distinct target rows of dW.
+    """
+    x, w = compute_operands(embeddings, weight)
+    grad_x, grad_w = backward(
+        x, w, inverse_norms(x, normalize), w_inv, labels_local, lse, grad_rows, scale, normalize, deterministic,
+        _modulation(threshold, quadratic, linear),
+    )
+    grad_w = grad_w.to(weight.dtype)
+    target_grad = target_gradient(losses, dtarget, grad_rows, scale)
+    grad_x = apply_target_gradients(
+        grad_x, grad_w, embeddings, weight, labels_local, target_grad, normalize, embeddings.dtype
+    )
+    return grad_x, grad_w
+
+
+@_margin_ce_rows_backward.register_fake
+def _margin_ce_rows_backward_fake(
+    embeddings, weight, labels_local, dtarget, losses, lse, w_inv, grad_rows, scale, normalize, deterministic,
+    threshold=None, quadratic=0.0, linear=0.0,
+):
+    return torch.empty_like(embeddings), torch.empty_like(weight)
+
+
+def _setup_context(ctx, inputs, output):
+    embeddings, weight, labels_local, target_logit, dtarget, scale, normalize, deterministic, *modulation = inputs
+    losses, lse, w_inv = output
+    ctx.save_for_backward(embeddings, weight, labels_local, dtarget, losses, lse, w_inv)
+    ctx.scale, ctx.normalize, ctx.deterministic = scale, normalize, deterministic
+    ctx.modulation = modulation  # [threshold, quadratic, linear] when given
+
+
+def _autograd_backward(ctx, grad_losses, grad_lse, grad_w_inv):
+    # lse and w_inv are saved auxiliaries of the loss layer, not differentiated through.
+    embeddings, weight, labels_local, dtarget, losses, lse, w_inv = ctx.saved_tensors
+    if grad_losses is None:
+        grad_losses = torch.zeros_like(losses)
+    owned = _owned(labels_local, weight.shape[0])
+    grad_rows = torch.where(owned, grad_losses.to(torch.float32), torch.zeros_like(losses, dtype=torch.float32))
+    grad_x, grad_w = _margin_ce_rows_backward(
+        embeddings, weight, labels_local, dtarget, losses, lse, w_inv, grad_rows,
+        ctx.scale, ctx.normalize, ctx.deterministic, *ctx.modulation,
+    )
+    return (grad_x, grad_w) + (None,) * (6 + len(ctx.modulation))
+
+
+_margin_ce_rows.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+def row_losses(
+    embeddings: torch.Tensor,
+    weight: torch.Tensor,
+    labels_local: torch.Tensor,
+    target_logit: torch.Tensor,
+    dtarget: torch.Tensor,
+    scale: float,
+    normalize: bool,
+    *,
+    modulation: Optional[NegativeModulation] = None,
+    deterministic: bool = False,
+) -> torch.Tensor:
+    """Per-row margin cross-entropy (B,), 0 where ``labels_local`` < 0; differentiable in
+    ``embeddings`` and ``weight``.
+
+    embeddings (B, D), weight (C, D): same dtype, or float32 master weights with fp16/bf16
+    embeddings (weight.grad then float32). labels_local (B,) int64: the row's class, -1 for
+    rows that take no part. target_logit / dtarget (B,): ψ(cos θ_y) and dψ/dcos θ_y from
+    the margin spec (not differentiated; the target column's gradient g·s·(p_y − 1)·dψ is
+    applied in the backward, in float64). ``modulation``: the non-target cosines' hook.
+    Returns float32 losses (float64 for float64 inputs, which the kernels compute in float32).
+    ``deterministic=True``: bitwise-reproducible results run to run, without touching torch's
+    process-wide deterministic flag.
+    """
+    extra = ()
+    if modulation is not None:
+        extra = (modulation.threshold.detach(), float(modulation.quadratic), float(modulation.linear))
+    losses, _, _ = torch.ops.marginkit.triton_margin_ce_rows(
+        embeddings, weight, labels_local, target_logit.detach(), dtarget.detach(),
+        float(scale), bool(normalize), bool(deterministic), *extra,
+    )
+    return losses.to(compute_dtype(embeddings))

@@ -1,0 +1,340 @@
+"""The forward and backward passes over one weight: input rules, row norms and the kernel
+sequence of each pass (the non-target share only; the target column is the caller's).
+
+Public here: ``lse_partials`` and ``grads_from_lse`` of the backend protocol, and
+``inverse_norms``. Dtypes: fp32, fp16, bf16 with a weight of the same dtype, or fp16/bf16
+embeddings with a float32 (master) weight: the kernels compute in the embeddings' dtype,
+casting W tiles in registers (no (C, D) copy), and the weight gradient comes back float32.
+float64 inputs are computed in float32 kernels (see ``check_inputs``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from marginkit.backends.common import NORM_EPS
+from marginkit.backends.triton import launch
+from marginkit.backends.triton.configs import (
+    FMA_FWD_CONFIGS,
+    FMA_GEMM_CONFIGS,
+    FMA_SCORES_CONFIGS,
+    FWD_CONFIGS,
+    GEMM_CONFIGS,
+    INTERPRETER_META,
+    SCORES_CONFIGS,
+    pow2_at_least,
+)
+from marginkit.backends.triton.launch import INTERPRETED, KernelLauncher, cdiv, device_guard
+from marginkit.errors import MarginKitTypeError
+from marginkit.modulation import NegativeModulation
+from marginkit.triton_kernels import (
+    dw_gemm_kernel,
+    dx_gemm_kernel,
+    lse_merge_kernel,
+    lse_partials_kernel,
+    row_inv_norm_kernel,
+    scores_kernel,
+)
+
+__all__ = ["lse_partials", "grads_from_lse", "inverse_norms", "check_inputs", "compute_operands"]
+
+#: fp16 workspace: the largest |E| after the κ scaling (well inside fp16's 65 504).
+FP16_TARGET_MAX = 2.0**14
+#: Rows per program of the lse merge kernel (a bandwidth-bound pass over splits·B floats).
+MERGE_BLOCK_ROWS = 128
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+SUPPORTED_DTYPES = (torch.float32, *HALF_DTYPES, torch.float64)
+
+FWD = KernelLauncher(
+    lse_partials_kernel, FWD_CONFIGS, FMA_FWD_CONFIGS,
+    key=["D", "B_BUCKET", "MODULATE"],
+    interp_meta=INTERPRETER_META["fwd"],
+    tiles=("BLOCK_B", "BLOCK_C", "BLOCK_K"),
+    limits={"BLOCK_B": lambda a: a["B"], "BLOCK_K": lambda a: a["D"]},
+)
+SCORES = KernelLauncher(
+    scores_kernel, SCORES_CONFIGS, FMA_SCORES_CONFIGS,
+    key=["D", "B_BUCKET", "MODULATE", "NORMALIZE"],
+    interp_meta=INTERPRETER_META["scores"],
+    tiles=("BLOCK_B", "BLOCK_C", "BLOCK_K"),
+    limits={"BLOCK_K": lambda a: a["D"]},
+)
+DX = KernelLauncher(
+    dx_gemm_kernel, GEMM_CONFIGS, FMA_GEMM_CONFIGS,
+    key=["D", "B_BUCKET", "USE_ATOMICS"],
+    interp_meta=INTERPRETER_META["dx"],
+    tiles=("BLOCK_M", "BLOCK_N", "BLOCK_K"),
+    limits={"BLOCK_M": lambda a: a["B"], "BLOCK_N": lambda a: a["D"]},
+    restore_value=["out_ptr"],  # accumulates across chunks: tuning runs must not add
+)
+DW = KernelLauncher(
+    dw_gemm_kernel, GEMM_CONFIGS, FMA_GEMM_CONFIGS,
+    key=["D", "B_BUCKET", "NORMALIZE"],
+    interp_meta=INTERPRETER_META["dw"],
+    tiles=("BLOCK_M", "BLOCK_N", "BLOCK_K"),
+    limits={"BLOCK_K": lambda a: a["B"], "BLOCK_N": lambda a: a["D"]},
+)
+
+
+# ----------------------------------------------------------------------------------------
+# Input rules
+# ----------------------------------------------------------------------------------------
+def check_inputs(embeddings: torch.Tensor, weight: torch.Tensor) -> None:
+    """Shapes, dtypes and device the kernels take; typed errors naming the argument.
+
+    float64 is accepted for parity with the torch backend but computed in float32 kernels
+    (losses ~1e-8, gradients ~5e-7 relative to float64); use backend="torch" for float64 maths.
+    """
+    if embeddings.dim() != 2 or weight.dim() != 2 or embeddings.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"embeddings (B, D) and weight (C, D) must share D; got {tuple(embeddings.shape)} and {tuple(weight.shape)}"
+        )
+    if embeddings.dtype not in SUPPORTED_DTYPES:
+        raise MarginKitTypeError(
+            f"embeddings dtype {embeddings.dtype} is not supported by the Triton backend; "
+            f"allowed: float32, float16, bfloat16, float64"
+        )
+    master_weight = weight.dtype == torch.float32 and embeddings.dtype in HALF_DTYPES
+    if weight.dtype != embeddings.dtype and not master_weight:
+        raise MarginKitTypeError(
+            f"weight dtype {weight.dtype} does not go with embeddings dtype {embeddings.dtype}; allowed: the "
+            f"embeddings' dtype, or float32 (master weights) with float16/bfloat16 embeddings"
+        )
+    if weight.device != embeddings.device:
+        raise MarginKitTypeError(f"weight is on {weight.device}, embeddings on {embeddings.device}; put both on one device")
+    if not embeddings.is_cuda and not INTERPRETED:
+        raise ValueError(
+            f"the Triton backend needs CUDA tensors, got embeddings on {embeddings.device}; on the CPU it runs only "
+            "under TRITON_INTERPRET=1 (set before triton is imported)"
+        )
+
+
+def compute_operands(embeddings: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 runs in float32 (a (C, D) float32 copy); every other dtype pair as it is."""
+    if embeddings.dtype == torch.float64:
+        return embeddings.float(), weight.float()
+    return embeddings, weight
+
+
+def modulation_args(modulation: Optional[NegativeModulation], fallback: torch.Tensor) -> dict:
+    """The kernels' modulation arguments; ``fallback`` fills the unused threshold pointer."""
+    if modulation is None:
+        return dict(threshold=fallback, quadratic=0.0, linear=0.0, MODULATE=False)
+    threshold = modulation.threshold.to(device=fallback.device, dtype=torch.float32).contiguous()
+    return dict(
+        threshold=threshold, quadratic=float(modulation.quadratic), linear=float(modulation.linear), MODULATE=True
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# Passes
+# ----------------------------------------------------------------------------------------
+def inverse_norms(rows: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """1/max(‖row‖, 1e-12) in fp32 for each row of (N, D) (ones when normalize=False).
+
+    The Triton twin of ``common.inverse_norms`` (that one returns the compute dtype).
+    """
+    num = rows.shape[0]
+    if not normalize:
+        return torch.ones(num, dtype=torch.float32, device=rows.device)
+    out = torch.empty(num, dtype=torch.float32, device=rows.device)
+    if num == 0:
+        return out
+    if rows.shape[1] == 0:
+        return out.fill_(1.0 / NORM_EPS)
+    block_n = 16 if INTERPRETED else 32
+    block_d = min(pow2_at_least(rows.shape[1]), 64 if INTERPRETED else 128)
+    with device_guard(rows):
+        row_inv_norm_kernel[(cdiv(num, block_n),)](
+            rows, out, num, rows.shape[1], rows.stride(0), rows.stride(1), NORM_EPS,
+            BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4,
+        )
+    return out
+
+
+def forward(x, w, x_inv, w_inv, labels_local, scale, deterministic=False, modulation=None):
+    """(row_max, row_sumexp) (B,) fp32 over the non-target classes of w; x, w as the kernels take them."""
+    num_rows, dim = x.shape
+    num_classes = w.shape[0]
+    device = x.device
+    row_max = torch.full((num_rows,), float("-inf"), dtype=torch.float32, device=device)
+    row_sumexp = torch.zeros(num_rows, dtype=torch.float32, device=device)
+    if num_rows == 0 or num_classes == 0:
+        return row_max, row_sumexp
+    labels = labels_local.to(torch.int64).contiguous()
+    n_splits, per_split = launch.class_splits(num_rows, num_classes, device)
+    part_max = torch.empty((n_splits, num_rows), dtype=torch.float32, device=device)
+    part_sum = torch.empty((n_splits, num_rows), dtype=torch.float32, device=device)
+    mod = modulation_args(modulation, x_inv)
+    with device_guard(x):
+        FWD(
+            lambda meta: (cdiv(num_rows, meta["BLOCK_B"]), n_splits),
+            x, w, x_inv, w_inv, labels, part_max, part_sum, mod["threshold"],
+            num_rows, num_classes, dim, per_split,
+            x.stride(0), x.stride(1), w.stride(0), w.stride(1),
+            float(scale), mod["quadratic"], mod["linear"], launch.b_bucket(num_rows),
+            MODULATE=mod["MODULATE"], **launch.dot_meta(x.dtype), pinned=deterministic,
+        )
+        lse_merge_kernel[(cdiv(num_rows, MERGE_BLOCK_ROWS),)](
+            part_max, part_sum, row_max, row_sumexp, num_rows, n_splits, BLOCK=MERGE_BLOCK_ROWS
+        )
+    return row_max, row_sumexp
+
+
+def workspace_scale(dtype, grad_scaled, x_inv, w_inv, slope_bound: float = 1.0) -> torch.Tensor:
+    """Power-of-two scale κ (1,) of the workspace: 1, except for fp16 (largest |E| → 2^14)."""
+    device = x_inv.device
+    if dtype != torch.float16 or grad_scaled.numel() == 0 or w_inv.numel() == 0:
+        return torch.ones(1, dtype=torch.float32, device=device)
+    # |dS| ≤ |g|·s·max|dN/dcos| since p ≤ 1
+    row_bound = (grad_scaled.abs() * x_inv).amax() * slope_bound
+    bound = (row_bound.double() * w_inv.amax().double()).reshape(1)
+    kappa = torch.exp2(torch.floor(torch.log2(FP16_TARGET_MAX / bound)))
+    kappa = torch.nan_to_num(kappa, nan=1.0, posinf=2.0**60).clamp(2.0**-60, 2.0**60)
+    return kappa.to(torch.float32)
+
+
+def backward(
+    x, w, x_inv, w_inv, labels_local, lse, grad_rows, scale, normalize, deterministic,
+    modulation=None, need_weight_grad=True,
+):
+    """Non-target share: (grad_x fp32 (B, D), grad_w (C, D) in w's dtype or None)."""
+    num_rows, dim = x.shape
+    num_classes = w.shape[0]
+    device = x.device
+    grad_x = torch.zeros((num_rows, dim), dtype=torch.float32, device=device)
+    grad_w = torch.empty((num_classes, dim), dtype=w.dtype, device=device) if need_weight_grad else None
+    if num_classes == 0 or dim == 0 or num_rows == 0:
+        return grad_x, (grad_w.zero_() if need_weight_grad else None)
+
+    labels = labels_local.to(torch.int64).contiguous()
+    lse32 = lse.to(torch.float32).contiguous()
+    grad_scaled = (grad_rows.to(torch.float32) * scale).contiguous()
+    mod = modulation_args(modulation, x_inv)
+    slope_bound = modulation.max_slope if modulation is not None else 1.0
+    kappa = workspace_scale(x.dtype, grad_scaled, x_inv, w_inv, slope_bound)
+    dot_meta = launch.dot_meta(x.dtype)
+    bucket = launch.b_bucket(num_rows)
+    column_sums = normalize and need_weight_grad
+
+    chunk = launch.chunk_classes(num_rows, num_classes, x.element_size())
+    block_b = launch.scores_block_b(num_rows)
+    row_blocks = cdiv(num_rows, block_b)
+    workspace = torch.empty((num_rows, chunk), dtype=x.dtype, device=device)
+    colsum = torch.empty((row_blocks, chunk) if column_sums else (1, 1), dtype=torch.float32, device=device)
+
+    splits = launch.dx_splits(num_rows, dim, chunk, deterministic, device)
+    k_per_split = launch.split_k_size(chunk, splits)
+    use_atomics = (not deterministic) and splits > 1
+    if deterministic and splits > 1:
+        dx_acc = torch.zeros((splits, num_rows, dim), dtype=torch.float32, device=device)
+    else:
+        dx_acc = grad_x.unsqueeze(0)
+
+    with device_guard(x):
+        for start in range(0, num_classes, chunk):
+            n_chunk = min(chunk, num_classes - start)
+            n_splits_here = cdiv(n_chunk, k_per_split)
+            SCORES(
+                lambda meta: (row_blocks, cdiv(n_chunk, meta["BLOCK_C"])),
+                x, w, x_inv, w_inv, labels, lse32, grad_scaled, kappa,
+                workspace, colsum, mod["threshold"],
+                num_rows, dim, start, n_chunk,
+                x.stride(0), x.stride(1), w.stride(0), w.stride(1), workspace.stride(0), colsum.stride(0),
+                float(scale), mod["quadratic"], mod["linear"], bucket,
+                MODULATE=mod["MODULATE"], NORMALIZE=column_sums, BLOCK_B=block_b, **dot_meta, pinned=deterministic,
+            )
+            DX(
+                lambda meta: (cdiv(num_rows, meta["BLOCK_M"]), cdiv(dim, meta["BLOCK_N"]), n_splits_here),
+                workspace, w, dx_acc,
+                num_rows, dim, start, n_chunk, k_per_split,
+                workspace.stride(0), w.stride(0), w.stride(1),
+                dx_acc.stride(1), dx_acc.stride(2), dx_acc.stride(0),
+                bucket,
+                USE_ATOMICS=use_atomics, **dot_meta, pinned=deterministic,
+            )
+            if need_weight_grad:
+                DW(
+                    lambda meta: (cdiv(n_chunk, meta["BLOCK_M"]), cdiv(dim, meta["BLOCK_N"])),
+                    workspace, x, w, w_inv, colsum, kappa, grad_w,
+                    num_rows, dim, start, n_chunk, row_blocks,
+                    workspace.stride(0), x.stride(0), x.stride(1), w.stride(0), w.stride(1),
+                    colsum.stride(0), grad_w.stride(0), grad_w.stride(1),
+                    bucket,
+                    NORMALIZE=bool(normalize), **dot_meta, pinned=deterministic,
+                )
+
+    if deterministic and splits > 1:
+        grad_x = dx_acc[0].clone()
+        for s in range(1, splits):  # fixed order
+            grad_x += dx_acc[s]
+    grad_x.mul_(1.0 / kappa)  # κ is a power of two: exact
+    if normalize:  # dx = G − x̂ (x̂·G): the chain rule of x̂ = x/‖x‖ (G already carries 1/‖x‖)
+        x_unit = x.to(torch.float32) * x_inv[:, None]
+        grad_x -= x_unit * (x_unit * grad_x).sum(dim=1, keepdim=True)
+    return grad_x, grad_w
+
+
+# ----------------------------------------------------------------------------------------
+# The backend protocol's two phases
+# ----------------------------------------------------------------------------------------
+@torch.no_grad()
+def lse_partials(
+    embeddings: torch.Tensor,
+    weight: torch.Tensor,
+    labels_local: torch.Tensor,
+    scale: float,
+    normalize: bool,
+    *,
+    modulation: Optional[NegativeModulation] = None,
+    deterministic: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (max, Σ exp(logit − max)) over this weight's NON-TARGET classes, (B,) float32.
+
+    embeddings (B, D), weight (C, D) (see the module docstring for dtypes); labels_local (B,)
+    int64, -1 where the row's target is not here. logit_ij = scale·N(cos_ij) for
+    j ≠ labels_local[i] (N the modulation, identity without one); a row with no such class
+    gets (−inf, 0). The forward is deterministic either way; ``deterministic=True`` also
+    pins the launch config (the bits then match across processes).
+    """
+    check_inputs(embeddings, weight)
+    x, w = compute_operands(embeddings, weight)
+    return forward(
+        x, w, inverse_norms(x, normalize), inverse_norms(w, normalize), labels_local, scale, deterministic, modulation
+    )
+
+
+@torch.no_grad()
+def grads_from_lse(
+    embeddings: torch.Tensor,
+    weight: torch.Tensor,
+    labels_local: torch.Tensor,
+    lse: torch.Tensor,
+    grad_rows: torch.Tensor,
+    scale: float,
+    normalize: bool,
+    *,
+    need_weight_grad: bool = True,
+    modulation: Optional[NegativeModulation] = None,
+    deterministic: bool = False,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Non-target share of the gradients of Σ_i grad_rows_i·loss_i given the global ``lse`` (B,).
+
+    d loss/d cos_ij = grad_rows_i·scale·exp(scale·N(cos_ij) − lse_i)·N'(cos_ij) for
+    j ≠ labels_local[i] (0 on the target column), then the chain rule through both
+    normalisations. Returns (grad_embeddings (B, D) float32, grad_weight (C, D) in
+    weight.dtype, or None with ``need_weight_grad=False``, which skips the dW GEMM). The
+    embedding gradient is this weight's share (sum it over shards). Rows with
+    grad_rows == 0 contribute nothing. ``deterministic=True``: bitwise-reproducible dX
+    (per-split buffers summed in a fixed order instead of fp32 atomics) and pinned configs.
+    """
+    check_inputs(embeddings, weight)
+    x, w = compute_operands(embeddings, weight)
+    grad_x, grad_w = backward(
+        x, w, inverse_norms(x, normalize), inverse_norms(w, normalize), labels_local,
+        lse, grad_rows, scale, normalize, deterministic, modulation, need_weight_grad,
+    )
+    return grad_x, (grad_w.to(weight.dtype) if grad_w is not None else None)
