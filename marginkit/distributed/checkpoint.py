@@ -2,7 +2,9 @@
 
 Two routes, both carrying every per-class tensor (``weight``, ``class_margins``, the
 row-sparse optimizers' ``momentum_buffer``/``momentum_initialized``/``exp_avg``/
-``exp_avg_sq``/``adam_step``) plus the Partial FC ``sample_step``:
+``exp_avg_sq``/``adam_step``) plus the Partial FC ``sample_step`` and ``seed`` (so a head
+built with another seed resumes the same sampling stream) and, in DCP checkpoints, the
+head's configuration as text (``head.config()``):
 
 * **Full** (small heads; files any tool can read): ``head.full_state_dict()`` gives the
   global tensors on every rank (one broadcast per rank and tensor, so the head's device
@@ -36,7 +38,7 @@ from marginkit.distributed.sharding import PER_CLASS_STATE, shard_range
 
 __all__ = ["gather_full_state", "load_full_state", "sharded_state", "save_sharded", "load_sharded"]
 
-_PLAIN_STATE = ("sample_step",)
+_PLAIN_STATE = ("sample_step", "seed", "config")
 
 
 @contextlib.contextmanager
@@ -69,6 +71,7 @@ def gather_full_state(head, device: Optional[Union[torch.device, str]] = None) -
         out[name] = torch.cat(pieces) if pieces else local.to(device, copy=True)
     if head.sample_rate < 1.0:  # the Partial FC step counter, so sampling resumes where it was
         out["sample_step"] = head.sample_step.detach().to(device, copy=True)
+        out["seed"] = torch.tensor(head.seed, dtype=torch.int64, device=device)
     return out
 
 
@@ -102,6 +105,10 @@ def load_full_state(head, state_dict: dict, strict: bool = True) -> None:
                 if current.shape != rows.shape:
                     raise ValueError(f"{name}: expected rows of shape {tuple(current.shape[1:])}, got {tuple(rows.shape[1:])}")
                 current.copy_(rows)
+        elif name == "seed":
+            head.seed = int(value)
+        elif name == "config":
+            continue
         elif name in _PLAIN_STATE:
             getattr(head, name).copy_(value)
 
@@ -128,8 +135,9 @@ def sharded_state(head) -> dict:
         for name in head.per_class_names():
             local = getattr(head, name).detach()
             out[name] = local if head._group is None else _as_sharded(local, head)
-    for name in _PLAIN_STATE:
-        out[name] = getattr(head, name)
+    out["sample_step"] = head.sample_step
+    out["seed"] = torch.tensor(head.seed, dtype=torch.int64)
+    out["config"] = head.config()
     return out
 
 
@@ -168,6 +176,13 @@ def load_sharded(head, checkpoint_id) -> None:
         size = tuple(md.size)
         if size[0] != head.num_classes:
             raise ValueError(f"{name} in {checkpoint_id} has {size[0]} classes, the head has {head.num_classes}")
+        current = getattr(head, name, None)
+        if current is not None and (size[1:] != tuple(current.shape[1:]) or md.properties.dtype != current.dtype):
+            # checked here: DCP would raise a CheckpointException (a BaseException) with the cause buried
+            raise ValueError(
+                f"{name} in {checkpoint_id} has shape {size} and dtype {md.properties.dtype}; the head's is "
+                f"{(head.num_classes, *current.shape[1:])} {current.dtype} (built with another embedding_dim or dtype?)"
+            )
         if getattr(head, name, None) is None:
             head.register_per_class_buffer(
                 name, torch.zeros((head.num_local, *size[1:]), dtype=md.properties.dtype, device=head.weight.device)
@@ -176,10 +191,19 @@ def load_sharded(head, checkpoint_id) -> None:
     missing = [k for k in head.per_class_names() if k not in metadata]
     if missing:
         raise ValueError(f"{checkpoint_id} lacks {missing}, which this head holds")
+    seed = state.get("seed")
+    if seed is not None:
+        state["seed"] = seed = torch.zeros((), dtype=torch.int64)
+    if "config" in state:
+        state["config"] = dict(state["config"])
     with _quiet_sharded_tensor():
         dcp.load(state, checkpoint_id=checkpoint_id, **_dcp_kwargs(head))
+    if seed is not None:
+        head.seed = int(state["seed"])
     if head._group is None:  # plain tensors may have been replaced rather than filled
         for name, value in state.items():
+            if name in ("seed", "config"):
+                continue
             current = getattr(head, name)
             if value is not current and isinstance(value, torch.Tensor):
                 current.copy_(value)
