@@ -21,7 +21,7 @@ from marginkit.nn import (
     RangeLoss,
     SubCenterArcFace,
 )
-from marginkit.specs import ArcFace, CombinedMargin, CosFace, MarginSpec, NoMargin, SphereFace
+from marginkit.specs import ArcFace, CombinedMargin, CosFace, MarginSpec, NoMargin, SphereFace, insightface_margin
 
 __version__ = "0.1.0"
 
@@ -46,6 +46,7 @@ __all__ = [
     "SphereFace",
     "SubCenterArcFace",
     "distributed",
+    "insightface_margin",
     "margin_cross_entropy",
     "reference",
 ]

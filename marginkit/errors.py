@@ -10,7 +10,7 @@ import math
 import numbers
 from typing import Optional
 
-__all__ = ["MarginKitTypeError", "check_real", "check_gradient_mode", "check_choice", "check_positive_ints"]
+__all__ = ["MarginKitTypeError", "check_real", "check_gradient_mode", "check_choice", "check_positive_ints", "check_bool"]
 
 GRADIENT_MODES = ("exact", "straight_through")
 
@@ -53,6 +53,12 @@ def check_positive_ints(**values) -> None:
     for name, value in values.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def check_bool(name: str, value) -> None:
+    """A flag must be a real bool: ``normalize="no"`` would otherwise be silently truthy."""
+    if not isinstance(value, bool):
+        raise MarginKitTypeError(f"{name} must be True or False, got {value!r} of type {type(value).__name__}")
 
 
 def check_choice(name: str, value, allowed) -> None:

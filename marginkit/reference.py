@@ -13,8 +13,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from marginkit.functional import reduce_losses, rows_margins, validate_inputs
 from marginkit.specs import ArcFace, MarginSpec
+from marginkit.validation import check_labels, validate_inputs
 
 __all__ = ["margin_cross_entropy"]
 
@@ -41,8 +41,10 @@ def margin_cross_entropy(
     reach ``embeddings`` and ``weight`` in their own dtype; the loss is float32.
     """
     validate_inputs(
-        embeddings, weight, labels, margin, scale, class_margins, sample_margins, reduction, ignore_index, backend
+        embeddings, weight, labels, margin, scale, class_margins, sample_margins, reduction, ignore_index, backend,
+        normalize, deterministic,
     )
+    check_labels(labels, weight.shape[0], ignore_index)
     x = embeddings.to(torch.float64)
     w = weight.to(torch.float64)
     if normalize:
@@ -52,7 +54,10 @@ def margin_cross_entropy(
     keep = labels != ignore_index
     safe = torch.where(keep, labels, torch.zeros_like(labels))
     cos_target = cos.gather(1, safe[:, None]).squeeze(1)
-    m = rows_margins(labels, ignore_index, class_margins, sample_margins)
+    # Its own margin gather and reduction: the oracle shares nothing with what it judges but the specs.
+    m = sample_margins if sample_margins is not None else (
+        None if class_margins is None else class_margins[safe]
+    )
     # Margins are constants of the loss (as in every backend): no gradient reaches them.
     m = None if m is None else m.detach().to(torch.float64)
     psi = margin.differentiable_target(cos_target, m)
@@ -61,4 +66,8 @@ def margin_cross_entropy(
     losses = torch.logsumexp(logits, dim=1) - scale * psi
     out_dtype = torch.float64 if embeddings.dtype == torch.float64 else torch.float32  # as the backends
     losses = torch.where(keep, losses, torch.zeros_like(losses)).to(out_dtype)
-    return reduce_losses(losses, labels, ignore_index, reduction)
+    if reduction == "none":
+        return losses
+    if reduction == "sum":
+        return losses.sum()
+    return losses.sum() / keep.sum().clamp_min(1)

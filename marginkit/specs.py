@@ -25,6 +25,8 @@ __all__ = [
     "ArcFace",
     "SphereFace",
     "CombinedMargin",
+    "AdaFaceMargin",
+    "insightface_margin",
 ]
 
 # API.md: cos θ_y is clamped to [-1 + 1e-7, 1 - 1e-7] before any arccos or derivative.
@@ -105,6 +107,10 @@ class MarginSpec:
     def _m(self, m: Optional[MarginValue]) -> MarginValue:
         return self.default_margin() if m is None else m
 
+    def check_margin_values(self, name: str, margins: torch.Tensor) -> None:
+        """Raise ``ValueError`` if per-class/per-row margins are outside what the spec allows
+        (finiteness and sign are checked by the caller). Reads values: eager mode only."""
+
 
 @dataclass(frozen=True)
 class NoMargin(MarginSpec):
@@ -155,13 +161,20 @@ class ArcFace(MarginSpec):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        # m ≥ π is allowed: θ + m > π everywhere then, and the fallback applies to every row.
-        check_real("m", self.m, low=0.0)
+        # m ≥ π would turn the margin into a bonus (cos(θ + m) rises again past π).
+        check_real("m", self.m, low=0.0, high=math.pi, high_inclusive=False)
         if not isinstance(self.easy_margin, bool):
             raise TypeError(f"easy_margin must be a bool, got {self.easy_margin!r}")
 
     def default_margin(self):
         return float(self.m)
+
+    def check_margin_values(self, name, margins):
+        if margins.numel() and bool((margins >= math.pi).any()):
+            raise ValueError(
+                f"{name} contains {float(margins.max())}; ArcFace margins must lie in [0, π) (an angle past π "
+                "turns the margin into a bonus)"
+            )
 
     def psi(self, cos, m=None):
         m = self._m(m)
@@ -182,6 +195,16 @@ class ArcFace(MarginSpec):
         if self.easy_margin:
             return torch.where(cos > 0, arc, one)
         return torch.where(theta + m <= math.pi, arc, one)
+
+    def dpsi_dm(self, cos: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        """∂ψ/∂m per row: −sin(θ + m), −(sin m + m·cos m) on the fallback (0 past easy_margin's cut);
+        MagFace back-propagates through its norm-dependent margin with it."""
+        c = cos.clamp(-1.0 + COS_CLAMP, 1.0 - COS_CLAMP)
+        theta = torch.acos(c)
+        arc = -torch.sin(theta + m)
+        if self.easy_margin:
+            return torch.where(cos > 0, arc, torch.zeros_like(arc))
+        return torch.where(theta + m <= math.pi, arc, -(torch.sin(m) + m * torch.cos(m)))
 
 
 @dataclass(frozen=True)
@@ -252,3 +275,77 @@ class CombinedMargin(MarginSpec):
         c = cos.clamp(-1.0 + COS_CLAMP, 1.0 - COS_CLAMP)
         theta = torch.acos(c)
         return self.m1 * torch.sin(self.m1 * theta + m2) / _sin_theta(c)
+
+
+@dataclass(frozen=True)
+class AdaFaceMargin(MarginSpec):
+    """AdaFace's target logit as a margin spec; the per-row "margin" is u = ẑ + 1 ∈ [0, 2].
+
+    With ẑ the row's norm quality in [−1, 1] (``AdaFace`` computes it):
+
+        g_angle = −m·ẑ,  g_add = m·ẑ + m,
+        ψ = cos(clip(θ_y + g_angle, ε, π − ε)) − g_add,   θ_y = arccos(clamp(cos θ_y, −1 + ε, 1 − ε))
+
+    exactly as the authors' code (ε = 1e-3; the derivative is 0 where a clip or clamp is
+    active). ẑ is passed shifted to u = ẑ + 1 so that it fits the fused path's
+    non-negative ``sample_margins``: ψ is then cos(clip(θ − m(u − 1))) − m·u. Without
+    per-row values u = 1 (ẑ = 0): ψ = cos θ − m, CosFace.
+    """
+
+    m: float = 0.4
+    eps: float = 1e-3
+    name = "adaface"
+    has_single_margin = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_real("m", self.m, low=0.0)
+        check_real("eps", self.eps, low=0.0, high=0.5)
+
+    def default_margin(self):
+        return 1.0
+
+    def _angles(self, cos, u):
+        u = self._m(u)
+        c = cos.clamp(-1.0 + self.eps, 1.0 - self.eps)
+        theta = torch.acos(c)
+        pre = theta - self.m * (u - 1.0)
+        return u, c, theta, pre
+
+    def psi(self, cos, m=None):
+        u, _, _, pre = self._angles(cos, m)
+        return torch.cos(pre.clamp(self.eps, math.pi - self.eps)) - self.m * u
+
+    def dpsi_exact(self, cos, m=None):
+        _, c, _, pre = self._angles(cos, m)
+        theta_m = pre.clamp(self.eps, math.pi - self.eps)
+        d = torch.sin(theta_m) / torch.sqrt(1.0 - c * c)
+        active = (cos >= -1.0 + self.eps) & (cos <= 1.0 - self.eps) & (pre >= self.eps) & (pre <= math.pi - self.eps)
+        return torch.where(active, d, torch.zeros_like(d))
+
+
+def insightface_margin(margins) -> MarginSpec:
+    """The spec that computes what insightface arcface_torch's ``CombinedMarginLoss(s, m1, m2, m3)``
+    computes today, gradient included.
+
+    ``margins`` is the ``(m1, m2, m3)`` triple of its configs (``config.margin_list``). Its quirks,
+    reproduced on purpose:
+
+    - (1, m2, 0) (ArcFace): the target is cos(θ_y + m2) with NO fallback past π (rows with
+      θ_y + m2 > π get a target logit that rises again), and the margin is applied under
+      ``torch.no_grad``, so the gradient is straight-through (dψ/dcos = 1);
+    - m3 > 0 (CosFace): the target is cos θ_y − m3 and m1, m2 are ignored;
+    - any other triple, which its code rejects: ``CombinedMargin(m1, m2, m3)``.
+
+    ``mk.ArcFace(0.5)`` differs from insightface in gradient and past π; use this to port a
+    training script without changing what it trains.
+    """
+    try:
+        m1, m2, m3 = (float(v) for v in margins)
+    except (TypeError, ValueError):
+        raise ValueError(f"margins must be a (m1, m2, m3) triple of numbers, got {margins!r}") from None
+    if m3 > 0.0:
+        return CosFace(m3)
+    if m1 == 1.0 and m3 == 0.0:
+        return CombinedMargin(1.0, m2, 0.0, gradient="straight_through")
+    return CombinedMargin(m1, m2, m3)

@@ -56,6 +56,29 @@ def target_cosine(
     return torch.where(owned, dot, torch.zeros_like(dot))
 
 
+@torch.no_grad()
+def sub_center_target(
+    embeddings: torch.Tensor, weight: torch.Tensor, labels_local: torch.Tensor, k: int, normalize: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos θ_y (B,) float64, winning weight row y·K + k* (B,) int64) for a (C·K, D) weight of
+    K sub-centers per class: the closest sub-center is the target. 0 / -1 on rows not owned."""
+    owned = labels_local >= 0
+    safe = torch.where(owned, labels_local, torch.zeros_like(labels_local))
+    rows = safe[:, None] * k + torch.arange(k, device=labels_local.device)[None, :]
+    x = embeddings.to(torch.float64)
+    w = weight.index_select(0, rows.reshape(-1)).to(torch.float64).view(x.shape[0], k, weight.shape[1])
+    dots = torch.einsum("bd,bkd->bk", x, w)
+    if normalize:
+        dots = dots / (
+            torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(NORM_EPS)
+            * torch.linalg.vector_norm(w, dim=2).clamp_min(NORM_EPS)
+        )
+    cos, best = dots.max(dim=1)
+    cos = torch.where(owned, cos, torch.zeros_like(cos))
+    winner = torch.where(owned, safe * k + best, torch.full_like(safe, -1))
+    return cos, winner
+
+
 def normalization_backward(
     grad_unit: torch.Tensor, rows: torch.Tensor, inv_norm: torch.Tensor, normalize: bool
 ) -> torch.Tensor:
@@ -78,7 +101,8 @@ def combine_partials(
     target = scale * target_logit.to(torch.float64)
     # log(0) = -inf when there is no other class: softplus(-inf) = 0, the right loss.
     excess = row_max.to(torch.float64) + torch.log(row_sumexp.to(torch.float64)) - target
-    losses = torch.nn.functional.softplus(excess)
+    # softplus without torch's threshold (20), which drops log1p(e^-x) ~ 2e-9 in float64.
+    losses = excess.clamp_min(0.0) + torch.log1p(torch.exp(-excess.abs()))
     return losses, target + losses
 
 

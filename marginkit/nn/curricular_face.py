@@ -21,10 +21,9 @@ Hard negatives are decided against the *final* target logit ψ_i (the paper's
 T(cos θ_{y_i})). The authors' code compares with cos(θ_y + m) before its fallback;
 the two differ only for rows with θ_y + m > π.
 
-It runs on the fused path of either backend through its negative hook: on CUDA the
-Triton kernels' ``hard_negatives`` (the modulation and its slope applied in the tile
-epilogues), elsewhere the torch backend's ``negative_hook`` (``curricular_hook``).
-Nothing (B, C) is allocated.
+It runs on the fused path of either backend through the pipeline's one non-target hook,
+``marginkit.modulation.curricular`` (threshold ψ_i, quadratic 1, linear t). Nothing (B, C)
+is allocated.
 """
 
 from __future__ import annotations
@@ -32,31 +31,14 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch import nn
 
-from marginkit.backends import torch_chunked
-from marginkit.backends.common import owned_labels, target_cosine
-from marginkit.backends.torch_chunked import NegativeHook
-from marginkit.errors import check_positive_ints, check_real
-from marginkit.functional import reduce_losses, resolve_backend, validate_inputs
-from marginkit.nn._chunked import KeepBufferDtypes
+from marginkit._pipeline import margin_loss
+from marginkit.errors import check_real
+from marginkit.modulation import curricular
+from marginkit.nn._head import ClassWeightHead
 from marginkit.specs import ArcFace, MarginSpec
 
 __all__ = ["CurricularFace", "curricular_cross_entropy"]
-
-
-def curricular_hook(threshold: torch.Tensor, t: float) -> NegativeHook:
-    """CurricularFace's negative modulation for the torch backend: hard negatives
-    (cos θ_j > ψ_i, ``threshold`` (B,)) become cos·(t + cos), with slope t + 2·cos."""
-    threshold = threshold[:, None]
-
-    def hook(cos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        hard = cos > threshold.to(cos.dtype)
-        modulated = torch.where(hard, cos * (t + cos), cos)
-        slope = torch.where(hard, t + 2.0 * cos, torch.ones_like(cos))
-        return modulated, slope
-
-    return hook
 
 
 def curricular_cross_entropy(
@@ -70,7 +52,6 @@ def curricular_cross_entropy(
     reduction: str = "mean",
     ignore_index: int = -100,
     normalize: bool = True,
-    chunk_elements: Optional[int] = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """CurricularFace cross-entropy for a given curriculum parameter ``t`` (no state).
@@ -79,27 +60,14 @@ def curricular_cross_entropy(
     cos θ_j > ψ_i become cos θ_j·(t + cos θ_j). Shapes and reductions as
     ``mk.margin_cross_entropy``; never holds a (B, C) tensor.
     """
-    validate_inputs(embeddings, weight, labels, margin, scale, None, None, reduction, ignore_index, backend)
     check_real("t", t)
-    labels_local = owned_labels(labels, ignore_index)
-    cos_target = target_cosine(embeddings, weight, labels_local, normalize)
-    psi, dpsi = margin.target_terms(cos_target)
-    if resolve_backend(backend, embeddings.device) == "triton":
-        from marginkit.backends import triton as triton_backend
-
-        losses = triton_backend.row_losses(
-            embeddings, weight, labels, psi, dpsi, float(scale), ignore_index, normalize,
-            hard_negatives=(psi, float(t)),
-        )
-    else:
-        losses = torch_chunked.row_losses(
-            embeddings, weight, labels, psi, dpsi, float(scale), ignore_index, normalize, chunk_elements,
-            negative_hook=curricular_hook(psi, float(t)),
-        )
-    return reduce_losses(losses, labels, ignore_index, reduction)
+    return margin_loss(
+        embeddings, weight, labels, margin, scale, reduction=reduction, ignore_index=ignore_index,
+        normalize=normalize, backend=backend, negatives=lambda psi, cos, valid: curricular(psi, float(t)),
+    )
 
 
-class CurricularFace(KeepBufferDtypes):
+class CurricularFace(ClassWeightHead):
     """CurricularFace head: ArcFace target, hard negatives modulated by a running t.
 
     Args:
@@ -107,13 +75,13 @@ class CurricularFace(KeepBufferDtypes):
         margin: the target's margin spec (paper: ``ArcFace(0.5)``).
         scale: s (paper: 64).
         t_momentum: weight of the old t in its moving average (authors' code: 0.99).
-        reduction, ignore_index, normalize, backend: as ``margin_cross_entropy`` ("auto":
-            the Triton kernels' negative hook on CUDA, the torch backend's elsewhere).
-        chunk_elements: the torch backend's (B, chunk) budget.
+        reduction, ignore_index, normalize, backend: as ``margin_cross_entropy``.
 
-    ``.weight`` (C, D) parameter, ``.t`` 0-d float64 buffer (starts at 0; moves only in
-    training mode, before the batch's loss is formed, from the mean target cosine of the
-    batch's non-ignored rows; it stays float64 under ``.half()``). ``forward(embeddings, labels) -> loss``.
+    ``.weight`` (C, D) parameter, ``.t`` 0-d float64 buffer (starts at 0; in training mode the
+    batch's loss uses the t moved by the batch's mean target cosine over its non-ignored rows,
+    and the buffer is written only once that loss has been computed; it stays float64 under
+    ``.half()``). ``forward(embeddings, labels) -> loss``. A non-finite batch in training mode
+    raises ``ValueError`` and leaves t unchanged.
     """
 
     _keep_dtype_buffers = ("t",)
@@ -129,50 +97,38 @@ class CurricularFace(KeepBufferDtypes):
         reduction: str = "mean",
         ignore_index: int = -100,
         normalize: bool = True,
-        chunk_elements: Optional[int] = None,
         backend: str = "auto",
         dtype: Optional[torch.dtype] = None,
         device=None,
     ) -> None:
-        super().__init__()
-        check_positive_ints(num_classes=num_classes, embedding_dim=embedding_dim)
-        if not isinstance(margin, MarginSpec):
-            raise TypeError(f"margin must be a marginkit margin spec, got {margin!r}")
-        check_real("scale", scale, low=0.0, low_inclusive=False)
+        super().__init__(
+            num_classes, embedding_dim, margin, scale, reduction=reduction, ignore_index=ignore_index,
+            normalize=normalize, backend=backend, dtype=dtype, device=device,
+        )
         check_real("t_momentum", t_momentum, low=0.0, high=1.0)
-        self.num_classes, self.embedding_dim = num_classes, embedding_dim
-        self.margin, self.scale, self.t_momentum = margin, float(scale), float(t_momentum)
-        self.reduction, self.ignore_index, self.normalize = reduction, ignore_index, normalize
-        self.chunk_elements, self.backend = chunk_elements, backend
-        self.weight = nn.Parameter(torch.empty(num_classes, embedding_dim, dtype=dtype, device=device))
-        nn.init.normal_(self.weight, mean=0.0, std=0.01)
+        self.t_momentum = float(t_momentum)
         self.register_buffer("t", torch.zeros((), dtype=torch.float64, device=device))
 
-    @torch.no_grad()
-    def update_t(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
-        """t ← t_momentum·t + (1 − t_momentum)·mean target cosine of the batch (no-op if empty)."""
-        keep = labels != self.ignore_index
-        if not bool(keep.any()):
-            return
-        cos = target_cosine(embeddings, self.weight, owned_labels(labels, self.ignore_index), self.normalize)
-        r = cos[keep].clamp(-1.0, 1.0).mean()
-        self.t.mul_(self.t_momentum).add_((1.0 - self.t_momentum) * r.to(self.t))
+    def _moved_t(self, cos: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """t_momentum·t + (1 − t_momentum)·mean target cosine of the valid rows (t if none)."""
+        count = valid.sum()
+        mean = torch.where(valid, cos.clamp(-1.0, 1.0), torch.zeros_like(cos)).sum() / count.clamp_min(1)
+        moved = self.t * self.t_momentum + (1.0 - self.t_momentum) * mean.to(self.t)
+        return torch.where(count > 0, moved, self.t)
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        validate_inputs(
-            embeddings, self.weight, labels, self.margin, self.scale, None, None, self.reduction,
-            self.ignore_index, self.backend,
-        )
+        self.check_batch(embeddings, labels, refuse_non_finite=self.training)
+        proposed = {}
+
+        def negatives(psi, cos, valid):
+            t = self._moved_t(cos, valid) if self.training else self.t
+            proposed["t"] = t
+            return curricular(psi, float(t))
+
+        loss = self.loss(embeddings, labels, negatives=negatives)
         if self.training:
-            self.update_t(embeddings, labels)
-        return curricular_cross_entropy(
-            embeddings, self.weight, labels, float(self.t), self.margin, self.scale,
-            reduction=self.reduction, ignore_index=self.ignore_index, normalize=self.normalize,
-            chunk_elements=self.chunk_elements, backend=self.backend,
-        )
+            self.t.copy_(proposed["t"])
+        return loss
 
     def extra_repr(self) -> str:
-        return (
-            f"num_classes={self.num_classes}, embedding_dim={self.embedding_dim}, margin={self.margin}, "
-            f"scale={self.scale}, t_momentum={self.t_momentum}"
-        )
+        return super().extra_repr() + f", t_momentum={self.t_momentum}"

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import torch
 
-from marginkit.backends.cuda import class_center_update_
+from marginkit.ops import class_center_update_
 from marginkit.errors import check_positive_ints, check_real
 from marginkit.functional import margin_cross_entropy
-from marginkit.nn._chunked import KeepBufferDtypes
-from marginkit.nn._sync import broadcast_from_first_, check_sync_args, global_batch, local_loss, sync_group
+from marginkit.nn._head import KeepBufferDtypes
+from marginkit.distributed.statistics_sync import broadcast_from_first_, check_sync_args, global_batch, local_loss, sync_group
 from marginkit.specs import CosFace, MarginSpec
 
 __all__ = ["IRSoftmax"]
@@ -106,9 +106,16 @@ class IRSoftmax(KeepBufferDtypes):
         if self.training or centers.dtype != embeddings.dtype:
             # A snapshot: the in-place update below must not change what backward sees.
             centers = centers.to(dtype=embeddings.dtype, copy=True)
-        loss, error = local_loss(
-            lambda: margin_cross_entropy(embeddings, centers, labels, self.margin, self.scale, **self.loss_kwargs), group
-        )
+        def compute() -> torch.Tensor:
+            # Centers are running state: a non-finite batch would poison them for good.
+            if self.training and embeddings.numel() and not bool(torch.isfinite(embeddings).all()):
+                raise ValueError(
+                    "embeddings contain NaN or infinite values; IRSoftmax refuses a non-finite batch in training "
+                    "mode (its centers are unchanged); check the backbone's output"
+                )
+            return margin_cross_entropy(embeddings, centers, labels, self.margin, self.scale, **self.loss_kwargs)
+
+        loss, error = local_loss(compute, group)
         if self.training:
             x, y = global_batch(embeddings, labels, group, error)
             class_center_update_(self.centers, x, y, self.momentum, self.ignore_index)

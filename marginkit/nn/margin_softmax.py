@@ -3,31 +3,29 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from marginkit.errors import MarginKitTypeError, check_positive_ints, check_real
-from marginkit.functional import margin_cross_entropy
+from marginkit.errors import MarginKitTypeError
+from marginkit.nn._head import ClassWeightHead
 from marginkit.specs import ArcFace, MarginSpec
+from marginkit.validation import validate_inputs
+
+#: keywords of ``margin_cross_entropy`` a head passes on per call
+_PER_CALL_KEYWORDS = ("class_margins", "sample_margins")
+_HEAD_KEYWORDS = ("reduction", "ignore_index", "normalize", "backend", "deterministic")
 
 
-def check_head_arguments(num_classes, embedding_dim, margin, scale) -> None:
-    """Typed errors for the constructor arguments every margin-softmax head shares."""
-    check_positive_ints(num_classes=num_classes, embedding_dim=embedding_dim)
-    if not isinstance(margin, MarginSpec):
-        raise MarginKitTypeError(f"margin must be a marginkit margin spec (mk.ArcFace(), ...), got {margin!r}")
-    check_real("scale", scale, low=0.0, low_inclusive=False)
-
-
-class MarginSoftmax(nn.Module):
+class MarginSoftmax(ClassWeightHead):
     """Margin softmax loss layer (ArcFace, CosFace, SphereFace, combined) over ``num_classes``.
 
     Args:
         num_classes: C, the number of identities.
         embedding_dim: D, the feature size.
-        margin: a margin spec, e.g. ``mk.ArcFace(0.5)``.
+        margin: a margin spec, e.g. ``mk.ArcFace(0.5)`` (``mk.insightface_margin((1, 0.5, 0))`` to
+            reproduce insightface exactly).
         scale: the logit scale s.
         **loss_kwargs: passed to ``margin_cross_entropy`` (``reduction``, ``ignore_index``,
-            ``class_margins``, ``normalize``, ``backend``...).
+            ``class_margins``, ``normalize``, ``backend``, ``deterministic``); checked here, so a
+            typo fails at construction, not at the first forward.
 
     Shapes: ``forward(embeddings (B, D), labels (B,) int64) -> loss`` (float32 scalar,
     or (B,) with ``reduction="none"``). ``.weight`` is (C, D), initialised normal(0, 0.01)
@@ -45,21 +43,21 @@ class MarginSoftmax(nn.Module):
         device: torch.device | str | None = None,
         **loss_kwargs,
     ) -> None:
-        super().__init__()
-        check_head_arguments(num_classes, embedding_dim, margin, scale)
-        self.num_classes = num_classes
-        self.embedding_dim = embedding_dim
-        self.margin = margin
-        self.scale = float(scale)
+        unknown = sorted(set(loss_kwargs) - set(_PER_CALL_KEYWORDS) - set(_HEAD_KEYWORDS))
+        if unknown:
+            raise MarginKitTypeError(
+                f"MarginSoftmax got unknown keyword(s) {', '.join(unknown)}; allowed: "
+                f"{', '.join(_HEAD_KEYWORDS + _PER_CALL_KEYWORDS)}, dtype, device"
+            )
+        head_kwargs = {k: loss_kwargs.pop(k) for k in _HEAD_KEYWORDS if k in loss_kwargs}
+        super().__init__(num_classes, embedding_dim, margin, scale, dtype=dtype, device=device, **head_kwargs)
         self.loss_kwargs = loss_kwargs
-        self.weight = nn.Parameter(torch.empty(num_classes, embedding_dim, dtype=dtype, device=device))
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        nn.init.normal_(self.weight, mean=0.0, std=0.01)
+        if loss_kwargs:  # margins checked against the weight now, not at the first forward
+            probe = self.weight.detach()[:1]
+            validate_inputs(
+                probe, self.weight.detach(), torch.zeros(1, dtype=torch.int64, device=probe.device), margin, scale,
+                loss_kwargs.get("class_margins"), None, self.reduction, self.ignore_index, self.backend,
+            )
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return margin_cross_entropy(embeddings, self.weight, labels, self.margin, self.scale, **self.loss_kwargs)
-
-    def extra_repr(self) -> str:
-        return f"num_classes={self.num_classes}, embedding_dim={self.embedding_dim}, margin={self.margin}, scale={self.scale}"
+        return self.loss(embeddings, labels, **self.loss_kwargs)

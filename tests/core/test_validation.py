@@ -119,13 +119,26 @@ def test_specs_are_frozen():
     assert mk.ArcFace(0.5) == spec and hash(mk.ArcFace(0.5)) == hash(spec)
 
 
-def test_arcface_margin_past_pi_takes_the_fallback_everywhere():
+@pytest.mark.parametrize("m", [math.pi, 3.5, 10.0])
+def test_arcface_margin_of_pi_or_more_is_rejected(m):
+    # Past π the margin would become a bonus (ArcFace(3.5) gave loss 0.0 where NoMargin gives 49.8).
+    with pytest.raises(ValueError, match=r"m must be < 3.14"):
+        mk.ArcFace(m)
     x, w, y = make_inputs(B=5, C=10, D=6)
-    big = mk.margin_cross_entropy(x, w, y, mk.ArcFace(3.5), 16.0)
-    ref = mk.reference.margin_cross_entropy(x, w, y, mk.ArcFace(3.5), 16.0)
+    for name, kwargs in (("class_margins", {"class_margins": torch.full((10,), m)}),
+                         ("sample_margins", {"sample_margins": torch.full((5,), m)})):
+        with pytest.raises(ValueError, match=name):
+            mk.margin_cross_entropy(x, w, y, mk.ArcFace(0.5), 16.0, **kwargs)
+
+
+def test_margin_just_below_pi_takes_the_fallback_everywhere():
+    x, w, y = make_inputs(B=5, C=10, D=6)
+    m = 3.1
+    big = mk.margin_cross_entropy(x, w, y, mk.ArcFace(m), 16.0)
+    ref = mk.reference.margin_cross_entropy(x, w, y, mk.ArcFace(m), 16.0)
     assert torch.allclose(big, ref, rtol=1e-5)
     cos = torch.tensor([0.3, -0.9], dtype=torch.float64)
-    assert torch.allclose(mk.ArcFace(3.5).psi(cos), cos - 3.5 * math.sin(3.5))
+    assert torch.allclose(mk.ArcFace(m).psi(cos), cos - m * math.sin(m))
 
 
 def test_float64_inputs_give_float64_losses_in_backend_and_reference():

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import marginkit as mk
-from marginkit.nn.adaptive import (
+from marginkit.backends import torch_chunked
+from marginkit.nn import (
     AdaCos,
     AdaFace,
     AdaFaceMargin,
@@ -94,12 +95,14 @@ def curricular_oracle(x, w, y, t, m, s):
 
 
 @pytest.mark.parametrize("t,chunk", [(0.0, None), (0.35, 24 * 3), (0.8, 24 * 5)])
-def test_curricular_loss_and_grads(t, chunk):
+def test_curricular_loss_and_grads(t, chunk, monkeypatch):
+    if chunk:  # a few classes per chunk: the modulation must hold across chunk edges
+        monkeypatch.setattr(torch_chunked, "CHUNK_ELEMENTS", chunk)
     x, w, y = data()
     _, hard = curricular_oracle(x, w, y, t, 0.5, 64.0)
     assert bool(hard.any())  # the data exercises the hard-negative branch
     check_against(
-        lambda a, b: curricular_cross_entropy(a, b, y, t, mk.ArcFace(0.5), 64.0, chunk_elements=chunk),
+        lambda a, b: curricular_cross_entropy(a, b, y, t, mk.ArcFace(0.5), 64.0),
         lambda a, b: curricular_oracle(a, b, y, t, 0.5, 64.0)[0],
         x, w,
     )
@@ -109,7 +112,7 @@ def test_curricular_face_t_schedule_and_fallback_rows():
     torch.manual_seed(0)
     x, w, y = data(B=20, C=9, seed=1, ignored=1)
     x[3] = -w[y[3]] * 4 + 0.01 * torch.randn(10)  # θ_y ≈ π: the ArcFace fallback branch
-    head = CurricularFace(9, 10, chunk_elements=20 * 4)
+    head = CurricularFace(9, 10)
     with torch.no_grad():
         head.weight.copy_(w)
         head.t.fill_(0.3)
@@ -165,7 +168,6 @@ def test_adacos_scale_and_loss():
 
 
 def test_adacos_chunked_b_avg_matches_small_chunks(monkeypatch):
-    from marginkit.backends import torch_chunked
 
     x, w, y = data(B=16, C=50, D=8, seed=3)
     head = AdaCos(50, 8)
@@ -332,11 +334,13 @@ def sub_center_oracle(x, w, y, k, m=0.5, s=64.0):
 
 
 @pytest.mark.parametrize("k,chunk", [(1, None), (3, None), (3, 24 * 3 * 2), (4, 24 * 4)])
-def test_sub_center_loss_and_grads(k, chunk):
+def test_sub_center_loss_and_grads(k, chunk, monkeypatch):
+    if chunk:
+        monkeypatch.setattr(torch_chunked, "CHUNK_ELEMENTS", chunk)
     x, w, y = data(C=11 * k, seed=6 + k)
     y = torch.where(y >= 0, y % 11, y)
     check_against(
-        lambda a, b: sub_center_cross_entropy(a, b, y, k, mk.ArcFace(0.5), 64.0, chunk_elements=chunk),
+        lambda a, b: sub_center_cross_entropy(a, b, y, k, mk.ArcFace(0.5), 64.0),
         lambda a, b: sub_center_oracle(a, b, y, k),
         x, w,
     )

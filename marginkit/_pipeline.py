@@ -1,0 +1,219 @@
+"""The margin cross-entropy pipeline, written once.
+
+    validate → (autocast) → owned labels → target cosine → spec.target_terms
+             → backend.row_losses → reduce
+
+Every loss in marginkit runs through ``margin_loss`` (``mk.margin_cross_entropy``, the heads
+in ``marginkit.nn``); the partitioned head uses the same steps around its collectives. Two
+extension points and no others: the margin spec (the target column) and a
+``NegativeModulation`` (the non-target columns). The float64 target-column math lives in
+``marginkit.backends.common``; the (B, C) work in the backend ``marginkit.backends.resolve``
+picks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from marginkit import backends
+from marginkit.backends.common import sub_center_target, target_cosine
+from marginkit.modulation import NegativeModulation
+from marginkit.specs import MarginSpec
+from marginkit.validation import check_labels, label_error, out_of_range, skip_value_checks, validate_inputs
+
+__all__ = [
+    "margin_loss",
+    "per_row_margins",
+    "target_terms",
+    "reduce_losses",
+    "autocast_inputs",
+    "no_autocast",
+    "check_pending_labels",
+]
+
+#: Devices whose label range check runs on the device and is read back without blocking
+#: the host (the error surfaces at the next call). Elsewhere the check is eager.
+DEFERRED_LABEL_CHECK_DEVICES = ("cuda",)
+
+#: Callback building the non-target modulation from the rows' (ψ (B,), cos θ_y (B,), valid (B,)).
+NegativesFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Optional[NegativeModulation]]
+
+
+# ----------------------------------------------------------------------------------------
+# Autocast: one precision for forward and backward
+# ----------------------------------------------------------------------------------------
+def autocast_inputs(embeddings: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Under ``torch.autocast``, the inputs the loss runs on: embeddings in the autocast dtype, and
+    the weight kept as it is when float32 (master-weight mode: no (C, D) copy) or already in that
+    dtype. Outside autocast, the inputs unchanged. The caller then runs with autocast off, so the
+    backward recomputes in the precision the forward used."""
+    device_type = embeddings.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return embeddings, weight
+    dtype = torch.get_autocast_dtype(device_type)
+    if embeddings.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        embeddings = embeddings.to(dtype)
+    if weight.dtype in (torch.float16, torch.bfloat16) and weight.dtype != embeddings.dtype:
+        weight = weight.to(embeddings.dtype)
+    return embeddings, weight
+
+
+def no_autocast(device: torch.device):
+    """A context with autocast off on ``device`` (the loss's own precision rules apply inside)."""
+    return torch.autocast(device.type, enabled=False)
+
+
+# ----------------------------------------------------------------------------------------
+# Labels: checked eagerly on the CPU, on the device without a host sync on CUDA
+# ----------------------------------------------------------------------------------------
+@dataclass
+class _PendingLabelCheck:
+    flag: torch.Tensor  # (2,) int64 on the host: [any bad, first bad value]
+    event: Optional["torch.cuda.Event"]
+    num_classes: int
+    ignore_index: int
+
+
+_pending: list[_PendingLabelCheck] = []
+
+
+def check_pending_labels(wait: bool = False) -> None:
+    """Raise the ``ValueError`` of an out-of-range label found by an earlier call on CUDA.
+
+    Every call of the loss runs this first without waiting; ``wait=True`` (e.g. at the end of an
+    epoch, or in tests) waits for the flags still in flight.
+    """
+    while _pending:
+        check = _pending[0]
+        if check.event is not None and not (wait or check.event.query()):
+            return
+        if check.event is not None and wait:
+            check.event.synchronize()
+        _pending.pop(0)
+        if int(check.flag[0]):
+            _pending.clear()
+            raise label_error(int(check.flag[1]), check.num_classes, check.ignore_index)
+
+
+def _deferred_label_check(labels: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
+    """Flag out-of-range labels on the device and copy the flag to the host without blocking.
+
+    Returns (B,) bool: the rows with a bad label, which the caller treats as ignored so they
+    never change a weight.
+    """
+    bad = out_of_range(labels, num_classes, ignore_index)
+    any_bad = bad.any()
+    first = labels.gather(0, bad.to(torch.int32).argmax().reshape(1)).reshape(())
+    info = torch.stack([any_bad.to(torch.int64), torch.where(any_bad, first, torch.zeros_like(first))])
+    if labels.is_cuda:
+        flag = torch.empty(2, dtype=torch.int64, pin_memory=True)
+        flag.copy_(info, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+    else:  # the CPU twin of the CUDA path (tests): arrived at once
+        flag, event = info.clone(), None
+    _pending.append(_PendingLabelCheck(flag, event, num_classes, ignore_index))
+    return bad
+
+
+def valid_rows(labels: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
+    """(B,) bool rows that take part in the loss, after the label range check."""
+    valid = labels != ignore_index
+    if skip_value_checks() or not labels.numel():
+        return valid
+    if labels.device.type in DEFERRED_LABEL_CHECK_DEVICES:
+        return valid & ~_deferred_label_check(labels, num_classes, ignore_index)
+    check_labels(labels, num_classes, ignore_index)
+    return valid
+
+
+# ----------------------------------------------------------------------------------------
+# The steps
+# ----------------------------------------------------------------------------------------
+def per_row_margins(labels, ignore_index, class_margins, sample_margins) -> Optional[torch.Tensor]:
+    """The per-row margin (B,) that replaces the spec's m, or None to use the spec's own."""
+    if sample_margins is not None:
+        return sample_margins
+    if class_margins is not None:
+        safe = torch.where(labels == ignore_index, torch.zeros_like(labels), labels)
+        safe = safe.clamp(0, class_margins.shape[0] - 1)  # rows with a bad label are ignored anyway
+        return class_margins.index_select(0, safe)
+    return None
+
+
+def target_terms(
+    embeddings, weight, labels_local, margin: MarginSpec, row_margins, normalize, *, sub_centers: int = 1
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ψ, dψ/dcos, cos θ_y, target weight row) per row: float64, float64, float64, int64.
+
+    Zero (and row -1) on rows whose ``labels_local`` is -1. With sub-centers the target is
+    the closest of the class's K rows.
+    """
+    if sub_centers > 1:
+        cos, rows = sub_center_target(embeddings, weight, labels_local, sub_centers, normalize)
+    else:
+        cos, rows = target_cosine(embeddings, weight, labels_local, normalize), labels_local
+    psi, dpsi = margin.target_terms(cos, row_margins)
+    owned = labels_local >= 0
+    zero = torch.zeros_like(psi)
+    return torch.where(owned, psi, zero), torch.where(owned, dpsi, zero), cos, rows
+
+
+def reduce_losses(losses: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Apply the reduction to per-row losses (B,); 'mean' is over the valid rows."""
+    if reduction == "none":
+        return losses
+    total = losses.sum()
+    if reduction == "sum":
+        return total
+    return total / valid.sum().clamp_min(1)
+
+
+def margin_loss(
+    embeddings: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    margin: MarginSpec,
+    scale: float,
+    *,
+    class_margins: Optional[torch.Tensor] = None,
+    sample_margins: Optional[torch.Tensor] = None,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+    normalize: bool = True,
+    backend: str = "auto",
+    deterministic: bool = False,
+    negatives: Optional[NegativesFn] = None,
+    sub_centers: int = 1,
+) -> torch.Tensor:
+    """The whole pipeline; arguments as ``mk.margin_cross_entropy``.
+
+    ``negatives``: builds the non-target modulation from the target terms (CurricularFace,
+    inter-class filtering). ``sub_centers``: weight is (C·K, D), K rows per class.
+    """
+    num_classes = weight.shape[0] // sub_centers if isinstance(weight, torch.Tensor) and weight.dim() == 2 else 0
+    class_view = weight[::sub_centers] if sub_centers > 1 and isinstance(weight, torch.Tensor) else weight
+    validate_inputs(
+        embeddings, class_view, labels, margin, scale, class_margins, sample_margins, reduction, ignore_index,
+        backend, normalize, deterministic,
+    )
+    check_pending_labels()
+    engine = backends.resolve(backend, embeddings.device, sub_centers=sub_centers)
+    embeddings, weight = autocast_inputs(embeddings, weight)
+    with no_autocast(embeddings.device):
+        valid = valid_rows(labels, num_classes, ignore_index)
+        labels_local = torch.where(valid, labels, torch.full_like(labels, -1))
+        psi, dpsi, cos, rows = target_terms(
+            embeddings, weight, labels_local, margin,
+            per_row_margins(labels, ignore_index, class_margins, sample_margins), normalize,
+            sub_centers=sub_centers,
+        )
+        modulation = negatives(psi, cos, valid) if negatives is not None else None
+        options = {"modulation": modulation, "deterministic": deterministic}
+        if sub_centers > 1:
+            options.update(sub_centers=sub_centers, target_rows=rows)
+        losses = engine.row_losses(embeddings, weight, labels_local, psi, dpsi, float(scale), normalize, **options)
+        return reduce_losses(losses, valid, reduction)

@@ -1,0 +1,120 @@
+"""The base every class-weight head shares: the (C, D) weight, the loss keywords checked at
+construction, the batch checks that run before any state moves, and the call of the pipeline."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from marginkit._pipeline import margin_loss
+from marginkit.backends import BACKENDS
+from marginkit.errors import MarginKitTypeError, check_bool, check_choice
+from marginkit.specs import MarginSpec, NoMargin
+from marginkit.validation import REDUCTIONS, check_head_arguments, check_labels, validate_inputs
+
+__all__ = ["KeepBufferDtypes", "ClassWeightHead", "check_loss_keywords"]
+
+#: insightface's heads start from normal(0, 0.01): small, so early cosines are near 0.
+WEIGHT_INIT_STD = 0.01
+
+
+def check_loss_keywords(reduction, ignore_index, normalize, backend, deterministic) -> None:
+    """The loss keywords, checked when a head is built rather than at its first forward."""
+    check_choice("reduction", reduction, REDUCTIONS)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise MarginKitTypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    check_bool("normalize", normalize)
+    check_choice("backend", backend, BACKENDS)
+    check_bool("deterministic", deterministic)
+
+
+class KeepBufferDtypes(nn.Module):
+    """A module whose state buffers keep their dtype under ``.to(dtype)``, ``.half()``,
+    ``.bfloat16()``...: running statistics, scales and margins stay float32/float64 while
+    parameters follow the requested dtype. Device moves still apply to every buffer."""
+
+    _keep_dtype_buffers: tuple = ()
+
+    def _apply(self, fn, recurse=True):
+        saved = {n: self._buffers[n] for n in self._keep_dtype_buffers if self._buffers.get(n) is not None}
+        out = super()._apply(fn, recurse)
+        for name, old in saved.items():
+            new = self._buffers[name]
+            if new is not None and new.dtype != old.dtype:
+                self._buffers[name] = old.to(device=new.device)
+        return out
+
+
+class ClassWeightHead(KeepBufferDtypes):
+    """A (rows, D) weight (rows = C, or C·K with sub-centers) plus the shared loss keywords.
+
+    Stateful subclasses follow one rule: ``check_batch`` first, then compute the loss with the
+    proposed new state, and write the state only after the loss succeeded.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        embedding_dim: int,
+        margin: Optional[MarginSpec],
+        scale: Optional[float],
+        *,
+        reduction: str = "mean",
+        ignore_index: int = -100,
+        normalize: bool = True,
+        backend: str = "auto",
+        deterministic: bool = False,
+        weight_rows: Optional[int] = None,
+        dtype: Optional[torch.dtype] = None,
+        device=None,
+    ) -> None:
+        super().__init__()
+        check_head_arguments(num_classes, embedding_dim, margin, scale)
+        check_loss_keywords(reduction, ignore_index, normalize, backend, deterministic)
+        self.num_classes, self.embedding_dim = num_classes, embedding_dim
+        self.margin = margin
+        if scale is not None:
+            self.scale = float(scale)
+        self.reduction, self.ignore_index, self.normalize = reduction, ignore_index, normalize
+        self.backend, self.deterministic = backend, deterministic
+        rows = weight_rows or num_classes
+        self.weight = nn.Parameter(torch.empty(rows, embedding_dim, dtype=dtype, device=device))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, mean=0.0, std=WEIGHT_INIT_STD)
+
+    def check_batch(self, embeddings, labels, *, refuse_non_finite: bool = False) -> None:
+        """Every check of (embeddings, labels) before any state changes: shapes, dtypes, label
+        range (one host sync), and with ``refuse_non_finite`` finite embeddings, so that a bad
+        batch is refused with the state untouched."""
+        weight = self.weight[:: self.weight.shape[0] // self.num_classes]
+        validate_inputs(
+            embeddings, weight, labels, self.margin or NoMargin(), 1.0, None, None,
+            self.reduction, self.ignore_index, self.backend, self.normalize, self.deterministic,
+        )
+        check_labels(labels, self.num_classes, self.ignore_index)
+        if refuse_non_finite and embeddings.numel() and not bool(torch.isfinite(embeddings).all()):
+            raise ValueError(
+                f"embeddings contain NaN or infinite values; {type(self).__name__} keeps running state and refuses "
+                "a non-finite batch (its state is unchanged); check the backbone's output or lower the learning rate"
+            )
+
+    def loss(self, embeddings, labels, margin=None, scale=None, **overrides) -> torch.Tensor:
+        """``margin_loss`` with this head's weight and keywords; ``overrides`` replace them."""
+        kwargs = dict(
+            reduction=self.reduction, ignore_index=self.ignore_index, normalize=self.normalize,
+            backend=self.backend, deterministic=self.deterministic,
+        )
+        kwargs.update(overrides)
+        return margin_loss(
+            embeddings, self.weight, labels, margin or self.margin, self.scale if scale is None else scale, **kwargs
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_classes={self.num_classes}, embedding_dim={self.embedding_dim}, margin={self.margin}, "
+            f"scale={getattr(self, 'scale', None)}"
+        )
