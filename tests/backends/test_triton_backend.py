@@ -847,7 +847,7 @@ def test_specialization_key_follows_tritons_binder():
               torch.zeros(8), torch.zeros(8)[1:], torch.zeros(8, dtype=torch.bfloat16), torch.zeros(8, dtype=torch.int64)]
     for a in values:
         for b in values:
-            if launch.specialization_key([a], {}) == launch.specialization_key([b], {}):
+            if launch.specialization_key([a]) == launch.specialization_key([b]):
                 triton_a = native_specialize_impl(BaseBackend, a, False, True, True)
                 triton_b = native_specialize_impl(BaseBackend, b, False, True, True)
                 assert triton_a == triton_b or (triton_a[0] == "constexpr" and a == b), (a, b)

@@ -78,34 +78,25 @@ def _round_up(n: int, m: int) -> int:
 # ----------------------------------------------------------------------------------------
 # The launcher
 # ----------------------------------------------------------------------------------------
-_INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
-
-
-def _arg_specialization(value):
-    """What Triton's binder specialises one runtime argument on (a superset is safe: it only
-    splits the cache further): a tensor's dtype and 16-byte alignment; an int's width, == 1
-    (then a constexpr) and divisibility by 16; a bool's value; a float's type."""
-    if isinstance(value, torch.Tensor):
-        return (value.dtype, value.data_ptr() % 16 == 0)
-    if isinstance(value, bool):
-        return ("u1", value)
-    if isinstance(value, int):
-        return (_INT32_MIN <= value <= _INT32_MAX, value == 1, value % 16 == 0)
-    if isinstance(value, float):
-        return "fp32"
-    return (type(value), value)
-
-
-def specialization_key(args, meta: dict) -> tuple:
-    """The compiled-handle cache key of a launch: per-argument specialisation, then every
-    constexpr and compile option in ``meta`` (tile sizes, flags, num_warps, num_stages)."""
-    return tuple(_arg_specialization(a) for a in args) + tuple(sorted(meta.items()))
+def specialization_key(args, _tensor=torch.Tensor) -> tuple:
+    """What Triton's binder specialises a launch's runtime arguments on, one entry per argument
+    (a finer key is safe: it only splits the cache): a tensor's dtype and 16-byte alignment; an
+    int's divisibility by 16, == 1 (then a constexpr) and width (v >> 31 is 0 or -1 in int32);
+    a bool or float by type alone (Triton passes them as u1 / fp32 whatever their value).
+    One comprehension, no call per argument: this runs on every launch."""
+    return tuple([
+        (a.dtype, a.data_ptr() & 15 == 0) if isinstance(a, _tensor)
+        else (a & 15 == 0, a == 1, a >> 31) if type(a) is int
+        else type(a)
+        for a in args
+    ])
 
 
 class KernelLauncher:
     """A kernel with its autotuner (GPU) or its fixed interpreter config, and its caches.
 
     ``picked``: tuning key -> the autotuner's config, recorded at the first launch of the key.
+    ``plans``: per config and call-site keywords, the merged meta-parameters (built once).
     ``handles``: specialisation key -> the ``CompiledKernel`` of a direct launch; later
     launches with the same key call the handle (``handle[grid](*every argument in signature
     order)``), skipping the binder, the specialisation and the kernel-cache lookup of
@@ -125,6 +116,7 @@ class KernelLauncher:
         self.key_positions = [(name, fn.arg_names.index(name)) for name in key]
         self.picked = {}
         self.pinned_configs = {}
+        self.plans = {}  # (config, call-site kwargs) -> (meta, constexpr values, plan id)
         self.handles = {}
         self.tuned = None
         if not INTERPRETED:
@@ -166,19 +158,25 @@ class KernelLauncher:
 
     def launch_config(self, config, grid, args, kwargs):
         """Launch with ``config``'s meta-parameters: through a cached handle when one matches."""
-        meta = {**kwargs, **config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
-        if config.num_ctas != 1:
-            meta["num_ctas"] = config.num_ctas
+        plan_key = (id(config), *kwargs.items())  # configs live in picked / pinned_configs: ids stay valid
+        plan = self.plans.get(plan_key)
+        if plan is None:
+            meta = {**kwargs, **config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+            if config.num_ctas != 1:
+                meta["num_ctas"] = config.num_ctas
+            # CompiledKernel launches take every argument in signature order, constexprs included.
+            constexprs = tuple(meta[name] for name in self.fn.arg_names[len(args):])
+            plan = self.plans[plan_key] = (meta, constexprs, len(self.plans))
+        meta, constexprs, plan_id = plan
         grid = grid(meta) if callable(grid) else grid
         if not _overrides.get("compiled_launch", True):
             self.fn[grid](*args, **meta)
             return
-        spec = specialization_key(args, meta) + (args[0].get_device(),)  # Triton caches per device
+        # Triton caches kernels per device; the plan fixes every constexpr and compile option.
+        spec = (*specialization_key(args), plan_id, args[0].get_device())
         handle = self.handles.get(spec)
         if handle is not None:
-            # CompiledKernel launches take every argument in signature order, constexprs included.
-            constexprs = [meta[name] for name in self.fn.arg_names[len(args):]]
-            handle[tuple(grid) + (1,) * (3 - len(grid))](*args, *constexprs)
+            handle[(*grid, 1, 1)[:3]](*args, *constexprs)
             return
         handle = self.fn[grid](*args, **meta)
         if handle is not None:
