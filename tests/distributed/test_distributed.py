@@ -490,7 +490,7 @@ def test_one_process_full_and_sharded_checkpoint_roundtrip(tmp_path):
     head(x, labels).backward()
     head.zero_grad()
     full = head.full_state_dict()
-    assert set(full) == {"weight", "class_margins", "momentum_buffer", "momentum_initialized", "sample_step"}
+    assert set(full) == {"weight", "class_margins", "momentum_buffer", "momentum_initialized", "sample_step", "seed"}
     save_sharded(head, str(tmp_path / "ck"))
     for loader in ("full", "sharded"):
         fresh = PartitionedMarginSoftmax(C, D, mk.ArcFace(), 64.0, sample_rate=0.5, seed=11)
@@ -622,7 +622,7 @@ def test_checkpoints_reshard_bitwise(runs, reader):
     """Saved at 2 -> loaded at 3 and saved at 4 -> loaded at 1, full and DCP-sharded."""
     source = runs[reader][0]["checkpoints"]["source"]
     saved = runs[source][0]["checkpoints"]["saved"]
-    assert set(saved) == {"weight", "class_margins", "momentum_buffer", "momentum_initialized", "sample_step"}
+    assert set(saved) == {"weight", "class_margins", "momentum_buffer", "momentum_initialized", "sample_step", "seed"}
     assert torch.count_nonzero(saved["momentum_buffer"]) > 0  # optimizer state really travels
     for res in runs[source]:  # full_state_dict is the same global state on every rank
         for name in saved:
