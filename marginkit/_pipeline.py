@@ -20,7 +20,8 @@ import torch
 
 from marginkit import backends
 from marginkit.backends.common import sub_center_target, target_cosine
-from marginkit.modulation import NegativeModulation
+from marginkit.modulation import NegativeModulation, interclass_filter
+from marginkit.errors import check_real
 from marginkit.specs import MarginSpec
 from marginkit.validation import check_labels, label_error, out_of_range, skip_value_checks, validate_inputs
 
@@ -186,14 +187,24 @@ def margin_loss(
     normalize: bool = True,
     backend: str = "auto",
     deterministic: bool = False,
+    interclass_filtering_threshold: float = 0.0,
     negatives: Optional[NegativesFn] = None,
     sub_centers: int = 1,
 ) -> torch.Tensor:
     """The whole pipeline; arguments as ``mk.margin_cross_entropy``.
 
-    ``negatives``: builds the non-target modulation from the target terms (CurricularFace,
-    inter-class filtering). ``sub_centers``: weight is (C·K, D), K rows per class.
+    ``negatives``: builds the non-target modulation from the target terms (CurricularFace).
+    ``interclass_filtering_threshold`` > 0: insightface's filter, the other user of that hook.
+    ``sub_centers``: weight is (C·K, D), K rows per class.
     """
+    check_real("interclass_filtering_threshold", interclass_filtering_threshold, low=0.0, high=1.0)
+    if interclass_filtering_threshold > 0.0:
+        if negatives is not None:
+            raise ValueError("interclass_filtering_threshold cannot be combined with another negative modulation")
+        threshold = float(interclass_filtering_threshold)
+        negatives = lambda psi, cos, valid: interclass_filter(  # noqa: E731
+            valid, threshold, torch.float64 if embeddings.dtype == torch.float64 else torch.float32
+        )
     num_classes = weight.shape[0] // sub_centers if isinstance(weight, torch.Tensor) and weight.dim() == 2 else 0
     class_view = weight[::sub_centers] if sub_centers > 1 and isinstance(weight, torch.Tensor) else weight
     validate_inputs(

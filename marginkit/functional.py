@@ -26,6 +26,7 @@ def margin_cross_entropy(
     normalize: bool = True,
     backend: str = "auto",
     deterministic: bool = False,
+    interclass_filtering_threshold: float = 0.0,
 ) -> torch.Tensor:
     """Margin softmax cross-entropy over all C classes without materialising (B, C) logits.
 
@@ -45,6 +46,9 @@ def margin_cross_entropy(
         backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".
         deterministic: Triton only: bitwise run-to-run identical gradients (a few MiB more and a
             little slower). The torch backend on the CPU is deterministic anyway.
+        interclass_filtering_threshold: in [0, 1]; > 0 is insightface's inter-class filtering:
+            on labelled rows, non-target cosines above it count as 0 (likely duplicate identities
+            neither push the row nor get a gradient). 0 (default) turns it off.
 
     Under ``torch.autocast`` the embeddings are cast to the autocast dtype, a float32 weight is
     read as a master weight, and forward and backward run in that one precision.
@@ -59,5 +63,5 @@ def margin_cross_entropy(
     return margin_loss(
         embeddings, weight, labels, margin, scale, class_margins=class_margins, sample_margins=sample_margins,
         reduction=reduction, ignore_index=ignore_index, normalize=normalize, backend=backend,
-        deterministic=deterministic,
+        deterministic=deterministic, interclass_filtering_threshold=interclass_filtering_threshold,
     )

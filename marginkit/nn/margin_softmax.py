@@ -10,7 +10,7 @@ from marginkit.specs import ArcFace, MarginSpec
 from marginkit.validation import validate_inputs
 
 #: keywords of ``margin_cross_entropy`` a head passes on per call
-_PER_CALL_KEYWORDS = ("class_margins", "sample_margins")
+_PER_CALL_KEYWORDS = ("class_margins", "sample_margins", "interclass_filtering_threshold")
 _HEAD_KEYWORDS = ("reduction", "ignore_index", "normalize", "backend", "deterministic")
 
 
@@ -24,7 +24,8 @@ class MarginSoftmax(ClassWeightHead):
             reproduce insightface exactly).
         scale: the logit scale s.
         **loss_kwargs: passed to ``margin_cross_entropy`` (``reduction``, ``ignore_index``,
-            ``class_margins``, ``normalize``, ``backend``, ``deterministic``); checked here, so a
+            ``class_margins``, ``normalize``, ``backend``, ``deterministic``,
+            ``interclass_filtering_threshold``); checked here, so a
             typo fails at construction, not at the first forward.
 
     Shapes: ``forward(embeddings (B, D), labels (B,) int64) -> loss`` (float32 scalar,
