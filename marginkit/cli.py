@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
         "writes a CSV (API.md schema), a PNG plot and a JSON sidecar, and prints a table.",
     )
     add_arguments(bench)
-    sub.add_parser("demo", help="a short training demo (arguments are passed on to marginkit.demo)", add_help=False)
+    sub.add_parser("demo", help="the long-tail training demo of examples/long_tail (arguments are passed on to it)", add_help=False)
     return parser
 
 

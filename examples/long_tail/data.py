@@ -1,4 +1,4 @@
-"""A long-tailed synthetic identity dataset for ``marginkit.demo``, generated in code.
+"""A long-tailed synthetic identity dataset for the long-tail demo, generated in code.
 
 Identities are points μ_c on the unit sphere of a small latent space. A sample of
 identity c is an angular perturbation of μ_c, concatenated with nuisance factors
@@ -13,8 +13,10 @@ Class sizes follow a Zipf law (n_r ∝ r^(−α) for the r-th largest class, at 
 Splits:
 
 * ``train``: the long-tailed training set (identities 0..C−1);
+* ``val``: ``val_per_class`` further samples of every training identity, for decisions
+  taken during training (the Fair Loss offline phase's global reward), never for results;
 * ``closed``: ``test_per_class`` further samples of every training identity, for
-  closed-set accuracy (per class count: head and tail);
+  closed-set accuracy (per class count: head, middle and tail thirds);
 * ``open``: ``open_classes`` identities never seen in training, ``open_per_class``
   samples each, for open-set verification (TAR at a fixed FAR over all pairs).
 """
@@ -36,6 +38,7 @@ class DataConfig:
     min_per_class: int = 2
     zipf_exponent: float = 0.75
     test_per_class: int = 4
+    val_per_class: int = 2
     open_classes: int = 150
     open_per_class: int = 6
     latent_dim: int = 12
@@ -57,6 +60,8 @@ class DemoData:
     closed_y: torch.Tensor
     open_x: torch.Tensor
     open_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
     class_counts: torch.Tensor  # training samples per class (C,)
 
     def summary(self) -> dict:
@@ -120,7 +125,11 @@ def make_dataset(cfg: DataConfig = DataConfig()) -> DemoData:
     mu_open = _sphere(cfg.open_classes, cfg.latent_dim, g)
     open_y = torch.arange(cfg.open_classes).repeat_interleave(cfg.open_per_class)
     open_x = _samples(mu_open, open_y, cfg, fmap, g)
+    # Drawn last, so the other splits are those of a config without a validation split.
+    val_y = torch.arange(cfg.num_classes).repeat_interleave(cfg.val_per_class)
+    val_x = _samples(mu, val_y, cfg, fmap, g)
     # Standardise inputs with the training statistics (as one would real data).
     mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
     norm = lambda t: (t - mean) / std  # noqa: E731
-    return DemoData(cfg, norm(train_x), train_y, norm(closed_x), closed_y, norm(open_x), open_y, counts)
+    return DemoData(cfg, norm(train_x), train_y, norm(closed_x), closed_y, norm(open_x), open_y, norm(val_x), val_y,
+                    counts)
