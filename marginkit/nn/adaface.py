@@ -86,7 +86,7 @@ class AdaFace(ClassWeightHead):
         return ((norms - mean) / (std + self.eps) * self.h).clamp(-1.0, 1.0)
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        self.check_batch(embeddings, labels, refuse_non_finite=self.training)
+        self.check_batch(embeddings, labels, refuse_non_finite=True)  # a NaN norm has no margin, even in eval
         with torch.no_grad():
             norms = torch.linalg.vector_norm(embeddings.detach().to(torch.float64), dim=1).clamp(0.001, 100.0)
             mean, std = self.batch_mean, self.batch_std

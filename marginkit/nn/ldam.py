@@ -81,7 +81,7 @@ class LDAMSoftmax(ClassWeightHead):
         self.register_buffer("class_margins", ldam_margins(counts, self.max_margin).to(device))
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        self.check_batch(embeddings, labels)
+        self.check_batch(embeddings, labels, refuse_non_finite=self.training and self.online)
         counts, margins = self.class_counts, self.class_margins
         if self.training and self.online:
             with torch.no_grad():
