@@ -26,8 +26,8 @@ import torch
 from .data import DataConfig, make_dataset
 from .fair_paper import offline_phase
 from .heads import DEFAULT_METHODS, METHODS, PAPER_METHODS, STUDY_METHODS, TrainConfig
-from .report import (aggregate, format_gains, format_margins, format_table, paired_gains, write_plot, write_rows,
-                     write_study_plot)
+from .report import (aggregate, format_gains, format_margins, format_table, paired_gains, read_rows, skew_order,
+                     write_plot, write_rows, write_study_plot)
 from .study import SKEWS, run_study
 from .train import train_one
 
@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the long opt-in study: every seed at every skew of --skews, cells in --jobs processes")
     p.add_argument("--skews", default=",".join(SKEWS), help="study skews: Zipf exponents and/or 'balanced' (default: %(default)s)")
     p.add_argument("--jobs", type=int, default=2, help="study processes (default: %(default)s)")
+    p.add_argument("--from-csv", default=None, metavar="CSV",
+                   help="with --study: train nothing, report (tables, plot) from a study CSV written earlier")
     p.add_argument("--classes", type=int, default=None, help="training identities (default 300)")
     p.add_argument("--epochs", type=int, default=None, help="training epochs per method (default 30)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads of a plain run (default 1: the model is small)")
@@ -159,10 +161,14 @@ def _study(args, methods, seeds, skews, data_cfg, train_cfg) -> int:
         write_rows(done, csv_path)
         print(f"  cell zipf {rows[0]['skew']} seed {rows[0]['seed']} done ({time.perf_counter() - t0:.0f} s)", flush=True)
 
-    print(f"study: skews {', '.join(skews)} x seeds {', '.join(map(str, seeds))} x {len(methods)} methods, "
-          f"{args.jobs} processes", flush=True)
-    rows = run_study(skews, seeds, methods, data_cfg, train_cfg, args.jobs, on_cell)
-    write_rows(rows, csv_path)
+    if args.from_csv:
+        rows = read_rows(args.from_csv)
+        skews = skew_order(r["skew"] for r in rows)
+    else:
+        print(f"study: skews {', '.join(skews)} x seeds {', '.join(map(str, seeds))} x {len(methods)} methods, "
+              f"{args.jobs} processes", flush=True)
+        rows = run_study(skews, seeds, methods, data_cfg, train_cfg, args.jobs, on_cell)
+        write_rows(rows, csv_path)
     summary = aggregate(rows)
     gains = paired_gains(rows, REFERENCE)
     for skew in skews:
@@ -172,7 +178,8 @@ def _study(args, methods, seeds, skews, data_cfg, train_cfg) -> int:
         print(format_margins([r for r in summary if r["skew"] == skew]))
     print()
     print(format_gains(gains, REFERENCE))
-    print(f"\ntotal time {time.perf_counter() - t0:.1f} s; wrote {csv_path}")
+    if not args.from_csv:
+        print(f"\ntotal time {time.perf_counter() - t0:.1f} s; wrote {csv_path}")
     if not args.no_plot:
         write_study_plot(summary, gains, REFERENCE, plot_path)
         print(f"wrote {plot_path}")

@@ -7,7 +7,7 @@ import math
 import os
 from typing import Dict, List, Sequence
 
-__all__ = ["METRICS", "MARGIN_KEYS", "aggregate", "format_table", "write_rows", "paired_gains", "format_gains",
+__all__ = ["METRICS", "MARGIN_KEYS", "skew_order", "read_rows", "aggregate", "format_table", "write_rows", "paired_gains", "format_gains",
            "write_plot", "write_study_plot"]
 
 METRICS = ("tar@far=1e-3", "tar@far=1e-2", "tail_acc", "mid_acc", "head_acc", "all_acc", "gap", "class_acc_std")
@@ -73,6 +73,17 @@ def write_rows(rows: List[dict], path: str) -> None:
             w.writerow(cells)
 
 
+def read_rows(path: str) -> List[dict]:
+    """Rows written by ``write_rows``: metrics as floats (NaN where empty), seed as int."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        r["seed"] = int(r["seed"])
+        for k in METRICS + MARGIN_KEYS + ("train_s",):
+            r[k] = float(r[k]) if r.get(k) not in (None, "") else float("nan")
+    return rows
+
+
 def paired_gains(rows: List[dict], reference: str, metrics=("tail_acc", "gap", "tar@far=1e-3", "all_acc")) -> List[dict]:
     """Per (skew, method ≠ reference): mean ± std over seeds of (method − reference) on the same
     seed, and in how many seeds the method is better (higher; lower for the gap)."""
@@ -103,6 +114,11 @@ def format_gains(gains: List[dict], reference: str) -> str:
             cells.append(f"{g[k]:+.3f} ± {g[k + '_std']:.3f} ({g[k + '_wins']}/{g['seeds']})")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def skew_order(skews) -> List[str]:
+    """Distinct skews, the balanced control first, then Zipf exponents ascending."""
+    return sorted(dict.fromkeys(skews), key=lambda k: -1.0 if k == "balanced" else float(k))
 
 
 def _pyplot():
@@ -153,7 +169,7 @@ def write_study_plot(summary: List[dict], gains: List[dict], reference: str, pat
     """Three panels over skews: Δ tail accuracy and Δ TAR against ``reference``; the adaptive
     heads' final margins per third at each skew."""
     plt = _pyplot()
-    skews = list(dict.fromkeys(g["skew"] for g in gains))
+    skews = skew_order(g["skew"] for g in gains)
     methods = list(dict.fromkeys(g["method"] for g in gains))
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
     for ax, key, label in ((axes[0], "tail_acc", "Δ tail-third accuracy"), (axes[1], "tar@far=1e-3", "Δ TAR@FAR=1e-3")):
@@ -172,13 +188,15 @@ def write_study_plot(summary: List[dict], gains: List[dict], reference: str, pat
     for i, m in enumerate(adaptive):
         rs = [next((r for r in summary if r["skew"] == s and r["method"] == m), None) for s in skews]
         xs = [j + (i - (len(adaptive) - 1) / 2) * 0.15 for j, r in enumerate(rs) if r]
-        ax.plot(xs, [r["margin_head"] for r in rs if r], "v", label=f"{m}: head third")
-        ax.plot(xs, [r["margin_tail"] for r in rs if r], "^", label=f"{m}: tail third")
+        color = f"C{i}"
+        ax.vlines(xs, [r["margin_head"] for r in rs if r], [r["margin_tail"] for r in rs if r], colors=color, lw=1)
+        ax.plot(xs, [r["margin_head"] for r in rs if r], "v", color=color, label=m)
+        ax.plot(xs, [r["margin_tail"] for r in rs if r], "^", color=color)
     ax.set_xticks(range(len(skews)))
     ax.set_xticklabels([f"zipf {s}" for s in skews])
     ax.set_ylim(0.1, 0.5)
-    ax.set_title("final margins: head third (▼) and tail third (▲)", fontsize=9)
-    ax.legend(fontsize=6, ncol=2)
+    ax.set_title("mean final margin: head third (▼) to tail third (▲)", fontsize=9)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
