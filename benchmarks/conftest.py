@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from marginkit.bench.config import DEFAULTS, METHODS, BenchConfig, parse_dtype, parse_sizes, resolve_device
-from marginkit.bench.runner import FLOOR, select_providers
+from marginkit.bench.plan import FLOOR, select_providers, split_list
 
 
 def pytest_addoption(parser):
@@ -27,10 +27,6 @@ def pytest_addoption(parser):
     g.addoption("--mk-rounds", type=int, default=None, help="timed rounds per benchmark (default 10 CUDA, 5 CPU)")
 
 
-def _split(v):
-    return [s.strip() for s in v.split(",") if s.strip()] if v else None
-
-
 def _cases(config):
     device = resolve_device(config.getoption("--mk-device"))
     dflt = DEFAULTS["cuda" if device.startswith("cuda") else "cpu"]
@@ -38,9 +34,9 @@ def _cases(config):
     Bs = parse_sizes(opt("--mk-B")) if opt("--mk-B") else dflt["B"]
     Ds = parse_sizes(opt("--mk-D")) if opt("--mk-D") else dflt["D"]
     Cs = parse_sizes(opt("--mk-C")) if opt("--mk-C") else dflt["C"]
-    dtypes = [parse_dtype(t) for t in (_split(opt("--mk-dtype")) or dflt["dtype"])]
-    margins = _split(opt("--mk-margin")) or dflt["margin"]
-    names = select_providers(_split(opt("--mk-providers")), None, device, opt("--mk-compile"))
+    dtypes = [parse_dtype(t) for t in (split_list(opt("--mk-dtype")) or dflt["dtype"])]
+    margins = split_list(opt("--mk-margin")) or dflt["margin"]
+    names = select_providers(split_list(opt("--mk-providers")), None, device, opt("--mk-compile"))
     names.sort(key=lambda n: n != FLOOR)
     cases = []
     for margin in margins:

@@ -16,7 +16,7 @@ import torch
 
 from marginkit.bench.config import dtype_name, make_spec
 from marginkit.bench.providers import PROVIDERS, make_inputs
-from marginkit.bench.runner import is_oom
+from marginkit.bench.cell import is_oom
 from marginkit.bench.timing import measure
 
 _INPUTS = {}  # the current shape's inputs only: one W (C × D) alive at a time
@@ -45,8 +45,10 @@ def test_forward_backward(benchmark, mk_case, mk_rounds):
     margin = prov.row_margin(cfg.margin)
     benchmark.group = f"B={cfg.B} D={cfg.D} C={cfg.C} {dtype_name(cfg.dtype)} {cfg.margin}"
     try:
-        case = prov.build(_inputs(cfg), make_spec(margin))
-        m = measure(case, cfg.device, reps=1)  # warm-up, compile time and the memory peak
+        inputs = _inputs(cfg)
+        case = prov.build(inputs, make_spec(margin))
+        # warm-up, compile time and the memory peak
+        m = measure(case, cfg.device, reps=1, preexisting=(inputs.x, inputs.w, inputs.labels))
     except Exception as exc:
         if is_oom(exc):
             _INPUTS.clear()

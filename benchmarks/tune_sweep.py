@@ -2,16 +2,20 @@
 
     python benchmarks/tune_sweep.py --C 1M --chunk-classes 0,32768,65536 --dx-splits 0,1,4 --direct-launch 1,0
 
-Each variant is a ``marginkit.backends.triton.tuning(...)`` override (0 = the launcher's
-own choice) timed with the bench's ``measure`` on the bench's inputs, so its numbers
+Each variant is a ``tuning(...)`` override of the Triton backend (0 = the launcher's
+own choice; the backend comes from ``marginkit.backends.resolve``, so on a CPU, where the
+torch backend runs, the overrides do nothing) timed with the bench's ``measure`` on the bench's inputs, so its numbers
 line up with ``marginkit bench``. The backward's workspace is B · chunk_classes
 elements: bigger chunks mean fewer launches and more memory.
 """
 
 import argparse
+import contextlib
 import itertools
 
-from marginkit.backends import triton as tb
+import torch
+
+from marginkit.backends import resolve
 from marginkit.bench.config import add_shape_arguments, config_from_args, make_spec, parse_size, resolve_device
 from marginkit.bench.providers import get_provider, make_inputs
 from marginkit.bench.timing import measure
@@ -44,13 +48,15 @@ def main(argv=None) -> None:
 
     device = resolve_device(args.device)
     cfg = config_from_args(args, device)
-    provider = get_provider("marginkit")  # backend="auto": Triton on CUDA (on the CPU the overrides do nothing)
+    provider = get_provider("marginkit")  # backend="auto": Triton on CUDA
+    # the torch backend (CPU) has no launch choices: the variants then time the same code
+    tuning = getattr(resolve("auto", torch.device(device)), "tuning", lambda **_: contextlib.nullcontext())
     inputs = make_inputs(cfg)
     print(f"marginkit B={cfg.B} D={cfg.D} C={cfg.C} {cfg.dtype} {cfg.margin} on {device}")
     print(f"{'variant':<40} {'ms median':>10} {'p20-p80':>17} {'peak extra MiB':>15}")
     direct = [int(v) for v in args.direct_launch.split(",") if v.strip()]
     for override in variants(choices(args.chunk_classes), choices(args.dx_splits), direct):
-        with tb.tuning(**override):
+        with tuning(**override):
             case = provider.build(inputs, make_spec(provider.row_margin(cfg.margin)))
             m = measure(case, device, reps=args.reps)
         name = ", ".join(f"{k}={v}" for k, v in override.items()) or "launcher's choice"

@@ -29,9 +29,10 @@ def _fmt_c(c: int) -> str:
     return str(c)
 
 
-def plot_rows(rows, path, title: str = "") -> Path:
-    """Write a PNG of ``rows`` (runner Row objects) to ``path``; one pair of panels per
-    (B, D, dtype, margin) group. Out-of-memory runs are marked with an ✕ at the top."""
+def plot_rows(rows, path, title: str = "", memory_method: str = "") -> Path:
+    """Write a PNG of ``rows`` (:class:`~marginkit.bench.records.Row`) to ``path``; one pair of panels
+    per (B, D, dtype, margin) group. Out-of-memory runs are marked with an ✕ at the top.
+    ``memory_method``: how the memory panel was measured (in its title)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import NullFormatter
@@ -82,7 +83,7 @@ def plot_rows(rows, path, title: str = "") -> Path:
         sub = f"B={B}, D={D}, {dtype}, {margin}"
         ax_t.set_title(f"{title}\nforward+backward time ({sub})" if title else f"forward+backward time ({sub})")
         ax_t.set_ylabel("ms per step (median, band p20–p80)")
-        ax_m.set_title(f"peak extra memory ({sub})")
+        ax_m.set_title(f"peak extra memory ({sub})" + (f"\n{memory_method}" if memory_method else ""))
         ax_m.set_ylabel("MiB beyond inputs and their gradients")
         for ax in (ax_t, ax_m):
             ax.set_xlabel("C (classes)")
@@ -96,7 +97,7 @@ def plot_rows(rows, path, title: str = "") -> Path:
             ax_m.set_yscale("log")
             ax_m.legend(fontsize=8)
         else:
-            ax_m.text(0.5, 0.5, "not measured on this device\n(torch has no CPU allocation high-water mark)",
+            ax_m.text(0.5, 0.5, "not measured in these rows",
                       ha="center", va="center", transform=ax_m.transAxes)
             ax_m.set_yticks([])
         cs = sorted({r.C for r in grows})
@@ -119,7 +120,7 @@ def rows_from_csv(path):
     """
     import csv
 
-    from marginkit.bench.runner import Row
+    from marginkit.bench.records import Row
 
     def num(v):
         try:

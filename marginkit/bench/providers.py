@@ -53,9 +53,11 @@ def make_inputs(cfg: BenchConfig, seed: int = 0) -> Inputs:
 class Case:
     step: Callable[[], None]
     forward: Callable[[], torch.Tensor]
-    params: list = field(default_factory=list)
+    params: list = field(default_factory=list)  # [embeddings, weight] leaves for checked providers
     margin: str = "none"  # the margin this case computes (the row's margin column)
     note: str = ""
+    keepalive: tuple = ()  # buffers the provider preallocated: inputs, not step memory
+    memory_traceable: bool = True  # False: the CPU memory tracker cannot see its code (compiled)
 
 
 def _leaf(t: torch.Tensor) -> torch.Tensor:
@@ -82,6 +84,8 @@ class Provider:
     cuda_only: bool = False
     #: run by default on CPU (torch-compile is opt-in there: compiling takes long)
     default_on_cpu: bool = True
+    #: loss and gradients checked against float64 before timing (marginkit's own rows)
+    checked: bool = False
 
     def unavailable(self) -> Optional[str]:
         """Why the provider cannot run at all here (missing package), or None."""
@@ -132,6 +136,7 @@ class MarginKit(Provider):
     name = "marginkit"
     description = "marginkit.margin_cross_entropy, backend='auto' (Triton on CUDA, torch elsewhere)"
     backend = "auto"
+    checked = True
 
     def unavailable(self):
         try:
@@ -163,6 +168,7 @@ class MarginKitTorch(MarginKit):
     name = "marginkit-torch"
     description = "marginkit.margin_cross_entropy, backend='torch' (chunked PyTorch)"
     backend = "torch"
+    default_on_cpu = False  # on the CPU backend='auto' is this same code: the marginkit row times it
 
 
 # --------------------------------------------------------------------------------------
@@ -207,7 +213,8 @@ class TorchCompile(Provider):
         def forward():
             return compiled(x, w, y)
 
-        return Case(_step_of(forward), forward, [x, w], inputs.cfg.margin, "first call = compile")
+        return Case(_step_of(forward), forward, [x, w], inputs.cfg.margin, "first call = compile",
+                    memory_traceable=False)
 
 
 # --------------------------------------------------------------------------------------
@@ -354,9 +361,8 @@ class Floor3Gemm(Provider):
             step()
             return torch.zeros((), device=cfg.device)
 
-        case = Case(step, forward, [], cfg.margin, f"chunk={chunk}" if chunk < cfg.C else "")
-        case.keepalive = (g, dx, dw)  # preallocated: the inputs' gradients and G count as inputs
-        return case
+        # preallocated: the inputs' gradients and G count as inputs
+        return Case(step, forward, [], cfg.margin, f"chunk={chunk}" if chunk < cfg.C else "", keepalive=(g, dx, dw))
 
 
 PROVIDERS: dict[str, Provider] = {

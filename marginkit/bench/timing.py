@@ -6,11 +6,14 @@ median and 20th/80th percentiles) after a warm-up call. Steps slower than
 events in a loop bounded by ``budget_s`` instead, since do_bench would run at
 least eight of them. CPU: a ``time.perf_counter`` loop after warm-up.
 
-Peak extra memory (CUDA only): ``torch.cuda.max_memory_allocated`` during one
-step, minus what was allocated before it (the inputs and anything the provider
-preallocated) and minus the gradients the step leaves behind, i.e. the memory a
-step needs beyond its inputs and their gradients. On CPU torch keeps no
-allocation high-water mark, so it is reported as NaN (`nan` in the CSV).
+Peak extra memory, the memory a step needs beyond its inputs and their
+gradients. CUDA: ``torch.cuda.max_memory_allocated`` during one step, minus what
+was allocated before it (the inputs and anything the provider preallocated) and
+minus the gradients the step leaves behind. CPU, where torch keeps no
+high-water mark: the first (warm-up) call runs under
+:class:`marginkit.bench.memory.LiveTensorBytes`, which counts the live bytes of
+the tensors the step creates (see :data:`CPU_MEMORY_METHOD`); a case whose code
+the tracker cannot see (a compiled graph) gets NaN.
 """
 
 from __future__ import annotations
@@ -22,11 +25,13 @@ from typing import Optional
 
 import torch
 
-__all__ = ["Measurement", "measure", "quantiles", "CPU_MEMORY_REASON"]
+from marginkit.bench.memory import CPU_MEMORY_METHOD, peak_extra_bytes
 
-CPU_MEMORY_REASON = (
-    "peak_extra_mib is nan on CPU: torch keeps no allocation high-water mark for CPU tensors "
-    "(torch.cuda.max_memory_allocated exists only for CUDA)"
+__all__ = ["Measurement", "measure", "quantiles", "CPU_MEMORY_METHOD", "CUDA_MEMORY_METHOD"]
+
+CUDA_MEMORY_METHOD = (
+    "CUDA peak_extra_mib: torch.cuda.max_memory_allocated during one step minus the memory allocated "
+    "before it and the gradients it leaves"
 )
 
 _MIB = 1024.0 * 1024.0
@@ -37,7 +42,7 @@ class Measurement:
     ms_median: float
     ms_p20: float
     ms_p80: float
-    peak_extra_mib: float  # NaN when not measured (CPU)
+    peak_extra_mib: float  # NaN when not measured (a compiled case on the CPU)
     first_call_s: float  # wall time of the first call (includes compilation / autotuning)
     reps: int  # timed steps (an estimate for do_bench, which picks its own count)
     timer: str  # "do_bench", "cuda-events" or "perf_counter"
@@ -114,22 +119,32 @@ def measure(
     warmup_ms: float = 25.0,
     slow_ms: float = 200.0,
     max_reps: int = 50,
+    preexisting=(),
 ) -> Measurement:
     """Time ``case.step`` (forward + backward) on ``device``.
 
     ``reps``: a fixed number of timed steps (CUDA events or perf_counter); None picks
     it: do_bench with ``rep_ms`` of timed steps on CUDA, else as many steps as fit in
     ``budget_s`` (at least one, at most ``max_reps``).
-    ``warmup``: untimed steps first (the first one's wall time is ``first_call_s``).
+    ``warmup``: untimed steps first (the first one's wall time is ``first_call_s``; on the
+    CPU it runs under the memory tracker, so it includes the tracker's per-op cost).
+    ``preexisting``: tensors that exist before a step (the inputs), excluded from its memory.
     """
     step, params = case.step, case.params
     cuda = _is_cuda(device)
+    # on the CPU the tracked call doubles as the warm-up: one step fewer per run
+    track_cpu = not cuda and getattr(case, "memory_traceable", True)
+    cpu_peak_mib = math.nan
 
     # warm-up: the first call compiles / autotunes / fills the allocator's cache
     _clear_grads(params)
     _sync(device)
     t0 = time.perf_counter()
-    step()
+    if track_cpu:
+        exclude = list(preexisting) + list(getattr(case, "keepalive", ()))
+        cpu_peak_mib = peak_extra_bytes(step, params, exclude) / _MIB
+    else:
+        step()
     _sync(device)
     first_call_s = time.perf_counter() - t0
     for _ in range(max(0, warmup - 1)):
@@ -148,7 +163,7 @@ def measure(
         peak_mib = max(0.0, peak / _MIB)
     else:
         est_ms = _timed_once(step, device)
-        peak_mib = math.nan
+        peak_mib = cpu_peak_mib
     est_ms = max(est_ms, 1e-3)
 
     if reps is not None:

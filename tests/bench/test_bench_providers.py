@@ -130,7 +130,7 @@ def test_measure_times_and_resets_gradients():
     assert all(seen) and len(seen) == 2 + 1 + 5
     assert m.reps == 5 and m.timer == "perf_counter"
     assert 4.0 <= m.ms_p20 <= m.ms_median <= m.ms_p80 < 200
-    assert math.isnan(m.peak_extra_mib)
+    assert 0 <= m.peak_extra_mib < 0.01  # a few 12-byte tensors, measured by the CPU tracker
     assert p.grad is None
 
 

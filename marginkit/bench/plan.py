@@ -1,0 +1,188 @@
+"""Planning a sweep: from the options of ``marginkit bench`` to the list of cells to run.
+
+:class:`SweepOptions` holds what a user asks for (sizes, providers, timing,
+output); :func:`plan_sweep` checks it and resolves defaults into a
+:class:`SweepPlan`: the device, the shapes, the providers that can run, the
+output paths, and per shape the :class:`Cell` of each provider (or why it is
+skipped). Running a cell is :mod:`marginkit.bench.cell`; writing the files is
+:mod:`marginkit.bench.report`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from marginkit.bench.config import (
+    DEFAULTS,
+    MARGINS,
+    METHODS,
+    BenchConfig,
+    device_label,
+    device_slug,
+    dtype_name,
+    parse_dtype,
+    parse_sizes,
+    resolve_device,
+)
+from marginkit.bench.providers import PROVIDERS
+
+__all__ = ["FLOOR", "SweepOptions", "Cell", "SweepPlan", "plan_sweep", "select_providers", "split_list"]
+
+FLOOR = "floor-3gemm"
+
+
+def split_list(text) -> Optional[list]:
+    """'a, b,,c' -> ['a', 'b', 'c']; None or '' -> None (the flag was not given)."""
+    if text is None or isinstance(text, (list, tuple)):
+        return list(text) if text else None
+    return [s.strip() for s in str(text).split(",") if s.strip()] or None
+
+
+@dataclass(frozen=True)
+class SweepOptions:
+    """What to run and how; None means the device's default (``config.DEFAULTS``)."""
+
+    device: str = "auto"
+    B: object = None  # sizes: an int, a list, or text such as "64,128" / "100K,1M"
+    D: object = None
+    C: object = None
+    dtype: object = None  # "bf16,fp32", a torch.dtype or a list of either
+    margin: object = None  # "arcface,cosface" or a list
+    scale: float = 64.0
+    providers: object = None  # names (list or comma text); None: every provider for the device
+    skip: object = None
+    include_compile: bool = False
+    reps: Optional[int] = None
+    warmup: int = 1
+    budget_s: Optional[float] = None
+    rep_ms: float = 100.0
+    seed: int = 0
+    time_limit_s: Optional[float] = None
+    out: object = None  # CSV path; None: ./marginkit-bench-<device>-<date>.csv
+    plot: object = True  # True: the CSV's path with .png; False/None: no plot; else a path
+    progress: bool = True
+
+
+@dataclass
+class Cell:
+    """One provider at one shape: run it, or say why not (``skip``; ``quiet``: not worth a line)."""
+
+    cfg: BenchConfig
+    method: str
+    margin: str  # the margin of the row (a no-margin peer's is "none")
+    skip: Optional[str] = None
+    recorded: Optional[tuple] = None  # (key, reason) for the JSON's `skipped`: a shape past a provider's limit
+    quiet: bool = False  # no line for it: the same run was already planned (no-margin peers)
+
+
+@dataclass
+class SweepPlan:
+    device: str
+    label: str  # the CSV's device column
+    date: str
+    configs: list
+    providers: list  # runnable provider names, the floor first (every row's floor_ms comes from it)
+    unavailable: dict  # provider -> why it cannot run here (package absent)
+    timing: dict  # measure()'s keywords: reps, warmup, budget_s, rep_ms
+    seed: int
+    time_limit_s: Optional[float]
+    csv_path: Path
+    json_path: Path
+    plot_path: Optional[Path]
+    progress: bool
+    sweep: dict = field(default_factory=dict)  # the resolved sweep, for the JSON and the banner
+
+    @property
+    def on_cuda(self) -> bool:
+        return self.device.startswith("cuda")
+
+    def cells(self, cfg: BenchConfig, planned: set) -> list:
+        """The cells of one shape; ``planned`` (method, shape, margin) keys are shared across shapes."""
+        out = []
+        for name in self.providers:
+            prov = PROVIDERS[name]
+            cell = Cell(cfg, name, prov.row_margin(cfg.margin))
+            reason = prov.unsupported(self.device, cfg.margin)
+            if reason:
+                cell.skip = f"skip {name} ({cfg.margin}, {self.device}): {reason}"
+            elif prov.too_large(cfg):
+                shape = f"B={cfg.B} D={cfg.D} C={cfg.C}"
+                cell.skip = f"skip {name} at {shape}: {prov.too_large(cfg)}"
+                cell.recorded = (f"{name} {shape}", prov.too_large(cfg))
+            else:
+                key = (name, cfg.B, cfg.D, cfg.C, cfg.dtype, cell.margin)
+                if key in planned and name != FLOOR:  # the floor is a column of every margin's rows
+                    cell.skip, cell.quiet = "already run at this shape", True
+                planned.add(key)
+            out.append(cell)
+        return out
+
+
+def select_providers(names, skip, device: str, include_compile: bool) -> list:
+    """Provider names to run, floor included, in METHODS order."""
+    cuda = device.startswith("cuda")
+    if names:
+        chosen = []
+        for n in names:
+            if n not in PROVIDERS:
+                raise ValueError(f"unknown provider {n!r}; choose from {', '.join(PROVIDERS)}")
+            chosen.append(n)
+    else:
+        chosen = [n for n, p in PROVIDERS.items() if cuda or p.default_on_cpu or (n == "torch-compile" and include_compile)]
+    if include_compile and "torch-compile" not in chosen:
+        chosen.append("torch-compile")
+    chosen = [n for n in chosen if n not in set(skip or ())]
+    if FLOOR not in chosen:
+        chosen.append(FLOOR)  # floor_ms is a column of every row
+    order = list(METHODS) + [n for n in PROVIDERS if n not in METHODS]  # providers added later go last
+    return [n for n in order if n in chosen]
+
+
+def _dtypes(value, default) -> list:
+    if value is None:
+        return [parse_dtype(t) for t in default]
+    return [parse_dtype(t) for t in (value if isinstance(value, (list, tuple)) else split_list(value) or [])]
+
+
+def plan_sweep(options: SweepOptions) -> SweepPlan:
+    """Check ``options`` and resolve them into a plan (raises ValueError naming the bad option)."""
+    device = resolve_device(options.device)
+    cuda = device.startswith("cuda")
+    default = DEFAULTS["cuda" if cuda else "cpu"]
+    Bs = parse_sizes(options.B) if options.B is not None else default["B"]
+    Ds = parse_sizes(options.D) if options.D is not None else default["D"]
+    Cs = list(dict.fromkeys(parse_sizes(options.C) if options.C is not None else default["C"]))
+    dtypes = _dtypes(options.dtype, default["dtype"])
+    margins = split_list(options.margin) or default["margin"]
+    for m in margins:
+        if m not in MARGINS:
+            raise ValueError(f"unknown margin {m!r}; use one of {', '.join(MARGINS)}")
+    if not (options.scale > 0):
+        raise ValueError(f"scale must be > 0, got {options.scale}")
+    if options.reps is not None and options.reps < 1:
+        raise ValueError(f"--reps must be >= 1, got {options.reps}")
+    names = select_providers(split_list(options.providers), split_list(options.skip), device, options.include_compile)
+    unavailable = {n: PROVIDERS[n].unavailable() for n in names}
+    unavailable = {n: why for n, why in unavailable.items() if why}
+    runnable = sorted((n for n in names if n not in unavailable), key=lambda n: n != FLOOR)
+
+    date = _dt.date.today().isoformat()
+    out = Path(options.out) if options.out is not None else Path(f"marginkit-bench-{device_slug(device)}-{date}.csv")
+    plot = out.with_suffix(".png") if options.plot is True else (Path(options.plot) if options.plot else None)
+    budget_s = options.budget_s if options.budget_s is not None else (3.0 if cuda else 1.0)
+    # C in the order given: a time-boxed run can put its headline size first
+    configs = [BenchConfig(device=device, B=B, D=D, C=C, dtype=dtype, margin=margin, scale=options.scale)
+               for margin, dtype, B, D in itertools.product(margins, dtypes, Bs, Ds) for C in Cs]
+    return SweepPlan(
+        device=device, label=device_label(device), date=date, configs=configs, providers=runnable,
+        unavailable=unavailable,
+        timing=dict(reps=options.reps, warmup=options.warmup, budget_s=budget_s, rep_ms=options.rep_ms),
+        seed=options.seed, time_limit_s=options.time_limit_s, csv_path=out, json_path=out.with_suffix(".json"),
+        plot_path=plot, progress=options.progress,
+        sweep={"B": Bs, "D": Ds, "C": Cs, "dtype": [dtype_name(t) for t in dtypes], "margin": margins,
+               "scale": options.scale, "providers": names, "seed": options.seed},
+    )
