@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import math
 import os
-from typing import Dict, List, Sequence
+from typing import List, Sequence
 
 __all__ = ["METRICS", "MARGIN_KEYS", "skew_order", "read_rows", "aggregate", "format_table", "write_rows", "paired_gains", "format_gains",
            "write_plot", "write_study_plot"]
@@ -146,7 +146,7 @@ def write_plot(summary: List[dict], path: str, title: str) -> None:
         ax.bar(xs, [r[key] for r in summary], width, yerr=errs if any(e > 0 for e in errs) else None, capsize=2, label=label)
     ax.set_xticks(range(len(summary)))
     ax.set_xticklabels([r["method"] for r in summary], rotation=20, fontsize=8)
-    ax.set_ylim(0.3, 1.02)
+    ax.set_ylim(min([0.3] + [r[k] - 0.05 for r in summary for k, _ in metrics]), 1.02)
     ax.set_ylabel("fraction")
     ax.legend(loc="lower left", fontsize=7, ncol=2)
     ax.set_title(title, fontsize=9)
