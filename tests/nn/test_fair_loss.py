@@ -278,7 +278,7 @@ def test_raising_move_rolls_back_the_whole_call(monkeypatch):
     before = full_state(fl)
     calls = []
 
-    def fail_after_learning(weight, rows, chunk=None):
+    def fail_inter_search(weight, rows, chunk=None):
         calls.append(1)
         raise RuntimeError("inter-class search failed")
 
@@ -292,7 +292,7 @@ def test_raising_move_rolls_back_the_whole_call(monkeypatch):
     with pytest.raises(RuntimeError, match="agent failed"):
         fl(*fair_batch(g, 12, 9, 6))
     assert_same_state(before, full_state(fl))
-    monkeypatch.setattr("marginkit.nn.fair_loss.nearest_other_sqdist", fail_after_learning)
+    monkeypatch.setattr("marginkit.nn.fair_loss.nearest_other_sqdist", fail_inter_search)
     with pytest.raises(RuntimeError, match="inter-class"):
         fl(*fair_batch(g, 12, 9, 6))
     assert calls and int(fl.forward_calls) == 8
