@@ -34,6 +34,7 @@ FIELDS = (
     "normalize",
     "max_local_batch",
     "grad_reduce_dtype",
+    "interclass_filtering_threshold",
 )
 
 # Digests fit in 20 bits where they ride on a float64 all-reduce (sum and sum of squares stay exact).

@@ -61,7 +61,8 @@ class _RowSparseOptimizer(torch.optim.Optimizer):
         return state
 
     def __setstate__(self, state: dict) -> None:
-        head = state.pop("head", None)
+        # torch's load_state_dict also goes through here, with no head in the state: keep ours.
+        head = state.pop("head", None) or getattr(self, "head", None)
         super().__setstate__(state)
         self.head = head
 

@@ -139,6 +139,7 @@ class PartitionedMarginSoftmax(nn.Module):
         seed: int = 0,
         max_local_batch: Optional[int] = None,
         grad_reduce_dtype: Optional[torch.dtype] = None,
+        interclass_filtering_threshold: float = 0.0,
         dtype: Optional[torch.dtype] = None,
         device: Optional[Union[torch.device, str]] = None,
     ) -> None:
@@ -150,6 +151,7 @@ class PartitionedMarginSoftmax(nn.Module):
         if max_local_batch is not None:
             check_positive_ints(max_local_batch=max_local_batch)
         check_choice("grad_reduce_dtype", grad_reduce_dtype, GRAD_REDUCE_DTYPES)
+        check_real("interclass_filtering_threshold", interclass_filtering_threshold, low=0.0, high=1.0)
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
             raise MarginKitTypeError(f"ignore_index must be an int, got {ignore_index!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
@@ -175,6 +177,7 @@ class PartitionedMarginSoftmax(nn.Module):
         self.seed = seed
         self.max_local_batch = max_local_batch
         self.grad_reduce_dtype = grad_reduce_dtype
+        self.interclass_filtering_threshold = float(interclass_filtering_threshold)
         self.class_start, self.class_stop = shard_range(num_classes, self.world_size, self.rank)
         self.num_local = self.class_stop - self.class_start
         self.num_sample = int(self.sample_rate * self.num_local)
@@ -228,6 +231,15 @@ class PartitionedMarginSoftmax(nn.Module):
             del self.__dict__[name]
         self.register_buffer(name, tensor)
         return tensor
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Optimizer state a row-sparse optimizer keeps in the head (momentum, Adam moments) exists
+        # only after its first step: a fresh head resuming from a checkpoint registers it here.
+        for name in PER_CLASS_STATE[1:]:
+            saved = state_dict.get(prefix + name)
+            if saved is not None and getattr(self, name, None) is None:
+                self.register_per_class_buffer(name, torch.empty_like(saved, device=self.weight.device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def full_state_dict(self, device: Optional[Union[torch.device, str]] = None) -> dict:
         """Global tensors on every rank: each per-class tensor whole, in class order
@@ -331,6 +343,7 @@ class PartitionedMarginSoftmax(nn.Module):
             margin=self.margin, scale=self.scale, normalize=self.normalize, ignore_index=self.ignore_index,
             class_margins=self.class_margins, grad_factor=self._grad_factor(),
             grad_reduce_dtype=self.grad_reduce_dtype, sparse_grad=self.sparse_grad,
+            filter_threshold=self.interclass_filtering_threshold,
             sizes=None if declared else sizes, block_rows=self.max_local_batch if declared else None,
             pad_label=self.ignore_index if pad_label is None else pad_label, sampling=sampling,
             num_sample=self.num_sample,

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from marginkit._pipeline import per_row_margins, target_terms
+from marginkit.modulation import interclass_filter
 from marginkit.backends.common import apply_target_gradients, combine_partials, compute_dtype, target_gradient
 from marginkit.ops import partial_fc_sample
 from marginkit.distributed import collectives as coll
@@ -69,6 +70,7 @@ class StepPlan:
     grad_factor: float
     grad_reduce_dtype: Optional[torch.dtype]
     sparse_grad: bool
+    filter_threshold: float  # insightface's inter-class filtering (0: off)
     # layout: host sizes of every rank (sizes known), or a declared block of M rows per rank
     sizes: Optional[list]
     block_rows: Optional[int]
@@ -147,9 +149,14 @@ class PartitionedMarginCE(torch.autograd.Function):
             cls = torch.where(owned & valid, labels - plan.class_start, torch.full_like(labels, plan.ignore_index))
             margins = per_row_margins(cls, plan.ignore_index, plan.class_margins, None)
         dtype = compute_dtype(x)
+        # Filtering applies to every labelled row of the global batch (insightface filters only rows
+        # whose class is on the same rank: the two agree at world size 1).
+        modulation = interclass_filter(valid, plan.filter_threshold, dtype) if plan.filter_threshold > 0 else None
         if w.shape[0]:
             psi, dpsi, _, _ = target_terms(x, w, labels_local, plan.margin, margins, plan.normalize)
-            row_max, row_sumexp = plan.engine.lse_partials(x, w, labels_local, plan.scale, plan.normalize)
+            row_max, row_sumexp = plan.engine.lse_partials(
+                x, w, labels_local, plan.scale, plan.normalize, modulation=modulation
+            )
         else:  # no class here (C < W): empty partials, no owned row
             psi = dpsi = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
             row_max = torch.full((x.shape[0],), float("-inf"), dtype=dtype, device=x.device)
@@ -179,6 +186,7 @@ class PartitionedMarginCE(torch.autograd.Function):
 
         sampled = index if index is not None else labels_local.new_empty(0)
         ctx.save_for_backward(x, w, labels_local, live, dpsi, losses, lse, sampled)
+        ctx.modulation = modulation
         ctx.plan, ctx.local_dtype, ctx.local_rows, ctx.weight_shape = plan, local_x.dtype, local_x.shape[0], weight.shape
         ctx.mark_non_differentiable(live, sampled, record)
         return losses.to(compute_dtype(local_x)), live, sampled, record
@@ -194,7 +202,8 @@ class PartitionedMarginCE(torch.autograd.Function):
         grad_w = None
         if w.shape[0]:
             grad_x, grad_w = plan.engine.grads_from_lse(
-                x, w, labels_local, lse, grad_rows, plan.scale, plan.normalize, need_weight_grad=need_w
+                x, w, labels_local, lse, grad_rows, plan.scale, plan.normalize, need_weight_grad=need_w,
+                modulation=ctx.modulation,
             )
             tgrad = target_gradient(losses, dpsi, grad_rows, plan.scale)
             grad_x = apply_target_gradients(grad_x, None, x, w, labels_local, tgrad, plan.normalize, dtype)

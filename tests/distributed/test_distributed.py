@@ -61,6 +61,7 @@ CASES = {
     "sphereface": dict(margin=mk.SphereFace(1.7), scale=16.0),
     "cosface_sum": dict(margin=mk.CosFace(0.2), scale=16.0, reduction="sum"),
     "large_scale": dict(margin=mk.CosFace(0.35), scale=400.0),  # the max-then-sum combine path
+    "interclass_filter": dict(margin=mk.CosFace(0.35), scale=30.0, interclass_filtering_threshold=0.05),
 }
 
 
@@ -73,7 +74,8 @@ def make_head(case, **kwargs):
     spec = CASES[case]
     cm = class_margins() if spec.get("class_margins") else None
     head = PartitionedMarginSoftmax(
-        C, D, spec["margin"], spec["scale"], class_margins=cm, reduction=spec.get("reduction", "mean"), **kwargs
+        C, D, spec["margin"], spec["scale"], class_margins=cm, reduction=spec.get("reduction", "mean"),
+        interclass_filtering_threshold=spec.get("interclass_filtering_threshold", 0.0), **kwargs
     )
     state = {"weight": full_weight()}
     if cm is not None:
@@ -89,7 +91,8 @@ def reference(case, x, labels, weight=None):
     w = (full_weight() if weight is None else weight).detach().clone().requires_grad_(True)
     cm = class_margins() if spec.get("class_margins") else None
     loss = mk.margin_cross_entropy(
-        x, w, labels, spec["margin"], spec["scale"], class_margins=cm, reduction=spec.get("reduction", "mean")
+        x, w, labels, spec["margin"], spec["scale"], class_margins=cm, reduction=spec.get("reduction", "mean"),
+        interclass_filtering_threshold=spec.get("interclass_filtering_threshold", 0.0),
     )
     loss.backward()
     return loss.detach(), x.grad, w.grad

@@ -149,3 +149,23 @@ def test_declared_one_process_defers_a_bad_label_to_the_next_call():
     with pytest.raises(ValueError, match="labels contains 75"):
         head(x, y)
     assert rel_err(head(x, y), mk.reference.margin_cross_entropy(x, head.weight.detach(), y, mk.ArcFace(0.5), 16.0)) < 1e-5
+
+
+def test_partial_fc_sgd_steps_after_load_state_dict():
+    # load_state_dict goes through __setstate__ with no head in the state (it raised AttributeError).
+    head = PartitionedMarginSoftmax(60, 8, mk.ArcFace(0.5), 16.0, sample_rate=0.5, seed=3)
+    twin = copy.deepcopy(head)
+    opt, twin_opt = PartialFCSGD(head, lr=0.1, momentum=0.9), PartialFCSGD(twin, lr=0.5, momentum=0.0)
+    for step in range(2):
+        x, y = _batch(step, classes=60)
+        head(x, y).backward()
+        opt.step()
+        opt.zero_grad()
+    twin.load_state_dict(head.state_dict())
+    twin_opt.load_state_dict(opt.state_dict())
+    assert twin_opt.head is twin and twin_opt.param_groups[0]["lr"] == 0.1
+    x, y = _batch(5, classes=60)
+    for h, o in ((head, opt), (twin, twin_opt)):
+        h(x, y).backward()
+        o.step()
+    assert torch.equal(twin.weight, head.weight)
