@@ -29,8 +29,9 @@ class AdaFace(ClassWeightHead):
     whose per-row value is u = ẑ + 1. One documented difference from the authors' code:
     they also clamp every *non-target* cosine to [−1 + ε, 1 − ε]; the fused kernels leave
     non-target cosines as they are (a difference only where |cos| > 0.999).
-    Defaults: m = 0.4, h = 0.333, s = 64, t_alpha = 0.01, ε = 1e-3. In training mode a
-    non-finite batch raises ``ValueError``; μ and σ are written only after the batch's loss.
+    Defaults: m = 0.4, h = 0.333, s = 64, t_alpha = 0.01, ε = 1e-3. A non-finite batch raises
+    ``ValueError`` naming ``embeddings`` (its norms would give NaN margins); μ and σ are written
+    only after the batch's loss.
     """
 
     _keep_dtype_buffers = ("batch_mean", "batch_std")
