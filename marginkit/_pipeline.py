@@ -21,7 +21,8 @@ import torch
 from marginkit import backends
 from marginkit.backends.common import sub_center_target, target_cosine
 from marginkit.modulation import NegativeModulation, interclass_filter
-from marginkit.errors import check_real
+from marginkit.backends.common import NORM_EPS, compute_dtype
+from marginkit.errors import check_bool, check_real
 from marginkit.specs import MarginSpec
 from marginkit.validation import check_labels, label_error, out_of_range, skip_value_checks, validate_inputs
 
@@ -188,6 +189,7 @@ def margin_loss(
     backend: str = "auto",
     deterministic: bool = False,
     interclass_filtering_threshold: float = 0.0,
+    feature_norm_scale: bool = False,
     negatives: Optional[NegativesFn] = None,
     sub_centers: int = 1,
 ) -> torch.Tensor:
@@ -198,6 +200,10 @@ def margin_loss(
     ``sub_centers``: weight is (C·K, D), K rows per class.
     """
     check_real("interclass_filtering_threshold", interclass_filtering_threshold, low=0.0, high=1.0)
+    check_bool("feature_norm_scale", feature_norm_scale)
+    if feature_norm_scale and (not normalize or sub_centers > 1):
+        raise ValueError("feature_norm_scale=True scales unit-weight cosines by ‖x‖: it needs normalize=True "
+                         "and one weight row per class")
     if interclass_filtering_threshold > 0.0:
         if negatives is not None:
             raise ValueError("interclass_filtering_threshold cannot be combined with another negative modulation")
@@ -226,5 +232,28 @@ def margin_loss(
         options = {"modulation": modulation, "deterministic": deterministic}
         if sub_centers > 1:
             options.update(sub_centers=sub_centers, target_rows=rows)
-        losses = engine.row_losses(embeddings, weight, labels_local, psi, dpsi, float(scale), normalize, **options)
+        if feature_norm_scale:
+            losses = _norm_scaled_row_losses(engine, embeddings, weight, labels_local, psi, dpsi, cos, scale, options)
+        else:
+            losses = engine.row_losses(embeddings, weight, labels_local, psi, dpsi, float(scale), normalize, **options)
         return reduce_losses(losses, valid, reduction)
+
+
+def _norm_scaled_row_losses(engine, x, w, labels_local, psi, dpsi, cos, scale, options) -> torch.Tensor:
+    """Row losses with logits s·‖x_i‖·cos θ_ij (s·‖x_i‖·ψ_i on the target): SphereFace, L-Softmax and
+    pytorch-metric-learning's convention, with the radial part of the gradient.
+
+    The backend runs un-normalised rows against unit weights (x·ŵ_j = ‖x‖·cos θ_j) with the target
+    logit T = ‖x‖·ψ and dT/d(x·ŵ_y) = ψ'. That form leaves out T's radial derivative x̂·(ψ − ψ'·cos),
+    which a zero-valued surrogate term adds (as MagFace adds its margin's derivative). The unit
+    weights are a (C, D) copy: this mode only.
+    """
+    w_unit = torch.nn.functional.normalize(w, dim=1, eps=NORM_EPS)
+    norms = torch.linalg.vector_norm(x.to(compute_dtype(x)), dim=1)
+    owned = labels_local >= 0
+    target_logit = torch.where(owned, norms.detach().to(torch.float64) * psi, torch.zeros_like(psi))
+    losses = engine.row_losses(x, w_unit, labels_local, target_logit, dpsi, float(scale), False, **options)
+    with torch.no_grad():
+        radial = float(scale) * torch.expm1(-losses.to(torch.float64)) * (psi - dpsi * cos)
+        radial = torch.where(owned, radial, torch.zeros_like(radial)).to(losses.dtype)
+    return losses + (norms - norms.detach()).to(losses.dtype) * radial

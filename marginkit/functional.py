@@ -27,6 +27,7 @@ def margin_cross_entropy(
     backend: str = "auto",
     deterministic: bool = False,
     interclass_filtering_threshold: float = 0.0,
+    feature_norm_scale: bool = False,
 ) -> torch.Tensor:
     """Margin softmax cross-entropy over all C classes without materialising (B, C) logits.
 
@@ -49,6 +50,10 @@ def margin_cross_entropy(
         interclass_filtering_threshold: in [0, 1]; > 0 is insightface's inter-class filtering:
             on labelled rows, non-target cosines above it count as 0 (likely duplicate identities
             neither push the row nor get a gradient). 0 (default) turns it off.
+        feature_norm_scale: A-Softmax as published (SphereFace, L-Softmax, pytorch-metric-learning's
+            SphereFaceLoss): every logit of row i is further multiplied by ‖x_i‖, and the gradient
+            includes that norm's (radial) part. Needs ``normalize=True``; holds a normalised (C, D)
+            copy of the weight.
 
     Under ``torch.autocast`` the embeddings are cast to the autocast dtype, a float32 weight is
     read as a master weight, and forward and backward run in that one precision.
@@ -64,4 +69,5 @@ def margin_cross_entropy(
         embeddings, weight, labels, margin, scale, class_margins=class_margins, sample_margins=sample_margins,
         reduction=reduction, ignore_index=ignore_index, normalize=normalize, backend=backend,
         deterministic=deterministic, interclass_filtering_threshold=interclass_filtering_threshold,
+        feature_norm_scale=feature_norm_scale,
     )

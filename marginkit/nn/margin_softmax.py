@@ -10,7 +10,7 @@ from marginkit.specs import ArcFace, MarginSpec
 from marginkit.validation import validate_inputs
 
 #: keywords of ``margin_cross_entropy`` a head passes on per call
-_PER_CALL_KEYWORDS = ("class_margins", "sample_margins", "interclass_filtering_threshold")
+_PER_CALL_KEYWORDS = ("class_margins", "sample_margins", "interclass_filtering_threshold", "feature_norm_scale")
 _HEAD_KEYWORDS = ("reduction", "ignore_index", "normalize", "backend", "deterministic")
 
 
