@@ -98,19 +98,24 @@ def run_cell(cell: Cell, row: Row, inputs: Optional[Inputs], timing: dict) -> Ro
     try:
         spec = make_spec(cell.margin)
         case = prov.build(inputs, spec)
-        first_call_s = math.nan
+        cpu_tracked = not device.startswith("cuda") and case.memory_traceable
         if prov.checked:
-            check = check_against_float64(case, inputs, spec)
-            row.check_rel_err, first_call_s = check.max_rel_err, check.step_s
+            # the check's step is the run's first call (compile, autotuning) and, on the CPU, its memory step
+            check = check_against_float64(case, inputs, spec, track_memory=cpu_tracked)
+            row.check_rel_err = check.max_rel_err
             if not check.ok:
                 failure = ("error", f"float64 check failed, not timed: {check.summary()}")
         if failure is None:
             inputs_tensors = (inputs.x, inputs.w, inputs.labels)
-            m = measure(case, device, preexisting=inputs_tensors, **timing)
+            m = measure(case, device, preexisting=inputs_tensors, warmed_up=prov.checked, **timing)
             row.ms_median, row.ms_p20, row.ms_p80 = m.ms_median, m.ms_p20, m.ms_p80
             row.peak_extra_mib, row.reps, row.timer = m.peak_extra_mib, m.reps, m.timer
-            # a checked run's first call was the check's step (compile and autotuning happen there)
-            row.first_call_s = first_call_s if prov.checked else m.first_call_s
+            if prov.checked:
+                row.first_call_s = check.step_s
+                if cpu_tracked:
+                    row.peak_extra_mib = check.peak_extra_mib
+            else:
+                row.first_call_s = m.first_call_s
             notes = [case.note] + ([f"float64 check: rel err {check.max_rel_err:.1g}"] if prov.checked else [])
             row.note = "; ".join(n for n in notes if n)
     except Exception as exc:

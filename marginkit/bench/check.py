@@ -23,8 +23,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import math
+
 import torch
 
+from marginkit.bench.memory import LiveTensorBytes
 from marginkit.bench.textbook import textbook_target_logit
 
 __all__ = ["CheckResult", "TOLERANCE", "check_against_float64", "float64_loss_and_grads"]
@@ -52,6 +55,7 @@ class CheckResult:
     grad_w_rel_err: float
     tolerance: float
     step_s: float  # wall time of the checked forward + backward (the run's first call)
+    peak_extra_mib: float = math.nan  # its peak extra memory, when tracked (CPU)
 
     @property
     def ok(self) -> bool:
@@ -138,19 +142,30 @@ def sampled_classes(labels: torch.Tensor, C: int, seed: int = 0) -> torch.Tensor
     return torch.unique(torch.cat([labels, others]))
 
 
-def check_against_float64(case, inputs, spec) -> CheckResult:
+def check_against_float64(case, inputs, spec, *, track_memory: bool = False) -> CheckResult:
     """Run ``case`` forward + backward once and compare with :func:`float64_loss_and_grads`.
 
     ``case.params`` must be the [embeddings, weight] leaves (as marginkit's providers build them).
+    ``track_memory`` (CPU): that step runs under the live-tensor tracker, so it is also the
+    run's memory measurement (one step fewer per checked run).
     """
     x_leaf, w_leaf = case.params
     x_leaf.grad = w_leaf.grad = None
     device = inputs.x.device
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    tracker = LiveTensorBytes(exclude=[inputs.x, inputs.w, inputs.labels, x_leaf, w_leaf])
     t0 = time.perf_counter()
-    loss = case.forward()
-    loss.backward()
+    if track_memory:
+        with tracker:
+            loss = case.forward()
+            loss.backward()
+        grads = sum(p.grad.numel() * p.grad.element_size() for p in case.params if p.grad is not None)
+        peak_extra_mib = max(0, tracker.peak - grads) / 2**20
+    else:
+        loss = case.forward()
+        loss.backward()
+        peak_extra_mib = math.nan
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     step_s = time.perf_counter() - t0
@@ -166,4 +181,4 @@ def check_against_float64(case, inputs, spec) -> CheckResult:
     x_leaf.grad = w_leaf.grad = None
     worst = max(errors) if all(e == e for e in errors) else float("nan")
     tolerance = TOLERANCE.get(inputs.x.dtype, 5e-2)
-    return CheckResult(worst, *errors, tolerance=tolerance, step_s=step_s)
+    return CheckResult(worst, *errors, tolerance=tolerance, step_s=step_s, peak_extra_mib=peak_extra_mib)

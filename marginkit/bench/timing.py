@@ -120,6 +120,7 @@ def measure(
     slow_ms: float = 200.0,
     max_reps: int = 50,
     preexisting=(),
+    warmed_up: bool = False,
 ) -> Measurement:
     """Time ``case.step`` (forward + backward) on ``device``.
 
@@ -129,24 +130,29 @@ def measure(
     ``warmup``: untimed steps first (the first one's wall time is ``first_call_s``; on the
     CPU it runs under the memory tracker, so it includes the tracker's per-op cost).
     ``preexisting``: tensors that exist before a step (the inputs), excluded from its memory.
+    ``warmed_up``: the caller already ran (and on the CPU measured) a first call, as the
+    float64 check does; no first call here, ``first_call_s`` and the CPU peak are NaN.
     """
     step, params = case.step, case.params
     cuda = _is_cuda(device)
     # on the CPU the tracked call doubles as the warm-up: one step fewer per run
     track_cpu = not cuda and getattr(case, "memory_traceable", True)
-    cpu_peak_mib = math.nan
+    cpu_peak_mib = first_call_s = math.nan
 
     # warm-up: the first call compiles / autotunes / fills the allocator's cache
     _clear_grads(params)
     _sync(device)
     t0 = time.perf_counter()
-    if track_cpu:
+    if warmed_up:
+        pass
+    elif track_cpu:
         exclude = list(preexisting) + list(getattr(case, "keepalive", ()))
         cpu_peak_mib = peak_extra_bytes(step, params, exclude) / _MIB
     else:
         step()
     _sync(device)
-    first_call_s = time.perf_counter() - t0
+    if not warmed_up:
+        first_call_s = time.perf_counter() - t0
     for _ in range(max(0, warmup - 1)):
         _clear_grads(params)
         step()
