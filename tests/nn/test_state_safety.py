@@ -175,12 +175,8 @@ def test_ldam_with_fixed_counts_is_stateless_and_propagates_nan():
     assert_bit_identical(head, before)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 12 point 3: RangeLoss silently drops a row with NaN (finite loss and gradients) "
-    "instead of propagating NaN like torch; remove this mark once fixed",
-)
 def test_range_loss_propagates_nan_row():
+    # issue 12 point 3: it used to drop a NaN row silently (finite loss and gradients)
     x, y = batch(10)
     y = torch.arange(B) // 2  # classes of two rows each
     x[1, 0] = float("nan")
