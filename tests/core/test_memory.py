@@ -46,3 +46,22 @@ def test_the_reference_does_hold_logits():
     with LargestTensor() as mode:
         mk.reference.margin_cross_entropy(x, w, y, mk.ArcFace(), 64.0)
     assert mode.largest >= B * C
+
+
+def test_small_batch_temporaries_are_bounded_by_bytes():
+    """B = 2, C = 200K, D = 128 used to take 507 MiB (chunks of B·n ≤ 2M elements gave n = 1M
+    classes, so (n, D) unit weights of 512 MiB): chunks are now bounded by n·(B + D) elements."""
+    from marginkit.bench.memory import peak_extra_bytes
+
+    B, C, D = 2, 200_000, 128
+    x, w, y = make_inputs(B=B, C=C, D=D, seed=33)
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+
+    def step():
+        mk.margin_cross_entropy(x, w, y, mk.ArcFace(), 64.0, backend="torch").backward()
+
+    peak = peak_extra_bytes(step, [x, w], exclude=[x, w, y])
+    weight_bytes = C * D * 4
+    assert peak < weight_bytes  # less than one more copy of W (102 MB here; it was 5x W)
+    assert peak < 64 << 20
