@@ -192,12 +192,14 @@ def margin_loss(
     feature_norm_scale: bool = False,
     negatives: Optional[NegativesFn] = None,
     sub_centers: int = 1,
+    memory_budget: Optional[float] = 0,
 ) -> torch.Tensor:
     """The whole pipeline; arguments as ``mk.margin_cross_entropy``.
 
     ``negatives``: builds the non-target modulation from the target terms (CurricularFace).
     ``interclass_filtering_threshold`` > 0: insightface's filter, the other user of that hook.
     ``sub_centers``: weight is (C·K, D), K rows per class.
+    ``memory_budget``: bytes the Triton backend may keep from forward to backward (None: unlimited).
     """
     check_real("interclass_filtering_threshold", interclass_filtering_threshold, low=0.0, high=1.0)
     check_bool("feature_norm_scale", feature_norm_scale)
@@ -209,7 +211,7 @@ def margin_loss(
             raise ValueError("interclass_filtering_threshold cannot be combined with another negative modulation")
         threshold = float(interclass_filtering_threshold)
         negatives = lambda psi, cos, valid: interclass_filter(  # noqa: E731
-            valid, threshold, torch.float64 if embeddings.dtype == torch.float64 else torch.float32
+            valid, threshold, compute_dtype(embeddings)
         )
     num_classes = weight.shape[0] // sub_centers if isinstance(weight, torch.Tensor) and weight.dim() == 2 else 0
     class_view = weight[::sub_centers] if sub_centers > 1 and isinstance(weight, torch.Tensor) else weight
@@ -217,6 +219,8 @@ def margin_loss(
         embeddings, class_view, labels, margin, scale, class_margins, sample_margins, reduction, ignore_index,
         backend, normalize, deterministic,
     )
+    if memory_budget is not None:
+        check_real("memory_budget", memory_budget, low=0.0)
     check_pending_labels()
     engine = backends.resolve(backend, embeddings.device, sub_centers=sub_centers)
     embeddings, weight = autocast_inputs(embeddings, weight)
@@ -232,6 +236,8 @@ def margin_loss(
         options = {"modulation": modulation, "deterministic": deterministic}
         if sub_centers > 1:
             options.update(sub_centers=sub_centers, target_rows=rows)
+        if backends.resolve_name(backend, embeddings.device, sub_centers=sub_centers) == "triton":
+            options["memory_budget"] = memory_budget  # the torch backend has no store: it ignores the budget
         if feature_norm_scale:
             losses = _norm_scaled_row_losses(engine, embeddings, weight, labels_local, psi, dpsi, cos, scale, options)
         else:

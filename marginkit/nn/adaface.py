@@ -6,6 +6,7 @@ from typing import Optional
 
 import torch
 
+from marginkit.backends.common import compute_dtype
 from marginkit.errors import check_real
 from marginkit.nn._head import ClassWeightHead
 from marginkit.specs import AdaFaceMargin
@@ -94,7 +95,7 @@ class AdaFace(ClassWeightHead):
             if self.training:
                 mean, std = self.moved_statistics(norms, labels != self.ignore_index)
             z = ((norms - mean) / (std + self.eps) * self.h).clamp(-1.0, 1.0)
-        u = (z + 1.0).to(torch.float64 if embeddings.dtype == torch.float64 else torch.float32)
+        u = (z + 1.0).to(compute_dtype(embeddings))
         loss = self.loss(embeddings, labels, sample_margins=u)
         if self.training:  # state moves only once the loss has succeeded
             self.batch_mean.copy_(mean)

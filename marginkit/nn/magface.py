@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from marginkit._pipeline import reduce_losses
-from marginkit.backends.common import target_cosine
+from marginkit.backends.common import compute_dtype, target_cosine
 from marginkit.errors import check_real
 from marginkit.nn._head import ClassWeightHead
 from marginkit.specs import ArcFace
@@ -69,7 +69,7 @@ class MagFace(ClassWeightHead):
 
     def feature_norm(self, embeddings: torch.Tensor) -> torch.Tensor:
         """a = clamp(‖x‖, l_a, u_a), (B,) in float32 (float64 for float64 input), differentiable."""
-        dtype = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
+        dtype = compute_dtype(embeddings)
         return torch.linalg.vector_norm(embeddings.to(dtype), dim=1).clamp(self.l_a, self.u_a)
 
     def margin_for_norm(self, a: torch.Tensor) -> torch.Tensor:
