@@ -7,7 +7,7 @@ from pathlib import Path
 
 from marginkit.bench.config import METHODS
 
-__all__ = ["plot_rows"]
+__all__ = ["plot_rows", "plot_labels", "rows_from_csv"]
 
 _STYLE = {
     "marginkit": dict(color="tab:red", marker="o", linewidth=2.4),
@@ -27,6 +27,14 @@ def _fmt_c(c: int) -> str:
             v = c / div
             return f"{v:g}{suf}"
     return str(c)
+
+
+def plot_labels(device: str, date: str) -> tuple:
+    """(title, memory_method) for a run on ``device`` (the CSV's device column) on ``date``."""
+    if device == "cpu":
+        return (f"marginkit bench, cpu, {date}\n(CPU: memory and relative overhead, not GPU speed)",
+                "CPU: live tensor bytes (dispatch-mode tracker)")
+    return f"marginkit bench, {device}, {date}", "CUDA allocator high-water mark"
 
 
 def plot_rows(rows, path, title: str = "", memory_method: str = "") -> Path:
@@ -159,8 +167,8 @@ def main(argv=None) -> int:
     src = Path(argv[0])
     dst = Path(argv[1]) if len(argv) > 1 else src.with_suffix(".png")
     rows = rows_from_csv(src)
-    title = f"marginkit bench, {rows[0].device}, {rows[0].date}" if rows else ""
-    print(f"wrote {plot_rows(rows, dst, title=title)}")
+    title, memory_method = plot_labels(rows[0].device, rows[0].date) if rows else ("", "")
+    print(f"wrote {plot_rows(rows, dst, title=title, memory_method=memory_method)}")
     return 0
 
 

@@ -174,11 +174,10 @@ def write_reports(result: BenchResult, plan: SweepPlan, header: dict, echo=print
     write_csv(result.rows, result.csv_path)
     if result.plot_path is not None:
         try:
-            from marginkit.bench.plot import plot_rows
+            from marginkit.bench.plot import plot_labels, plot_rows  # matplotlib only when a plot is asked for
 
-            plot_rows(result.rows, result.plot_path, title=f"marginkit bench, {plan.label}, {plan.date}",
-                      memory_method="CUDA allocator high-water mark" if plan.on_cuda
-                      else "CPU: live tensor bytes (dispatch-mode tracker)")
+            title, memory_method = plot_labels(plan.label, plan.date)
+            plot_rows(result.rows, result.plot_path, title=title, memory_method=memory_method)
         except Exception as exc:  # a plot must not cost the measurements
             echo(f"plot not written ({type(exc).__name__}: {exc})")
             result.plot_path = None
