@@ -2,7 +2,8 @@
 
 The providers, inputs, memory measurement and out-of-memory handling are the
 ones ``marginkit bench`` uses (marginkit.bench); pytest-benchmark does the
-timing here. Each benchmark's ``extra_info`` carries the CSV fields of API.md
+timing here. marginkit's rows are checked against float64 first (a mismatch fails
+the benchmark). Each benchmark's ``extra_info`` carries the CSV fields of API.md
 (``peak_extra_mib`` from a separate measured step), so ``--benchmark-json``
 output can be turned into the results table.
 """
@@ -17,6 +18,7 @@ import torch
 from marginkit.bench.config import dtype_name, make_spec
 from marginkit.bench.providers import PROVIDERS, make_inputs
 from marginkit.bench.cell import is_oom
+from marginkit.bench.check import check_against_float64
 from marginkit.bench.timing import measure
 
 _INPUTS = {}  # the current shape's inputs only: one W (C × D) alive at a time
@@ -47,6 +49,9 @@ def test_forward_backward(benchmark, mk_case, mk_rounds):
     try:
         inputs = _inputs(cfg)
         case = prov.build(inputs, make_spec(margin))
+        if prov.checked:  # as `marginkit bench` does: correct numbers before any time
+            check = check_against_float64(case, inputs, make_spec(margin))
+            assert check.ok, f"{name} at B={cfg.B} D={cfg.D} C={cfg.C}: {check.summary()}"
         # warm-up, compile time and the memory peak
         m = measure(case, cfg.device, reps=1, preexisting=(inputs.x, inputs.w, inputs.labels))
     except Exception as exc:
