@@ -80,12 +80,16 @@ def sub_center_target(
 
 
 def normalization_backward(
-    grad_unit: torch.Tensor, rows: torch.Tensor, inv_norm: torch.Tensor, normalize: bool
+    grad_unit: torch.Tensor, rows: torch.Tensor, inv_norm: torch.Tensor, normalize: bool,
+    unit: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Chain rule of r̂ = r/‖r‖: dr = (dr̂ − r̂·(dr̂·r̂))/‖r‖, row-wise, in grad_unit's dtype."""
+    """Chain rule of r̂ = r/‖r‖: dr = (dr̂ − r̂·(dr̂·r̂))/‖r‖, row-wise, in grad_unit's dtype.
+
+    ``unit``: r̂ (N, D) when the caller already holds it (else recomputed from rows and inv_norm)."""
     if not normalize:
         return grad_unit
-    unit = rows.to(grad_unit.dtype) * inv_norm[:, None]
+    if unit is None:
+        unit = rows.to(grad_unit.dtype) * inv_norm[:, None]
     radial = (grad_unit * unit).sum(dim=1, keepdim=True)
     return (grad_unit - unit * radial) * inv_norm[:, None]
 

@@ -4,6 +4,9 @@ The CPU path and the fallback everywhere (and the engine of sub-center heads). S
 algorithm as the Triton kernels: the forward keeps an online log-sum-exp per row, the
 backward recomputes each chunk of logits. The largest temporaries are one chunk's
 (B, n) logits and (n, D) unit weights, with n·(B·K + D) ≤ ``CHUNK_ELEMENTS``.
+When every class fits one chunk (small B·C), ``row_losses`` takes the dense path instead:
+the forward keeps its (B, C) logits and (C, D) unit weights for the backward, which then
+skips the recomputation (one GEMM, the weight normalisation, the target mask).
 
 Backend protocol (``marginkit.backends``): ``lse_partials``, ``grads_from_lse``,
 ``row_losses``. ``sub_centers=K`` reads the weight as (C·K, D), K rows per class, and
@@ -159,29 +162,90 @@ def grads_from_lse(
     return grad_embeddings, grad_weight
 
 
+def dense_fits(num_rows: int, num_classes: int, dim: int, sub_centers: int, budget: Optional[int] = None) -> bool:
+    """Whether one chunk holds every class: then ``row_losses`` keeps (B, C) + (C, D) elements for the backward."""
+    return sub_centers == 1 and num_rows > 0 and 0 < num_classes * (num_rows + dim) <= (budget or CHUNK_ELEMENTS)
+
+
+@torch.no_grad()
+def dense_forward(embeddings, weight, labels_local, scale, normalize, modulation):
+    """(row_max, row_sumexp, saved) over every class at once; the same values as ``lse_partials``.
+
+    saved = (x_inv, w_inv, x_unit, w_unit, logits (B, C) with −inf on each row's target, slope or
+    None): what ``dense_backward`` needs.
+    """
+    x_inv = inverse_norms(embeddings, normalize)
+    x_unit = embeddings.to(x_inv.dtype) * x_inv[:, None]
+    w_inv = inverse_norms(weight, normalize)
+    w_unit = weight.to(x_unit.dtype) * w_inv[:, None]
+    cos = x_unit @ w_unit.T
+    slope = None
+    if modulation is not None:
+        cos, slope = modulation.apply(cos)
+    logits = cos.mul_(scale)
+    # The target column to −inf by a (B,) scatter, not a (B, C) mask; rows not here rewrite column 0 unchanged.
+    owned = ((labels_local >= 0) & (labels_local < weight.shape[0]))[:, None]
+    column = torch.where(owned, labels_local[:, None], 0)
+    logits.scatter_(1, column, torch.where(owned, float("-inf"), logits.gather(1, column)))
+    row_max = logits.amax(dim=1)
+    # Rows whose max is −inf (no other class) shift by 0 (exp(−inf − −inf) would be NaN).
+    shift = torch.where(torch.isinf(row_max), 0.0, row_max)
+    row_sumexp = torch.exp(logits - shift[:, None]).sum(dim=1)
+    return row_max, row_sumexp, (x_inv, w_inv, x_unit, w_unit, logits, slope)
+
+
+@torch.no_grad()
+def dense_backward(embeddings, weight, saved, lse, grad_rows, scale, normalize, need_weight_grad):
+    """``grads_from_lse`` from the forward's saved logits: (grad_embeddings, grad_weight or None)."""
+    x_inv, w_inv, x_unit, w_unit, logits, slope = saved
+    # exp(−inf − lse) = 0 on the target column: the mask is already in the logits.
+    grad_cos = torch.exp(logits - lse.to(logits.dtype)[:, None]).mul_((grad_rows.to(logits.dtype) * scale)[:, None])
+    if slope is not None:
+        grad_cos.mul_(slope)
+    grad_weight = None
+    if need_weight_grad:
+        grad_weight = normalization_backward(grad_cos.T @ x_unit, weight, w_inv, normalize, unit=w_unit).to(weight.dtype)
+    grad_embeddings = normalization_backward(grad_cos @ w_unit, embeddings, x_inv, normalize, unit=x_unit)
+    return grad_embeddings, grad_weight
+
+
 class _ChunkedMarginCE(torch.autograd.Function):
     """Per-row margin cross-entropy; saves O(B) tensors and recomputes in backward."""
 
     @staticmethod
     def forward(ctx, embeddings, weight, labels_local, target_rows, target_logit, dtarget, scale, normalize, options):
-        row_max, row_sumexp = lse_partials(embeddings, weight, labels_local, scale, normalize, **options)
+        ctx.dense = dense_fits(
+            embeddings.shape[0], weight.shape[0], embeddings.shape[1], options["sub_centers"], options["chunk_elements"]
+        )
+        dense_saved = ()
+        if ctx.dense:
+            row_max, row_sumexp, dense_saved = dense_forward(
+                embeddings, weight, labels_local, scale, normalize, options["modulation"]
+            )
+        else:
+            row_max, row_sumexp = lse_partials(embeddings, weight, labels_local, scale, normalize, **options)
         losses, lse = combine_partials(row_max, row_sumexp, target_logit, scale)
-        losses = torch.where(labels_local >= 0, losses, torch.zeros_like(losses))
+        losses = torch.where(labels_local >= 0, losses, 0.0)
         # target_rows None: the target is the label's own row (passing labels_local twice would
         # be a duplicate input, which torch.compile cannot trace)
-        ctx.save_for_backward(embeddings, weight, labels_local, target_rows, dtarget, losses, lse)
+        ctx.save_for_backward(embeddings, weight, labels_local, target_rows, dtarget, losses, lse, *dense_saved)
         ctx.scale, ctx.normalize, ctx.options = scale, normalize, options
         return losses.to(compute_dtype(embeddings))
 
     @staticmethod
     def backward(ctx, grad_losses):
-        embeddings, weight, labels_local, target_rows, dtarget, losses, lse = ctx.saved_tensors
+        embeddings, weight, labels_local, target_rows, dtarget, losses, lse, *dense_saved = ctx.saved_tensors
         target_rows = labels_local if target_rows is None else target_rows
-        grad_rows = torch.where(labels_local >= 0, grad_losses, torch.zeros_like(grad_losses))
-        grad_embeddings, grad_weight = grads_from_lse(
-            embeddings, weight, labels_local, lse, grad_rows, ctx.scale, ctx.normalize,
-            need_weight_grad=ctx.needs_input_grad[1], **ctx.options,
-        )
+        grad_rows = torch.where(labels_local >= 0, grad_losses, 0.0)
+        if ctx.dense:
+            grad_embeddings, grad_weight = dense_backward(
+                embeddings, weight, dense_saved, lse, grad_rows, ctx.scale, ctx.normalize, ctx.needs_input_grad[1]
+            )
+        else:
+            grad_embeddings, grad_weight = grads_from_lse(
+                embeddings, weight, labels_local, lse, grad_rows, ctx.scale, ctx.normalize,
+                need_weight_grad=ctx.needs_input_grad[1], **ctx.options,
+            )
         target_grad = target_gradient(losses, dtarget, grad_rows, ctx.scale)
         grad_embeddings = apply_target_gradients(
             grad_embeddings, grad_weight, embeddings, weight, target_rows, target_grad, ctx.normalize,
