@@ -12,6 +12,7 @@ from .margin_ce import (
     row_inv_norm_kernel,
     scores_kernel,
 )
+from .stored_logits import stored_to_workspace_kernel
 
 __all__ = [
     "row_inv_norm_kernel",
@@ -20,4 +21,5 @@ __all__ = [
     "scores_kernel",
     "dx_gemm_kernel",
     "dw_gemm_kernel",
+    "stored_to_workspace_kernel",
 ]

@@ -97,6 +97,45 @@ def _modulation_slope(cos, threshold, quadratic, linear):
 
 
 @triton.jit
+def _store_tile(
+    logits, cos, m_i, s_i, rows, row_mask, cols, threshold, quadratic, linear,
+    stored_ptr, tile_max_ptr, store_end, stride_stored, stride_tile_max, store_scale, tile_start,
+    MODULATE: tl.constexpr, STORE_GROUP: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Forward epilogue of the memory-budget mode: one exp per logit, shifted by the tile's own
+    row max m_t, serves both the online (max, Σexp) and the stored exp-scaled logits.
+
+    Stores only classes below store_end = min(n_stored, end of this program's split).
+    Returns the updated (m_i, s_i). Shifting by the tile max (not a fixed bound) keeps every
+    stored value in (0, 1]·slope with the tile's largest = 1, so nothing that matters underflows.
+    """
+    m_tile = tl.max(logits, axis=1)
+    empty = m_tile == float("-inf")
+    tile_shift = tl.where(empty, 0.0, m_tile)
+    e = tl.exp(logits - tile_shift[:, None])
+    m_new = tl.maximum(m_i, m_tile)
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    # A tile without a non-target class adds exactly 0 (no 0·exp(large) = NaN).
+    tile_sum = tl.where(empty, 0.0, tl.sum(e, axis=1) * tl.exp(tile_shift - shift))
+    s_i = s_i * tl.exp(m_i - shift) + tile_sum
+    if MODULATE:
+        e = e * _modulation_slope(cos, threshold, quadratic, linear)
+    in_store = cols < store_end
+    tl.store(
+        stored_ptr + rows[:, None] * stride_stored + cols[None, :],
+        (e * store_scale).to(stored_ptr.dtype.element_ty),
+        mask=row_mask[:, None] & in_store[None, :],
+    )
+    groups = tile_start // STORE_GROUP + tl.arange(0, BLOCK_C // STORE_GROUP).to(tl.int64)
+    tl.store(
+        tile_max_ptr + rows[:, None] * stride_tile_max + groups[None, :],
+        tl.broadcast_to(tile_shift[:, None], (tile_shift.shape[0], BLOCK_C // STORE_GROUP)),
+        mask=row_mask[:, None] & (groups * STORE_GROUP < store_end)[None, :],
+    )
+    return m_new, s_i
+
+
+@triton.jit
 def row_inv_norm_kernel(
     x_ptr,
     out_ptr,
@@ -135,19 +174,27 @@ def lse_partials_kernel(
     part_max_ptr,
     part_sum_ptr,
     threshold_ptr,
+    stored_ptr,
+    tile_max_ptr,
     B,
     C,
     D,
     classes_per_split,
+    n_stored,
     stride_xb,
     stride_xd,
     stride_wc,
     stride_wd,
+    stride_stored,
+    stride_tile_max,
     scale,
     quadratic,
     linear,
+    store_scale,
     B_BUCKET,
     MODULATE: tl.constexpr,
+    STORE: tl.constexpr,
+    STORE_GROUP: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -159,6 +206,10 @@ def lse_partials_kernel(
     part_sum is Σ exp(logit − part_max) over the split's non-target classes; a split with
     none writes (−inf, 0). B_BUCKET only feeds the autotuning key. MODULATE: the non-target
     cosines enter as N(cos) (threshold_ptr (B,), quadratic, linear; unused otherwise).
+    STORE (memory-budget mode): for the classes j < n_stored also writes
+    stored[i, j] = store_scale·exp(logit_ij − m_it)·dN/dcos_ij (0 at the target column) in
+    stored's dtype and tile_max[i, j // STORE_GROUP] = m_it, the row's max over the class tile
+    t (0 for a tile without a non-target class), so that the backward needs no recompute.
     """
     pid_b = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -170,6 +221,8 @@ def lse_partials_kernel(
     label = tl.load(labels_ptr + rows, mask=row_mask, other=-1)
     if MODULATE:
         threshold = tl.load(threshold_ptr + rows, mask=row_mask, other=0.0)
+    else:
+        threshold = x_inv  # unused placeholder: the store helper takes it either way
 
     # Class indices fit in int32 (C < 2^31); they are widened before any pointer product.
     c_begin = pid_s * classes_per_split
@@ -196,15 +249,23 @@ def lse_partials_kernel(
             w_inv = tl.load(w_inv_ptr + cols, mask=col_mask, other=0.0)
             cos = acc * x_inv[:, None] * w_inv[None, :]
             if MODULATE:
-                cos = _modulated(cos, threshold, quadratic, linear)
-            logits = cos * scale
+                logits = _modulated(cos, threshold, quadratic, linear) * scale
+            else:
+                logits = cos * scale
             keep = col_mask[None, :] & (cols[None, :] != label[:, None])
             logits = tl.where(keep, logits, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(logits, axis=1))
-            # A row with no class yet (m_new = −inf) shifts by 0: exp(−inf − 0) = 0, no NaN.
-            shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-            s_i = s_i * tl.exp(m_i - shift) + tl.sum(tl.exp(logits - shift[:, None]), axis=1)
-            m_i = m_new
+            if STORE:
+                m_i, s_i = _store_tile(
+                    logits, cos, m_i, s_i, rows, row_mask, cols, threshold,
+                    quadratic, linear, stored_ptr, tile_max_ptr, tl.minimum(n_stored, c_end), stride_stored,
+                    stride_tile_max, store_scale, c_begin + ct * BLOCK_C, MODULATE, STORE_GROUP, BLOCK_C,
+                )
+            else:
+                m_new = tl.maximum(m_i, tl.max(logits, axis=1))
+                # A row with no class yet (m_new = −inf) shifts by 0: exp(−inf − 0) = 0, no NaN.
+                shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+                s_i = s_i * tl.exp(m_i - shift) + tl.sum(tl.exp(logits - shift[:, None]), axis=1)
+                m_i = m_new
             acc = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
     out = pid_s.to(tl.int64) * B + rows
     tl.store(part_max_ptr + out, m_i, mask=row_mask)

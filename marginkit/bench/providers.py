@@ -136,6 +136,8 @@ class MarginKit(Provider):
     name = "marginkit"
     description = "marginkit.margin_cross_entropy, backend='auto' (Triton on CUDA, torch elsewhere)"
     backend = "auto"
+    #: ``memory_budget`` of the call: 0 = the default bounded workspace
+    memory_budget = 0
     checked = True
 
     def unavailable(self):
@@ -153,10 +155,10 @@ class MarginKit(Provider):
     def build(self, inputs, spec):
         fn = _margin_cross_entropy()
         x, w, y = _leaf(inputs.x), _leaf(inputs.w), inputs.labels
-        scale, backend = inputs.cfg.scale, self.backend
+        scale, backend, budget = inputs.cfg.scale, self.backend, self.memory_budget
 
         def forward():
-            return fn(x, w, y, margin=spec, scale=scale, backend=backend)
+            return fn(x, w, y, margin=spec, scale=scale, backend=backend, memory_budget=budget)
 
         note = ""
         if self.backend == "auto":
@@ -169,6 +171,16 @@ class MarginKitTorch(MarginKit):
     description = "marginkit.margin_cross_entropy, backend='torch' (chunked PyTorch)"
     backend = "torch"
     default_on_cpu = False  # on the CPU backend='auto' is this same code: the marginkit row times it
+
+
+class MarginKitFast(MarginKit):
+    name = "marginkit-fast"
+    description = (
+        "marginkit.margin_cross_entropy, memory_budget=None (the forward keeps every class's exp-scaled "
+        "logits, B*C*2 bytes in bf16: no recompute GEMM in the backward)"
+    )
+    memory_budget = None
+    default_on_cpu = False  # the torch backend ignores the budget: on the CPU the marginkit row is this code
 
 
 # --------------------------------------------------------------------------------------
@@ -369,6 +381,7 @@ PROVIDERS: dict[str, Provider] = {
     p.name: p
     for p in (
         MarginKit(),
+        MarginKitFast(),
         MarginKitTorch(),
         TorchTextbook(),
         TorchCompile(),
@@ -380,6 +393,7 @@ PROVIDERS: dict[str, Provider] = {
 }
 assert tuple(PROVIDERS) == (
     "marginkit",
+    "marginkit-fast",
     "marginkit-torch",
     "torch-textbook",
     "torch-compile",

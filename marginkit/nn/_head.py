@@ -10,7 +10,7 @@ from torch import nn
 
 from marginkit._pipeline import margin_loss
 from marginkit.backends import BACKENDS
-from marginkit.errors import MarginKitTypeError, check_bool, check_choice
+from marginkit.errors import MarginKitTypeError, check_bool, check_choice, check_real
 from marginkit.specs import MarginSpec, NoMargin
 from marginkit.validation import REDUCTIONS, check_head_arguments, check_labels, validate_inputs
 
@@ -66,6 +66,7 @@ class ClassWeightHead(KeepBufferDtypes):
         normalize: bool = True,
         backend: str = "auto",
         deterministic: bool = False,
+        memory_budget: Optional[float] = 0,
         weight_rows: Optional[int] = None,
         dtype: Optional[torch.dtype] = None,
         device=None,
@@ -79,6 +80,11 @@ class ClassWeightHead(KeepBufferDtypes):
             self.scale = float(scale)
         self.reduction, self.ignore_index, self.normalize = reduction, ignore_index, normalize
         self.backend, self.deterministic = backend, deterministic
+        if memory_budget is not None:
+            check_real("memory_budget", memory_budget, low=0.0)
+        # bytes the Triton backend may keep from forward to backward (0: none, None: unlimited);
+        # every head has it: set ``head.memory_budget`` where a head's constructor does not take it
+        self.memory_budget = memory_budget
         rows = weight_rows or num_classes
         self.weight = nn.Parameter(torch.empty(rows, embedding_dim, dtype=dtype, device=device))
         self.reset_parameters()
@@ -107,6 +113,7 @@ class ClassWeightHead(KeepBufferDtypes):
         kwargs = dict(
             reduction=self.reduction, ignore_index=self.ignore_index, normalize=self.normalize,
             backend=self.backend, deterministic=self.deterministic,
+            memory_budget=getattr(self, "memory_budget", 0),
         )
         kwargs.update(overrides)
         return margin_loss(

@@ -11,7 +11,7 @@ from marginkit.validation import validate_inputs
 
 #: keywords of ``margin_cross_entropy`` a head passes on per call
 _PER_CALL_KEYWORDS = ("class_margins", "sample_margins", "interclass_filtering_threshold", "feature_norm_scale")
-_HEAD_KEYWORDS = ("reduction", "ignore_index", "normalize", "backend", "deterministic")
+_HEAD_KEYWORDS = ("reduction", "ignore_index", "normalize", "backend", "deterministic", "memory_budget")
 
 
 class MarginSoftmax(ClassWeightHead):

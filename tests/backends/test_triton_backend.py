@@ -398,15 +398,19 @@ def test_opcheck():
     psi, dpsi = mk.ArcFace(0.5).target_terms(target_cosine(x, w, labels, True))
     x.requires_grad_(True)
     w.requires_grad_(True)
-    args = (x, w, labels, psi, dpsi, 16.0, True, False)
-    torch.library.opcheck(torch.ops.marginkit.triton_margin_ce_rows.default, args)
-    losses, lse, w_inv = torch.ops.marginkit.triton_margin_ce_rows(x.detach(), w.detach(), *args[2:])
-    bwd_args = (x.detach(), w.detach(), labels, dpsi, losses, lse, w_inv, torch.ones(3, device=x.device),
-                16.0, True, True)
-    torch.library.opcheck(torch.ops.marginkit.triton_margin_ce_rows_backward.default, bwd_args)
-    modulation = (psi.float(), 1.0, 0.3)  # a negative modulation: threshold, quadratic, linear
-    torch.library.opcheck(torch.ops.marginkit.triton_margin_ce_rows.default, args + modulation)
-    torch.library.opcheck(torch.ops.marginkit.triton_margin_ce_rows_backward.default, bwd_args + modulation)
+    for n_stored in (0, 20):  # the memory-budget mode's store: none, or every class
+        args = (x, w, labels, psi, dpsi, 16.0, True, False, n_stored)
+        torch.library.opcheck(torch.ops.marginkit.triton_margin_ce_rows.default, args)
+        losses, lse, w_inv, stored, tile_max = torch.ops.marginkit.triton_margin_ce_rows(
+            x.detach(), w.detach(), *args[2:]
+        )
+        assert stored.shape == (3, n_stored) and tile_max.shape == (3, (n_stored + 31) // 32)
+        bwd_args = (x.detach(), w.detach(), labels, dpsi, losses, lse, w_inv, stored, tile_max,
+                    torch.ones(3, device=x.device), 16.0, True, True)
+        torch.library.opcheck(torch.ops.marginkit.triton_margin_ce_rows_backward.default, bwd_args)
+        modulation = (psi.float(), 1.0, 0.3)  # a negative modulation: threshold, quadratic, linear
+        torch.library.opcheck(torch.ops.marginkit.triton_margin_ce_rows.default, args + modulation)
+        torch.library.opcheck(torch.ops.marginkit.triton_margin_ce_rows_backward.default, bwd_args + modulation)
 
 
 def test_torch_compile_fullgraph():

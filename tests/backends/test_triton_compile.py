@@ -60,7 +60,7 @@ SCRIPT = textwrap.dedent(
             suffix = "_modulated" if modulate else ""
             out[dt]["lse_partials" + suffix] = compile_kernel(
                 K.lse_partials_kernel, fwd_types,
-                dict(MODULATE=modulate, BLOCK_B=128, BLOCK_C=128, BLOCK_K=64, **gemm), 8, 3)
+                dict(MODULATE=modulate, STORE=False, STORE_GROUP=32, BLOCK_B=128, BLOCK_C=128, BLOCK_K=64, **gemm), 8, 3)
             out[dt]["scores" + suffix] = compile_kernel(
                 K.scores_kernel, scores_types,
                 dict(MODULATE=modulate, NORMALIZE=True, BLOCK_B=128, BLOCK_C=128, BLOCK_K=64, **gemm), 8, 3)
@@ -78,7 +78,7 @@ SCRIPT = textwrap.dedent(
             master = dict(w_ptr=F)
             out[dt]["lse_partials_master"] = compile_kernel(
                 K.lse_partials_kernel, dict(fwd_types, **master),
-                dict(MODULATE=False, BLOCK_B=128, BLOCK_C=128, BLOCK_K=64, **gemm), 8, 3)
+                dict(MODULATE=False, STORE=False, STORE_GROUP=32, BLOCK_B=128, BLOCK_C=128, BLOCK_K=64, **gemm), 8, 3)
             out[dt]["scores_master"] = compile_kernel(
                 K.scores_kernel, dict(scores_types, **master),
                 dict(MODULATE=False, NORMALIZE=True, BLOCK_B=128, BLOCK_C=128, BLOCK_K=64, **gemm), 8, 3)
@@ -103,7 +103,7 @@ SCRIPT = textwrap.dedent(
                         grad_scaled_ptr=F, kappa_ptr=F, ws_ptr=P, q_ptr=F, threshold_ptr=F, scale="fp32",
                         quadratic="fp32", linear="fp32")
     out["fp32_fma"] = {
-        "lse_partials": compile_kernel(K.lse_partials_kernel, fwd_types, dict(MODULATE=False, **fwd.kwargs, **ieee),
+        "lse_partials": compile_kernel(K.lse_partials_kernel, fwd_types, dict(MODULATE=False, STORE=False, STORE_GROUP=32, **fwd.kwargs, **ieee),
                                        fwd.num_warps, fwd.num_stages),
         "scores": compile_kernel(K.scores_kernel, scores_types,
                                  dict(MODULATE=False, NORMALIZE=True, BLOCK_B=128, **sc.kwargs, **ieee),

@@ -15,6 +15,8 @@ from typing import Optional
 import torch
 
 from marginkit.backends.common import apply_target_gradients, combine_partials, compute_dtype, target_gradient
+from marginkit.backends.triton.budget import STORE_GROUP, store_scale, stored_classes
+from marginkit.backends.triton.launch import cdiv
 from marginkit.backends.triton.passes import backward, check_inputs, compute_operands, forward, inverse_norms
 from marginkit.modulation import NegativeModulation
 
@@ -39,33 +41,51 @@ def _margin_ce_rows(
     scale: float,
     normalize: bool,
     deterministic: bool,
+    n_stored: int,
     threshold: Optional[torch.Tensor] = None,
     quadratic: float = 0.0,
     linear: float = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(losses (B,) f64, lse (B,) f64, w_inv (C,) f32); losses are 0 on rows not owned."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(losses (B,) f64, lse (B,) f64, w_inv (C,) f32, stored (B, n_stored), tile_max
+    (B, ⌈n_stored/32⌉) f32); losses are 0 on rows not owned. stored/tile_max: the memory-budget
+    mode's exp-scaled logits of classes [0, n_stored) (empty for n_stored = 0)."""
     check_inputs(embeddings, weight)
     x, w = compute_operands(embeddings, weight)
     w_inv = inverse_norms(w, normalize)
+    modulation = _modulation(threshold, quadratic, linear)
+    stored, tile_max = _stored_buffers(x, n_stored)
+    sigma = store_scale(x.dtype, modulation.max_slope if modulation is not None else 1.0)
     row_max, row_sumexp = forward(
-        x, w, inverse_norms(x, normalize), w_inv, labels_local, scale, deterministic,
-        _modulation(threshold, quadratic, linear),
+        x, w, inverse_norms(x, normalize), w_inv, labels_local, scale, deterministic, modulation,
+        store=(stored, tile_max, sigma),
     )
     losses, lse = combine_partials(row_max, row_sumexp, target_logit, scale)
     owned = _owned(labels_local, weight.shape[0])
-    return torch.where(owned, losses, torch.zeros_like(losses)), lse, w_inv
+    return torch.where(owned, losses, torch.zeros_like(losses)), lse, w_inv, stored, tile_max
+
+
+def _stored_buffers(x: torch.Tensor, n_stored: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty (B, n_stored) in the compute dtype and (B, ⌈n_stored/32⌉) fp32 (x: the compute operand)."""
+    num_rows = x.shape[0]
+    return (
+        x.new_empty((num_rows, n_stored)),
+        x.new_empty((num_rows, cdiv(n_stored, STORE_GROUP)), dtype=torch.float32),
+    )
 
 
 @_margin_ce_rows.register_fake
 def _margin_ce_rows_fake(
-    embeddings, weight, labels_local, target_logit, dtarget, scale, normalize, deterministic,
+    embeddings, weight, labels_local, target_logit, dtarget, scale, normalize, deterministic, n_stored,
     threshold=None, quadratic=0.0, linear=0.0,
 ):
     num_rows, num_classes = embeddings.shape[0], weight.shape[0]
+    compute = embeddings.new_empty((0, 0), dtype=torch.float32 if embeddings.dtype == torch.float64 else None)
     return (
         embeddings.new_empty((num_rows,), dtype=torch.float64),
         embeddings.new_empty((num_rows,), dtype=torch.float64),
         weight.new_empty((num_classes,), dtype=torch.float32),
+        compute.new_empty((num_rows, n_stored)),
+        compute.new_empty((num_rows, cdiv(n_stored, STORE_GROUP)), dtype=torch.float32),
     )
 
 
@@ -78,6 +98,8 @@ def _margin_ce_rows_backward(
     losses: torch.Tensor,
     lse: torch.Tensor,
     w_inv: torch.Tensor,
+    stored: torch.Tensor,
+    tile_max: torch.Tensor,
     grad_rows: torch.Tensor,
     scale: float,
     normalize: bool,
@@ -88,13 +110,16 @@ def _margin_ce_rows_backward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_embeddings in embeddings.dtype, grad_weight in weight.dtype) of Σ grad_rows·losses.
 
-    Kernels: the non-target share. Then the target column's share per row in float64
-    (g·s·(p_y − 1)·dψ, p_y − 1 = expm1(−loss)), added to the distinct target rows of dW.
+    Kernels: the non-target share (the chunks in ``stored`` without recompute). Then the
+    target column's share per row in float64 (g·s·(p_y − 1)·dψ, p_y − 1 = expm1(−loss)),
+    added to the distinct target rows of dW.
     """
     x, w = compute_operands(embeddings, weight)
+    modulation = _modulation(threshold, quadratic, linear)
+    sigma = store_scale(x.dtype, modulation.max_slope if modulation is not None else 1.0)
     grad_x, grad_w = backward(
         x, w, inverse_norms(x, normalize), w_inv, labels_local, lse, grad_rows, scale, normalize, deterministic,
-        _modulation(threshold, quadratic, linear),
+        modulation, store=(stored, tile_max, sigma),
     )
     grad_w = grad_w.to(weight.dtype)
     target_grad = target_gradient(losses, dtarget, grad_rows, scale)
@@ -106,32 +131,36 @@ def _margin_ce_rows_backward(
 
 @_margin_ce_rows_backward.register_fake
 def _margin_ce_rows_backward_fake(
-    embeddings, weight, labels_local, dtarget, losses, lse, w_inv, grad_rows, scale, normalize, deterministic,
+    embeddings, weight, labels_local, dtarget, losses, lse, w_inv, stored, tile_max, grad_rows, scale, normalize,
+    deterministic,
     threshold=None, quadratic=0.0, linear=0.0,
 ):
     return torch.empty_like(embeddings), torch.empty_like(weight)
 
 
 def _setup_context(ctx, inputs, output):
-    embeddings, weight, labels_local, target_logit, dtarget, scale, normalize, deterministic, *modulation = inputs
-    losses, lse, w_inv = output
-    ctx.save_for_backward(embeddings, weight, labels_local, dtarget, losses, lse, w_inv)
+    embeddings, weight, labels_local, target_logit, dtarget, scale, normalize, deterministic, _, *modulation = inputs
+    losses, lse, w_inv, stored, tile_max = output
+    ctx.save_for_backward(embeddings, weight, labels_local, dtarget, losses, lse, w_inv, stored, tile_max)
+    # no zero (B, C) gradient is ever made for the store (autograd would materialise one)
+    ctx.mark_non_differentiable(lse, w_inv, stored, tile_max)
+    ctx.set_materialize_grads(False)
     ctx.scale, ctx.normalize, ctx.deterministic = scale, normalize, deterministic
     ctx.modulation = modulation  # [threshold, quadratic, linear] when given
 
 
-def _autograd_backward(ctx, grad_losses, grad_lse, grad_w_inv):
-    # lse and w_inv are saved auxiliaries of the loss layer, not differentiated through.
-    embeddings, weight, labels_local, dtarget, losses, lse, w_inv = ctx.saved_tensors
+def _autograd_backward(ctx, grad_losses, grad_lse, grad_w_inv, grad_stored, grad_tile_max):
+    # lse, w_inv and the stored logits are saved auxiliaries of the loss layer, not differentiated through.
+    embeddings, weight, labels_local, dtarget, losses, lse, w_inv, stored, tile_max = ctx.saved_tensors
     if grad_losses is None:
         grad_losses = torch.zeros_like(losses)
     owned = _owned(labels_local, weight.shape[0])
     grad_rows = torch.where(owned, grad_losses.to(torch.float32), torch.zeros_like(losses, dtype=torch.float32))
     grad_x, grad_w = _margin_ce_rows_backward(
-        embeddings, weight, labels_local, dtarget, losses, lse, w_inv, grad_rows,
+        embeddings, weight, labels_local, dtarget, losses, lse, w_inv, stored, tile_max, grad_rows,
         ctx.scale, ctx.normalize, ctx.deterministic, *ctx.modulation,
     )
-    return (grad_x, grad_w) + (None,) * (6 + len(ctx.modulation))
+    return (grad_x, grad_w) + (None,) * (7 + len(ctx.modulation))
 
 
 _margin_ce_rows.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -148,6 +177,7 @@ def row_losses(
     *,
     modulation: Optional[NegativeModulation] = None,
     deterministic: bool = False,
+    memory_budget: Optional[float] = 0,
 ) -> torch.Tensor:
     """Per-row margin cross-entropy (B,), 0 where ``labels_local`` < 0; differentiable in
     ``embeddings`` and ``weight``.
@@ -159,13 +189,17 @@ def row_losses(
     applied in the backward, in float64). ``modulation``: the non-target cosines' hook.
     Returns float32 losses (float64 for float64 inputs, which the kernels compute in float32).
     ``deterministic=True``: bitwise-reproducible results run to run, without touching torch's
-    process-wide deterministic flag.
+    process-wide deterministic flag. ``memory_budget``: bytes the forward may keep for the
+    backward to skip recomputing logits (0: none, the bounded workspace; None: unlimited,
+    B·C·(element size + 1/8) bytes); see ``budget.py``.
     """
     extra = ()
     if modulation is not None:
         extra = (modulation.threshold.detach(), float(modulation.quadratic), float(modulation.linear))
-    losses, _, _ = torch.ops.marginkit.triton_margin_ce_rows(
+    compute_size = 4 if embeddings.dtype == torch.float64 else embeddings.element_size()
+    n_stored = stored_classes(embeddings.shape[0], weight.shape[0], compute_size, memory_budget)
+    losses, *_ = torch.ops.marginkit.triton_margin_ce_rows(
         embeddings, weight, labels_local, target_logit.detach(), dtarget.detach(),
-        float(scale), bool(normalize), bool(deterministic), *extra,
+        float(scale), bool(normalize), bool(deterministic), n_stored, *extra,
     )
     return losses.to(compute_dtype(embeddings))

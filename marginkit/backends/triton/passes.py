@@ -36,7 +36,9 @@ from marginkit.triton_kernels import (
     lse_partials_kernel,
     row_inv_norm_kernel,
     scores_kernel,
+    stored_to_workspace_kernel,
 )
+from marginkit.backends.triton.budget import STORE_GROUP
 
 __all__ = ["lse_partials", "grads_from_lse", "inverse_norms", "check_inputs", "compute_operands"]
 
@@ -44,13 +46,17 @@ __all__ = ["lse_partials", "grads_from_lse", "inverse_norms", "check_inputs", "c
 FP16_TARGET_MAX = 2.0**14
 #: Rows per program of the lse merge kernel (a bandwidth-bound pass over splits·B floats).
 MERGE_BLOCK_ROWS = 128
+#: Class tile of ``stored_to_workspace_kernel`` (a bandwidth-bound elementwise pass).
+STORED_BLOCK_C = 32 if INTERPRETED else 128
+#: fp32 buffer of a stored chunk's raw weight gradient when dW is half precision (≤ 16 MiB).
+STORED_DW_BYTES = 16 << 20
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 SUPPORTED_DTYPES = (torch.float32, *HALF_DTYPES, torch.float64)
 
 FWD = KernelLauncher(
     lse_partials_kernel, FWD_CONFIGS, FMA_FWD_CONFIGS,
-    key=["D", "B_BUCKET", "MODULATE"],
+    key=["D", "B_BUCKET", "MODULATE", "STORE"],
     interp_meta=INTERPRETER_META["fwd"],
     tiles=("BLOCK_B", "BLOCK_C", "BLOCK_K"),
     limits={"BLOCK_B": lambda a: a["B"], "BLOCK_K": lambda a: a["D"]},
@@ -155,8 +161,12 @@ def inverse_norms(rows: torch.Tensor, normalize: bool) -> torch.Tensor:
     return out
 
 
-def forward(x, w, x_inv, w_inv, labels_local, scale, deterministic=False, modulation=None):
-    """(row_max, row_sumexp) (B,) fp32 over the non-target classes of w; x, w as the kernels take them."""
+def forward(x, w, x_inv, w_inv, labels_local, scale, deterministic=False, modulation=None, store=None):
+    """(row_max, row_sumexp) (B,) fp32 over the non-target classes of w; x, w as the kernels take them.
+
+    ``store`` (memory-budget mode): (stored (B, n) in x's dtype, tile_max (B, ⌈n/STORE_GROUP⌉)
+    fp32, σ) filled for the classes [0, n) (see ``budget.py``); None stores nothing.
+    """
     num_rows, dim = x.shape
     num_classes = w.shape[0]
     device = x.device
@@ -169,14 +179,18 @@ def forward(x, w, x_inv, w_inv, labels_local, scale, deterministic=False, modula
     part_max = torch.empty((n_splits, num_rows), dtype=torch.float32, device=device)
     part_sum = torch.empty((n_splits, num_rows), dtype=torch.float32, device=device)
     mod = modulation_args(modulation, x_inv)
+    storing = store is not None and store[0].shape[1] > 0
+    stored, tile_max, sigma = store if storing else (x_inv, x_inv, 1.0)  # unused placeholders
     with device_guard(x):
         FWD(
             lambda meta: (cdiv(num_rows, meta["BLOCK_B"]), n_splits),
-            x, w, x_inv, w_inv, labels, part_max, part_sum, mod["threshold"],
-            num_rows, num_classes, dim, per_split,
-            x.stride(0), x.stride(1), w.stride(0), w.stride(1),
-            float(scale), mod["quadratic"], mod["linear"], launch.b_bucket(num_rows),
-            MODULATE=mod["MODULATE"], **launch.dot_meta(x.dtype), pinned=deterministic,
+            x, w, x_inv, w_inv, labels, part_max, part_sum, mod["threshold"], stored, tile_max,
+            num_rows, num_classes, dim, per_split, stored.shape[1] if storing else 0,
+            x.stride(0), x.stride(1), w.stride(0), w.stride(1), stored.stride(0) if storing else 0,
+            tile_max.stride(0) if storing else 0,
+            float(scale), mod["quadratic"], mod["linear"], float(sigma), launch.b_bucket(num_rows),
+            MODULATE=mod["MODULATE"], STORE=storing, STORE_GROUP=STORE_GROUP,
+            **launch.dot_meta(x.dtype), pinned=deterministic,
         )
         lse_merge_kernel[(cdiv(num_rows, MERGE_BLOCK_ROWS),)](
             part_max, part_sum, row_max, row_sumexp, num_rows, n_splits, BLOCK=MERGE_BLOCK_ROWS
@@ -199,9 +213,13 @@ def workspace_scale(dtype, grad_scaled, x_inv, w_inv, slope_bound: float = 1.0) 
 
 def backward(
     x, w, x_inv, w_inv, labels_local, lse, grad_rows, scale, normalize, deterministic,
-    modulation=None, need_weight_grad=True,
+    modulation=None, need_weight_grad=True, store=None,
 ):
-    """Non-target share: (grad_x fp32 (B, D), grad_w (C, D) in w's dtype or None)."""
+    """Non-target share: (grad_x fp32 (B, D), grad_w (C, D) in w's dtype or None).
+
+    ``store``: the forward's (stored, tile_max, σ) of the memory-budget mode; the chunks it
+    covers skip the recompute (``stored_to_workspace_kernel`` fills the workspace instead).
+    """
     num_rows, dim = x.shape
     num_classes = w.shape[0]
     device = x.device
@@ -218,7 +236,8 @@ def backward(
     kappa = workspace_scale(x.dtype, grad_scaled, x_inv, w_inv, slope_bound)
     dot_meta = launch.dot_meta(x.dtype)
     bucket = launch.b_bucket(num_rows)
-    column_sums = normalize and need_weight_grad
+    n_stored = store[0].shape[1] if store is not None else 0
+    column_sums = normalize and need_weight_grad and n_stored < num_classes  # stored chunks need none
 
     chunk = launch.chunk_classes(num_rows, num_classes, x.element_size())
     block_b = launch.scores_block_b(num_rows)
@@ -238,15 +257,25 @@ def backward(
         for start in range(0, num_classes, chunk):
             n_chunk = min(chunk, num_classes - start)
             n_splits_here = cdiv(n_chunk, k_per_split)
-            SCORES(
-                lambda meta: (row_blocks, cdiv(n_chunk, meta["BLOCK_C"])),
-                x, w, x_inv, w_inv, labels, lse32, grad_scaled, kappa,
-                workspace, colsum, mod["threshold"],
-                num_rows, dim, start, n_chunk,
-                x.stride(0), x.stride(1), w.stride(0), w.stride(1), workspace.stride(0), colsum.stride(0),
-                float(scale), mod["quadratic"], mod["linear"], bucket,
-                MODULATE=mod["MODULATE"], NORMALIZE=column_sums, BLOCK_B=block_b, **dot_meta, pinned=deterministic,
-            )
+            from_store = start + n_chunk <= n_stored
+            if from_store:
+                stored, tile_max, sigma = store
+                stored_to_workspace_kernel[(row_blocks, cdiv(n_chunk, STORED_BLOCK_C))](
+                    stored, tile_max, lse32, grad_scaled, x_inv, w_inv, kappa, workspace,
+                    num_rows, start, n_chunk, stored.stride(0), tile_max.stride(0), workspace.stride(0),
+                    1.0 / sigma, STORE_GROUP=STORE_GROUP, BLOCK_B=block_b, BLOCK_C=STORED_BLOCK_C,
+                )
+            else:
+                SCORES(
+                    lambda meta: (row_blocks, cdiv(n_chunk, meta["BLOCK_C"])),
+                    x, w, x_inv, w_inv, labels, lse32, grad_scaled, kappa,
+                    workspace, colsum, mod["threshold"],
+                    num_rows, dim, start, n_chunk,
+                    x.stride(0), x.stride(1), w.stride(0), w.stride(1), workspace.stride(0), colsum.stride(0),
+                    float(scale), mod["quadratic"], mod["linear"], bucket,
+                    MODULATE=mod["MODULATE"], NORMALIZE=column_sums, BLOCK_B=block_b, **dot_meta,
+                    pinned=deterministic,
+                )
             DX(
                 lambda meta: (cdiv(num_rows, meta["BLOCK_M"]), cdiv(dim, meta["BLOCK_N"]), n_splits_here),
                 workspace, w, dx_acc,
@@ -256,7 +285,9 @@ def backward(
                 bucket,
                 USE_ATOMICS=use_atomics, **dot_meta, pinned=deterministic,
             )
-            if need_weight_grad:
+            if need_weight_grad and from_store and normalize:
+                stored_weight_grad(workspace, x, w, w_inv, kappa, grad_w, start, n_chunk, deterministic)
+            elif need_weight_grad:
                 DW(
                     lambda meta: (cdiv(n_chunk, meta["BLOCK_M"]), cdiv(dim, meta["BLOCK_N"])),
                     workspace, x, w, w_inv, colsum, kappa, grad_w,
@@ -276,6 +307,39 @@ def backward(
         x_unit = x.to(torch.float32) * x_inv[:, None]
         grad_x -= x_unit * (x_unit * grad_x).sum(dim=1, keepdim=True)
     return grad_x, grad_w
+
+
+def stored_weight_grad(workspace, x, w, w_inv, kappa, grad_w, start, n_chunk, deterministic):
+    """dW rows [start, start + n_chunk) of a stored chunk with normalised weights.
+
+    The stored path has no column sums (they came from the recompute), so: R = Eᵀ·X/κ with the
+    dW GEMM (fp32), then dW_j = R_j − w_inv_j²·(w_j·R_j)·w_j, since w_j·R_j = Σ_i dS_ij·cos_ij
+    (algebraically the recompute path's formula), in fp32 and rounded once into grad_w.
+    workspace (B, ≥ n_chunk) holds the chunk's E.
+    """
+    num_rows, dim = x.shape
+    in_place = grad_w.dtype == torch.float32  # R goes straight into grad_w
+    step = n_chunk if in_place else max(launch.GRANULE, STORED_DW_BYTES // (4 * dim) // launch.GRANULE * launch.GRANULE)
+    unused = torch.empty((1, 1), dtype=torch.float32, device=x.device)
+    for off in range(0, n_chunk, step):
+        n = min(step, n_chunk - off)
+        rows = slice(start + off, start + off + n)
+        raw = grad_w[rows] if in_place else torch.empty((n, dim), dtype=torch.float32, device=x.device)
+        ws = workspace[:, off:]
+        DW(
+            lambda meta: (cdiv(n, meta["BLOCK_M"]), cdiv(dim, meta["BLOCK_N"])),
+            ws, x, w, w_inv, unused, kappa, raw,
+            num_rows, dim, 0, n, 1,
+            ws.stride(0), x.stride(0), x.stride(1), w.stride(0), w.stride(1),
+            unused.stride(0), raw.stride(0), raw.stride(1),
+            launch.b_bucket(num_rows),
+            NORMALIZE=False, **launch.dot_meta(x.dtype), pinned=deterministic,
+        )
+        w_rows = w[rows].to(torch.float32)  # a view for fp32 weights; ≤ 16 MiB otherwise
+        along = torch.bmm(w_rows.unsqueeze(1), raw.unsqueeze(2)).view(n)  # w_j·R_j
+        raw.addcmul_(w_rows, (w_inv[rows] * w_inv[rows] * along)[:, None], value=-1.0)
+        if not in_place:
+            grad_w[rows] = raw
 
 
 # ----------------------------------------------------------------------------------------
