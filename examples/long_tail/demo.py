@@ -170,9 +170,10 @@ def _study(args, methods, seeds, skews, data_cfg, train_cfg) -> int:
         rows = run_study(skews, seeds, methods, data_cfg, train_cfg, args.jobs, on_cell)
         write_rows(rows, csv_path)
     summary = aggregate(rows)
-    gains = paired_gains(rows, REFERENCE)
+    order = skew_order(r["skew"] for r in rows)
+    gains = sorted(paired_gains(rows, REFERENCE), key=lambda g: order.index(g["skew"]))
     for skew in skews:
-        print(f"\n### Zipf {skew}\n")
+        print(f"\n### {'Balanced control' if skew == 'balanced' else f'Zipf {skew}'}\n")
         print(format_table([r for r in summary if r["skew"] == skew]))
         print()
         print(format_margins([r for r in summary if r["skew"] == skew]))

@@ -179,7 +179,7 @@ def write_study_plot(summary: List[dict], gains: List[dict], reference: str, pat
             ax.errorbar(xs, [p[key] for p in pts if p], yerr=[p[key + "_std"] for p in pts if p], fmt="o", capsize=3, label=m)
         ax.axhline(0.0, color="gray", lw=0.8)
         ax.set_xticks(range(len(skews)))
-        ax.set_xticklabels([f"zipf {s}" for s in skews])
+        ax.set_xticklabels([s if s == "balanced" else f"zipf {s}" for s in skews])
         ax.set_title(f"{label} vs {reference} (mean ± std over seeds)", fontsize=9)
     axes[0].legend(fontsize=7)
     ax = axes[2]
@@ -193,7 +193,7 @@ def write_study_plot(summary: List[dict], gains: List[dict], reference: str, pat
         ax.plot(xs, [r["margin_head"] for r in rs if r], "v", color=color, label=m)
         ax.plot(xs, [r["margin_tail"] for r in rs if r], "^", color=color)
     ax.set_xticks(range(len(skews)))
-    ax.set_xticklabels([f"zipf {s}" for s in skews])
+    ax.set_xticklabels([s if s == "balanced" else f"zipf {s}" for s in skews])
     ax.set_ylim(0.1, 0.5)
     ax.set_title("mean final margin: head third (▼) to tail third (▲)", fontsize=9)
     ax.legend(fontsize=7)
