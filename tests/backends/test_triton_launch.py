@@ -27,7 +27,7 @@ def _tiles(configs_):
 
 
 def test_configs_whose_pipeline_exceeds_shared_memory_are_pruned(monkeypatch):
-    """fp32 tiles take twice bf16's shared memory: on a 227 KiB device (H100/H200) four of the six
+    """fp32 tiles take twice bf16's shared memory: on a 227 KiB device (H100/H200) three of the five
     forward configs cannot launch (Triton reports 263168 B and more for them when compiled for
     sm_90), so the autotuner must not spend a compile on each."""
     monkeypatch.setattr(configs, "shared_memory_limit", lambda t: configs.HOPPER_SHARED_MEMORY_BYTES)

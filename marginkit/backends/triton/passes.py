@@ -20,7 +20,9 @@ from marginkit.backends.triton.configs import (
     FMA_FWD_CONFIGS,
     FMA_GEMM_CONFIGS,
     FMA_SCORES_CONFIGS,
+    DW_CONFIGS,
     FWD_CONFIGS,
+    FWD_STORE_CONFIGS,
     GEMM_CONFIGS,
     INTERPRETER_META,
     SCORES_CONFIGS,
@@ -56,6 +58,14 @@ SUPPORTED_DTYPES = (torch.float32, *HALF_DTYPES, torch.float64)
 
 FWD = KernelLauncher(
     lse_partials_kernel, FWD_CONFIGS, FMA_FWD_CONFIGS,
+    key=["D", "B_BUCKET", "MODULATE"],
+    interp_meta=INTERPRETER_META["fwd"],
+    tiles=("BLOCK_B", "BLOCK_C", "BLOCK_K"),
+    limits={"BLOCK_B": lambda a: a["B"], "BLOCK_K": lambda a: a["D"]},
+)
+#: The same kernel with STORE=True (memory-budget mode): its own tile set and tuning.
+FWD_STORE = KernelLauncher(
+    lse_partials_kernel, FWD_STORE_CONFIGS, FMA_FWD_CONFIGS,
     key=["D", "B_BUCKET", "MODULATE", "STORE"],
     interp_meta=INTERPRETER_META["fwd"],
     tiles=("BLOCK_B", "BLOCK_C", "BLOCK_K"),
@@ -77,7 +87,7 @@ DX = KernelLauncher(
     restore_value=["out_ptr"],  # accumulates across chunks: tuning runs must not add
 )
 DW = KernelLauncher(
-    dw_gemm_kernel, GEMM_CONFIGS, FMA_GEMM_CONFIGS,
+    dw_gemm_kernel, DW_CONFIGS, FMA_GEMM_CONFIGS,
     key=["D", "B_BUCKET", "NORMALIZE"],
     interp_meta=INTERPRETER_META["dw"],
     tiles=("BLOCK_M", "BLOCK_N", "BLOCK_K"),
@@ -182,7 +192,7 @@ def forward(x, w, x_inv, w_inv, labels_local, scale, deterministic=False, modula
     storing = store is not None and store[0].shape[1] > 0
     stored, tile_max, sigma = store if storing else (x_inv, x_inv, 1.0)  # unused placeholders
     with device_guard(x):
-        FWD(
+        (FWD_STORE if storing else FWD)(
             lambda meta: (cdiv(num_rows, meta["BLOCK_B"]), n_splits),
             x, w, x_inv, w_inv, labels, part_max, part_sum, mod["threshold"], stored, tile_max,
             num_rows, num_classes, dim, per_split, stored.shape[1] if storing else 0,
