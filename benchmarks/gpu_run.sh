@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Prepared run for a GPU machine (one H100/H200): install carried wheels, build marginkit,
-# the benchmark sweep, then the GPU correctness tests (`pytest -m gpu`), in one call.
+# Prepared run for a GPU machine (one H100/H200), in one call and in the order issue 13 asks:
+# install carried wheels, build marginkit, the GPU correctness tests first (`pytest -m gpu`, each
+# test time-boxed), then the benchmark (C = 100K, 1M: marginkit, marginkit-fast, torch-compile,
+# floor-3gemm), the profile, and the host-overhead A/B (cached launch handles on/off).
 #
 #   bash benchmarks/gpu_run.sh OUTDIR
 #
@@ -8,16 +10,17 @@
 #   <gpu-slug>-<date>.csv   rows in API.md's schema (written row by row: a cut-short sweep keeps its rows)
 #   <gpu-slug>-<date>.png   time and peak extra memory against C (redrawn from the CSV if the sweep was cut)
 #   <gpu-slug>-<date>.json  versions, timer, first-call/compile times, notes, OOM/error details
-#   setup.log bench.log profile.txt gpu-tests.log gpu-tests.xml
-# The defaults end in about 8 minutes on an H200 (10 at worst): run it with the device tool's
-# timeout_s=600. Every phase is time-boxed: wheels ~10 s, build <= 150 s, sweep <= MK_BENCH_LIMIT_S (no new run
-# starts after it; hard stop 60 s later), profile <= 90 s per C, tests <= MK_TESTS_S.
+#   setup.log gpu-tests.log bench.log profile.txt (the profile, then the launch A/B)
+# The defaults end in about 8 minutes on an H200: run it with the device tool's timeout_s=600.
+# Every phase is time-boxed: wheels ~10 s, build <= 150 s, tests <= MK_TESTS_S (each test <= 60 s
+# where pytest-timeout is installed), sweep <= MK_BENCH_LIMIT_S (no new run starts after it; hard
+# stop 60 s later), profile <= 90 s per C, A/B <= 60 s.
 # Peers that are not in the image travel as wheels in .whl/ (benchmarks/fetch_wheels.sh makes them).
-# Knobs: MK_SKIP_BUILD=1 (use the tree as it is), MK_BENCH_ARGS (default "--device cuda"; C runs in the
-# order given, e.g. "--device cuda --C 1M,100K,10M,4M" puts the headline size first), MK_BENCH_LIMIT_S
-# (default 200), MK_PROFILE_C (C values for benchmarks/profile_step.py, default 1M; empty skips),
-# MK_TESTS_S (default 180; 0 skips the tests), MARGINKIT_CUDA_ARCHS (e.g. "90a-real"
-# builds for Hopper only, in half the time), PYTHON.
+# Knobs: MK_SKIP_BUILD=1 (use the tree as it is), MK_BENCH_ARGS (default: C = 100K,1M with marginkit,
+# marginkit-fast, torch-compile, floor-3gemm; "--device cuda" alone runs every provider at 100K-10M),
+# MK_BENCH_LIMIT_S (default 200), MK_PROFILE_C (C values for benchmarks/profile_step.py, default 1M;
+# empty skips), MK_TESTS_S (default 150; 0 skips the tests), MK_AB_C (C of the launch A/B, default
+# 100K; empty skips), MARGINKIT_CUDA_ARCHS (e.g. "90a-real" builds for Hopper only, in half the time), PYTHON.
 set -uo pipefail
 
 OUTDIR=${1:?usage: bash benchmarks/gpu_run.sh OUTDIR}
@@ -27,7 +30,8 @@ cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 LIMIT=${MK_BENCH_LIMIT_S:-200}
-TESTS_S=${MK_TESTS_S:-180}
+TESTS_S=${MK_TESTS_S:-150}
+BENCH_ARGS=${MK_BENCH_ARGS:---device cuda --C 100K,1M --providers marginkit,marginkit-fast,torch-compile,floor-3gemm}
 LOG="$OUTDIR/setup.log"
 T0=$(date +%s)
 phase() { echo "== [$(( $(date +%s) - T0 )) s] $*"; }
@@ -66,11 +70,24 @@ fi
 $PY -c "import marginkit, sys; print('marginkit from', marginkit.__file__)" 2>&1 | tee -a "$LOG"
 $PY -c "import marginkit._C as C; print(C.build_info())" 2>&1 | tee -a "$LOG"
 
-# 3. the sweep: defaults for CUDA (B=1024, D=512, bf16, arcface, C = 100K, 1M, 4M, 10M, every provider).
+# 3. GPU correctness first: every test marked `gpu` (Triton on CUDA vs float64 and the textbook,
+# C = 4M; csrc CUDA ops vs their CPU twins; NCCL world size 1; no host sync under
+# torch.cuda.set_sync_debug_mode("error"); autocast and master weights on CUDA)
+TESTS=skipped
+if [ "$TESTS_S" -gt 0 ]; then
+  phase "gpu tests: pytest -m gpu (at most ${TESTS_S} s)"
+  PER_TEST=""
+  $PY -c "import pytest_timeout" 2>/dev/null && PER_TEST="--timeout 60"
+  timeout "$TESTS_S" $PY -m pytest -m gpu -q -rs --durations=15 -p no:cacheprovider $PER_TEST tests \
+    > "$OUTDIR/gpu-tests.log" 2>&1
+  TESTS=$?
+  tail -n 30 "$OUTDIR/gpu-tests.log"
+fi
+# 4. the sweep (B=1024, D=512, bf16, arcface; each marginkit row checked against float64 before it is timed).
 # --time-limit-s: no new run starts after LIMIT s, so the sweep ends by itself (table, JSON, plot) before
 # the hard timeout. TRITON_PRINT_AUTOTUNING logs the tile configs the autotuner picked.
 phase "benchmark sweep (no new run after ${LIMIT} s)"
-TRITON_PRINT_AUTOTUNING=1 timeout $(( LIMIT + 60 )) $PY -m marginkit bench ${MK_BENCH_ARGS:---device cuda} \
+TRITON_PRINT_AUTOTUNING=1 timeout $(( LIMIT + 60 )) $PY -m marginkit bench $BENCH_ARGS \
   --time-limit-s "$LIMIT" --out-dir "$OUTDIR" --no-progress 2>&1 | tee "$OUTDIR/bench.log"
 BENCH=${PIPESTATUS[0]}
 CSV=$(ls -t "$OUTDIR"/*.csv 2>/dev/null | head -n 1)
@@ -80,22 +97,19 @@ if [ -n "$CSV" ] && [ ! -f "${CSV%.csv}.png" ]; then
 fi
 rm -f "$OUTDIR"/*.tmp
 
-# 4. where marginkit's step spends its time (kernels vs host), per C in MK_PROFILE_C
+# 5. where marginkit's step spends its time (kernels vs host), per C in MK_PROFILE_C
 for C in $(echo "${MK_PROFILE_C-1M}" | tr ',' ' '); do
   phase "profile: marginkit at C=$C"
   timeout 90 $PY benchmarks/profile_step.py --C "$C" >> "$OUTDIR/profile.txt" 2>&1
   grep "ms/step" "$OUTDIR/profile.txt" | tail -n 1
 done
 
-# 5. GPU correctness: every test marked `gpu` (Triton on CUDA vs float64 and the textbook, C = 4M;
-# csrc CUDA ops vs their CPU twins; NCCL world size 1 vs one GPU)
-TESTS=skipped
-if [ "$TESTS_S" -gt 0 ]; then
-  phase "gpu tests: pytest -m gpu (at most ${TESTS_S} s)"
-  timeout "$TESTS_S" $PY -m pytest -m gpu -q -rs --durations=15 -p no:cacheprovider tests \
-    --junitxml "$OUTDIR/gpu-tests.xml" > "$OUTDIR/gpu-tests.log" 2>&1
-  TESTS=$?
-  tail -n 30 "$OUTDIR/gpu-tests.log"
-fi
+# 6. host-overhead A/B: cached CompiledKernel handles (default) vs JITFunction.run per launch
+for C in $(echo "${MK_AB_C-100K}" | tr ',' ' '); do
+  phase "launch A/B at C=$C"
+  timeout 60 $PY benchmarks/tune_sweep.py --device cuda --C "$C" --compiled-launch 1,0 >> "$OUTDIR/profile.txt" 2>&1
+  tail -n 3 "$OUTDIR/profile.txt"
+done
+
 phase "done: bench rc=$BENCH (0 ok, 3 = some providers raised, 124 = timed out), gpu tests rc=$TESTS (124 = timed out)"
 ls -l "$OUTDIR"
