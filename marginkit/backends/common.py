@@ -34,6 +34,18 @@ def owned_labels(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
     return torch.where(labels == ignore_index, torch.full_like(labels, -1), labels)
 
 
+def as_float64(t: torch.Tensor) -> torch.Tensor:
+    """t in float64; no op at all when it already is (each op is host work on CUDA)."""
+    return t if t.dtype == torch.float64 else t.to(torch.float64)
+
+
+def target_classes(labels_local: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(class of each row clamped into [0, C) (B,) int64, owned (B,) bool): owned is labels_local in
+    [0, C) (a clamped label equals itself only there), so rows not here index a real row harmlessly."""
+    classes = labels_local.clamp(0, num_classes - 1)
+    return classes, classes == labels_local
+
+
 @torch.no_grad()
 def target_cosine(
     embeddings: torch.Tensor, weight: torch.Tensor, labels_local: torch.Tensor, normalize: bool
@@ -43,17 +55,15 @@ def target_cosine(
     Rows whose ``labels_local`` is outside [0, C) (ignored, or owned by another
     shard) get 0. A B×D gather-dot, computed in float64 from the stored values.
     """
-    owned = (labels_local >= 0) & (labels_local < weight.shape[0])
-    safe = torch.where(owned, labels_local, torch.zeros_like(labels_local))
-    x = embeddings.to(torch.float64)
-    w = weight.index_select(0, safe).to(torch.float64)
+    if weight.shape[0] == 0:
+        return torch.zeros(labels_local.shape, dtype=torch.float64, device=labels_local.device)
+    classes, owned = target_classes(labels_local, weight.shape[0])
+    x = as_float64(embeddings)
+    w = weight.index_select(0, classes).to(torch.float64)
     dot = (x * w).sum(dim=1)
-    if normalize:
-        dot = dot / (
-            torch.linalg.vector_norm(x, dim=1).clamp_min(NORM_EPS)
-            * torch.linalg.vector_norm(w, dim=1).clamp_min(NORM_EPS)
-        )
-    return torch.where(owned, dot, torch.zeros_like(dot))
+    if normalize:  # both norms in one reduction: ‖x‖·‖w‖ = the product over the stacked pair
+        dot = dot / torch.linalg.vector_norm(torch.stack((x, w)), dim=2).clamp_min(NORM_EPS).prod(dim=0)
+    return torch.where(owned, dot, 0.0)
 
 
 @torch.no_grad()
@@ -102,17 +112,36 @@ def combine_partials(
     loss = log(1 + Σ_{j≠y} exp(l_j − l_y)) = softplus(max + log(sumexp) − s·ψ): exact even
     for well-classified rows, where lse − l_y in fp32 would round a 1e-7 loss to 0.
     """
-    target = scale * target_logit.to(torch.float64)
+    target = scale * as_float64(target_logit)
     # log(0) = -inf when there is no other class: softplus(-inf) = 0, the right loss.
     excess = row_max.to(torch.float64) + torch.log(row_sumexp.to(torch.float64)) - target
-    # softplus without torch's threshold (20), which drops log1p(e^-x) ~ 2e-9 in float64.
-    losses = excess.clamp_min(0.0) + torch.log1p(torch.exp(-excess.abs()))
+    # softplus as logaddexp(x, 0) = max(x, 0) + log1p(e^−|x|), without torch softplus's
+    # threshold (20), which drops log1p(e^-x) ~ 2e-9 in float64.
+    losses = torch.logaddexp(excess, torch.zeros_like(excess))
     return losses, target + losses
 
 
 def target_gradient(losses: torch.Tensor, dtarget: torch.Tensor, grad_rows: torch.Tensor, scale: float) -> torch.Tensor:
     """d(Σ g·loss)/d cos θ_y per row: g·s·(p_y − 1)·dψ/dcos, with p_y − 1 = expm1(−loss)."""
-    return grad_rows.to(torch.float64) * scale * torch.expm1(-losses.to(torch.float64)) * dtarget.to(torch.float64)
+    return (as_float64(grad_rows) * scale) * torch.expm1(-as_float64(losses)) * as_float64(dtarget)
+
+
+def _target_share(
+    embeddings: torch.Tensor, weight: torch.Tensor, classes: torch.Tensor, coef: torch.Tensor, normalize: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d/dx, d/dw of the row's target weight) (B, D) float64 each, for d/d cos θ_y = coef (B,)."""
+    x = as_float64(embeddings)
+    w = weight.index_select(0, classes).to(torch.float64)
+    c = coef[:, None]
+    if not normalize:
+        return c * w, c * x
+    pair = torch.stack((x, w))  # (2, B, D): both rows through each op at once
+    norms = torch.linalg.vector_norm(pair, dim=2, keepdim=True).clamp_min(NORM_EPS)
+    unit = pair / norms
+    cos = unit.prod(dim=0).sum(dim=1, keepdim=True)
+    # [ŵ − x̂·cos, x̂ − ŵ·cos] / [‖x‖, ‖w‖]: each tangent direction over its own norm
+    grads = (unit.flip(0) - unit * cos) * (c / norms)
+    return grads[0], grads[1]
 
 
 @torch.no_grad()
@@ -132,19 +161,9 @@ def target_backward(
     dψ/dcos reaches ~1e3 near cos = ±1 (ArcFace, SphereFace), where the tangent direction
     ŵ − x̂·cos is a small difference of near-equal vectors: float64 keeps it exact.
     """
-    owned = (labels_local >= 0) & (labels_local < weight.shape[0])
-    classes = torch.where(owned, labels_local, torch.zeros_like(labels_local))
-    coef = torch.where(owned, target_grad.to(torch.float64), torch.zeros_like(target_grad, dtype=torch.float64))
-    x = embeddings.to(torch.float64)
-    w = weight.index_select(0, classes).to(torch.float64)
-    if not normalize:
-        return coef[:, None] * w, classes, coef[:, None] * x
-    x_norm = torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(NORM_EPS)
-    w_norm = torch.linalg.vector_norm(w, dim=1, keepdim=True).clamp_min(NORM_EPS)
-    x_unit, w_unit = x / x_norm, w / w_norm
-    cos = (x_unit * w_unit).sum(dim=1, keepdim=True)
-    grad_embeddings = coef[:, None] * (w_unit - x_unit * cos) / x_norm
-    grad_weight_rows = coef[:, None] * (x_unit - w_unit * cos) / w_norm
+    classes, owned = target_classes(labels_local, weight.shape[0])
+    coef = torch.where(owned, as_float64(target_grad), 0.0)
+    grad_embeddings, grad_weight_rows = _target_share(embeddings, weight, classes, coef, normalize)
     return grad_embeddings, classes, grad_weight_rows
 
 
@@ -173,35 +192,32 @@ def apply_target_gradients(
 
     Rows go in chunks (``TARGET_CHUNK_ELEMENTS`` / D rows), so the float64 work holds one
     (B, D) float64 buffer (the per-class sums) and chunk-sized temporaries, not a handful
-    of (B, D) ones. No host sync: rows are grouped by class with a sort, and every row of a
-    group writes the same final value, so duplicate writes agree whatever their order.
+    of (B, D) ones; one chunk (B·D ≤ 2^20, e.g. B = 1024, D = 512) slices nothing. No host
+    sync: a row's group is where its class first appears in the sorted classes, and every
+    row of a group writes the same final value, so duplicate writes agree whatever their order.
     """
     num_rows, dim = embeddings.shape
+    if num_rows == 0 or weight.shape[0] == 0:  # no target here: a fresh copy, as on every other path
+        return grad_embeddings.to(out_dtype, copy=True)
     step = rows_per_chunk or max(1, TARGET_CHUNK_ELEMENTS // max(dim, 1))
-    out = torch.empty((num_rows, dim), dtype=out_dtype, device=embeddings.device)
-    if grad_weight is not None and num_rows:
-        owned = (labels_local >= 0) & (labels_local < weight.shape[0])
-        classes = torch.where(owned, labels_local, torch.zeros_like(labels_local))
-        order = torch.argsort(classes, stable=True)
-        sorted_classes = classes[order]
-        starts = torch.ones_like(sorted_classes, dtype=torch.bool)
-        starts[1:] = sorted_classes[1:] != sorted_classes[:-1]
-        group = torch.cumsum(starts, dim=0) - 1  # group of each row, in sorted order
-        group_of_row = torch.empty_like(group).index_copy_(0, order, group)
+    whole = step >= num_rows
+    classes, owned = target_classes(labels_local, weight.shape[0])
+    coef = torch.where(owned, as_float64(target_grad), 0.0)
+    if grad_weight is not None:
+        group = torch.searchsorted(torch.sort(classes).values, classes)  # (B,) in [0, B)
         group_sums = torch.zeros((num_rows, dim), dtype=torch.float64, device=embeddings.device)
+        current = grad_weight.index_select(0, classes)  # every read before any write
+    pieces = []
     for r0 in range(0, num_rows, step):
-        r1 = min(r0 + step, num_rows)
-        target_dx, _, target_dw = target_backward(
-            embeddings[r0:r1], weight, labels_local[r0:r1], target_grad[r0:r1], normalize
-        )
-        out[r0:r1] = (grad_embeddings[r0:r1].to(torch.float64) + target_dx).to(out_dtype)
+        part = (lambda t: t) if whole else (lambda t, rows=slice(r0, r0 + step): t[rows])
+        target_dx, target_dw = _target_share(part(embeddings), weight, part(classes), part(coef), normalize)
+        pieces.append((as_float64(part(grad_embeddings)) + target_dx).to(out_dtype))
         if grad_weight is not None:
             # index_put_(accumulate) is deterministic on CUDA too (index_add_ there uses float atomics)
-            group_sums.index_put_((group_of_row[r0:r1],), target_dw, accumulate=True)
-    if grad_weight is not None and num_rows:
-        current = grad_weight.index_select(0, sorted_classes)  # every read before any write
-        for s0 in range(0, num_rows, step):
-            s1 = min(s0 + step, num_rows)
-            updated = current[s0:s1].to(torch.float64) + group_sums[group[s0:s1]]
-            grad_weight.index_put_((sorted_classes[s0:s1],), updated.to(grad_weight.dtype))
-    return out
+            group_sums.index_put_((part(group),), target_dw, accumulate=True)
+    if grad_weight is not None:
+        for r0 in range(0, num_rows, step):
+            part = (lambda t: t) if whole else (lambda t, rows=slice(r0, r0 + step): t[rows])
+            updated = as_float64(part(current)) + group_sums.index_select(0, part(group))
+            grad_weight.index_put_((part(classes),), updated.to(grad_weight.dtype))
+    return pieces[0] if whole else torch.cat(pieces)

@@ -107,6 +107,24 @@ def test_pending_label_error_can_be_waited_for(deferred_on_cpu):
         mk.functional.check_pending_labels(wait=True)
 
 
+@pytest.mark.parametrize("labels, ignore_index, bad", [
+    ([0, 2, 1], -100, None),  # every label good: no error
+    ([3, 0, 3, 1], 3, None),  # ignore_index inside [0, C): those rows are ignored, not bad
+    ([-7, 2, 9, -100], -100, 9),  # the flag is (min, max) with good rows as ignore_index: max names 9
+    ([-7, 2, -100], -100, -7),  # between ignore_index and 0: the max names it
+    ([1, 9, -100, 12], -100, 12),
+    ([1, -100, -300, 7], -100, -300),  # below ignore_index: the min names it first
+])
+def test_deferred_flag_finds_every_bad_label_and_nothing_else(deferred_on_cpu, labels, ignore_index, bad):
+    x, w = torch.randn(len(labels), 4), torch.randn(5, 4)
+    mk.margin_cross_entropy(x, w, torch.tensor(labels), ignore_index=ignore_index)
+    if bad is None:
+        mk.functional.check_pending_labels(wait=True)
+    else:
+        with pytest.raises(ValueError, match=rf"labels contains {bad}, outside"):
+            mk.functional.check_pending_labels(wait=True)
+
+
 def test_the_deferred_training_step_reads_no_value_on_the_host(deferred_on_cpu):
     x = torch.randn(8, 16, requires_grad=True)
     w = torch.randn(40, 16, requires_grad=True)

@@ -86,10 +86,15 @@ def route_to_cuda_path(host_copies: Counter, counting: list) -> None:
     launch.num_sms = lambda device: 132
     _pipeline.DEFERRED_LABEL_CHECK_DEVICES = ("cpu",)
     check_pending = _pipeline.check_pending_labels
+    in_flag_scope = [False]
 
     def check_pending_in_scope(wait: bool = False):
         with torch.profiler.record_function(FLAG_SCOPE):
-            return check_pending(wait)
+            in_flag_scope[0] = True
+            try:
+                return check_pending(wait)
+            finally:
+                in_flag_scope[0] = False
 
     _pipeline.check_pending_labels = check_pending_in_scope
     for launcher in (passes.FWD, passes.SCORES, passes.DX, passes.DW):
@@ -99,8 +104,8 @@ def route_to_cuda_path(host_copies: Counter, counting: list) -> None:
         original = getattr(torch.Tensor, name)
 
         def counted(self, *args, _original=original, _name=name, **kwargs):
-            if counting[0]:
-                host_copies[_name] += 1
+            if counting[0]:  # inside the label check's scope: a read of its pinned host flag
+                host_copies[FLAG_SCOPE if in_flag_scope[0] else _name] += 1
             return _original(self, *args, **kwargs)
 
         setattr(torch.Tensor, name, counted)
@@ -179,6 +184,7 @@ def main() -> None:
             counting[0] = False
             counted_launches = dict(launches)
             top, syncs, flag_reads = aten_counts(prof)
+            flag_reads += host_copies.pop(FLAG_SCOPE, 0)
             syncs.update(host_copies)
             # The control: a step that reads the loss and copies a gradient to the host must count 2.
             host_copies.clear()
@@ -186,6 +192,7 @@ def main() -> None:
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as control:
                 step(read_back=True)
             counting[0] = False
+            host_copies.pop(FLAG_SCOPE, 0)
             control_syncs = sum(aten_counts(control)[1].values()) + sum(host_copies.values())
             times = []
             for _ in range(args.rounds if args.steps else 0):
