@@ -21,7 +21,7 @@ Forward (two kernels):
     lse_merge_kernel      merges the per-split partials in a fixed order.
 
 Backward, per bounded chunk of classes [chunk_start, chunk_start + n_chunk) (three kernels):
-    scores_kernel         recomputes the logits tile, p = exp(logit − lse), and writes
+    scores_kernel         recomputes the logits tile, p = exp(logit − lse) (as exp2 in log2 units), and writes
                               E_ij = κ · dS_ij · x_inv_i · w_inv_j      (workspace, input dtype)
                           where dS_ij = g_i·scale·p_ij (0 at the target column) is
                           d loss/d cos_ij, and κ a power-of-two range scale (1 except for fp16).
@@ -41,6 +41,10 @@ under TRITON_INTERPRET=1 on the CPU.
 
 import triton
 import triton.language as tl
+
+#: log2(e) and ln(2): the kernels keep logits in log2 units (exp2 is the hardware's MUFU.EX2).
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
@@ -98,26 +102,26 @@ def _modulation_slope(cos, threshold, quadratic, linear):
 
 @triton.jit
 def _store_tile(
-    logits, cos, m_i, s_i, rows, row_mask, cols, threshold, quadratic, linear,
+    z, cos, m_i, s_i, rows, row_mask, cols, threshold, quadratic, linear,
     stored_ptr, tile_max_ptr, store_end, stride_stored, stride_tile_max, store_scale, tile_start,
     MODULATE: tl.constexpr, STORE_GROUP: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Forward epilogue of the memory-budget mode: one exp per logit, shifted by the tile's own
-    row max m_t, serves both the online (max, Σexp) and the stored exp-scaled logits.
+    """Forward epilogue of the memory-budget mode: one exp2 per logit (z in log2 units), shifted
+    by the tile's own row max m_t, serves both the online (max, Σexp2) and the stored values.
 
     Stores only classes below store_end = min(n_stored, end of this program's split).
     Returns the updated (m_i, s_i). Shifting by the tile max (not a fixed bound) keeps every
     stored value in (0, 1]·slope with the tile's largest = 1, so nothing that matters underflows.
     """
-    m_tile = tl.max(logits, axis=1)
+    m_tile = tl.max(z, axis=1)
     empty = m_tile == float("-inf")
     tile_shift = tl.where(empty, 0.0, m_tile)
-    e = tl.exp(logits - tile_shift[:, None])
+    e = tl.exp2(z - tile_shift[:, None])
     m_new = tl.maximum(m_i, m_tile)
     shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    # A tile without a non-target class adds exactly 0 (no 0·exp(large) = NaN).
-    tile_sum = tl.where(empty, 0.0, tl.sum(e, axis=1) * tl.exp(tile_shift - shift))
-    s_i = s_i * tl.exp(m_i - shift) + tile_sum
+    # A tile without a non-target class adds exactly 0 (no 0·exp2(large) = NaN).
+    tile_sum = tl.where(empty, 0.0, tl.sum(e, axis=1) * tl.exp2(tile_shift - shift))
+    s_i = s_i * tl.exp2(m_i - shift) + tile_sum
     if MODULATE:
         e = e * _modulation_slope(cos, threshold, quadratic, linear)
     in_store = cols < store_end
@@ -203,21 +207,23 @@ def lse_partials_kernel(
 ):
     """Per (row, class split) online log-sum-exp partials: part_max[s, i], part_sum[s, i].
 
-    part_sum is Σ exp(logit − part_max) over the split's non-target classes; a split with
-    none writes (−inf, 0). B_BUCKET only feeds the autotuning key. MODULATE: the non-target
+    In log2 units: part_max = max z, part_sum = Σ exp2(z − part_max) over the split's
+    non-target classes, z = logit·log2(e); a split with none writes (−inf, 0). B_BUCKET only feeds the autotuning key. MODULATE: the non-target
     cosines enter as N(cos) (threshold_ptr (B,), quadratic, linear; unused otherwise).
     STORE (memory-budget mode): for the classes j < n_stored also writes
-    stored[i, j] = store_scale·exp(logit_ij − m_it)·dN/dcos_ij (0 at the target column) in
-    stored's dtype and tile_max[i, j // STORE_GROUP] = m_it, the row's max over the class tile
-    t (0 for a tile without a non-target class), so that the backward needs no recompute.
+    stored[i, j] = store_scale·exp2(z_ij − m_it)·dN/dcos_ij (0 at the target column) in
+    stored's dtype and tile_max[i, j // STORE_GROUP] = m_it, the row's max of z over the class
+    tile t (0 for a tile without a non-target class), so that the backward needs no recompute.
     """
     pid_b = tl.program_id(0)
     pid_s = tl.program_id(1)
     rows = pid_b.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_mask = rows < B
-    # The forward and the backward recompute use the same expression,
-    # logit = ((acc · x_inv) · w_inv) · scale (bitwise equal when their BLOCK_K match).
+    # Logits in log2 units, z = logit·log2(e): the row factor x_inv·scale·log2(e) is formed once
+    # per row, so each element takes two multiplies and a bare exp2 (the backward recompute uses
+    # the same expression: bitwise equal when their BLOCK_K match).
     x_inv = tl.load(x_inv_ptr + rows, mask=row_mask, other=0.0)
+    row_factor = x_inv * (scale * LOG2E)
     label = tl.load(labels_ptr + rows, mask=row_mask, other=-1)
     if MODULATE:
         threshold = tl.load(threshold_ptr + rows, mask=row_mask, other=0.0)
@@ -229,6 +235,10 @@ def lse_partials_kernel(
     c_end = tl.minimum(c_begin + classes_per_split, C)
     n_ctiles = tl.cdiv(c_end - c_begin, BLOCK_C)
     k_tiles = tl.cdiv(D, BLOCK_K)
+    # int32 column tests relative to the split: the target's column (−1 − c_begin when it is not
+    # in this split or the row is ignored: never in [0, BLOCK_C) of a tile) and the split's width.
+    label_in_split = tl.where(label >= 0, label - c_begin, -1).to(tl.int32)
+    split_width = c_end - c_begin
 
     m_i = tl.full([BLOCK_B], float("-inf"), dtype=tl.float32)
     s_i = tl.zeros([BLOCK_B], dtype=tl.float32)
@@ -247,28 +257,31 @@ def lse_partials_kernel(
         )
         if kt == k_tiles - 1:
             w_inv = tl.load(w_inv_ptr + cols, mask=col_mask, other=0.0)
-            cos = acc * x_inv[:, None] * w_inv[None, :]
+            tile_col = ct * BLOCK_C
+            # columns past the split: −inf through an additive per-column bias (folds into an FMA)
+            col_bias = tl.where(offs_c < split_width - tile_col, 0.0, float("-inf"))
             if MODULATE:
-                logits = _modulated(cos, threshold, quadratic, linear) * scale
+                cos = acc * x_inv[:, None] * w_inv[None, :]
+                z = _modulated(cos, threshold, quadratic, linear) * (scale * LOG2E) + col_bias[None, :]
             else:
-                logits = cos * scale
-            keep = col_mask[None, :] & (cols[None, :] != label[:, None])
-            logits = tl.where(keep, logits, float("-inf"))
+                cos = acc  # unused
+                z = acc * row_factor[:, None] * w_inv[None, :] + col_bias[None, :]
+            z = tl.where(offs_c[None, :] == (label_in_split - tile_col)[:, None], float("-inf"), z)
             if STORE:
                 m_i, s_i = _store_tile(
-                    logits, cos, m_i, s_i, rows, row_mask, cols, threshold,
+                    z, cos, m_i, s_i, rows, row_mask, cols, threshold,
                     quadratic, linear, stored_ptr, tile_max_ptr, tl.minimum(n_stored, c_end), stride_stored,
                     stride_tile_max, store_scale, c_begin + ct * BLOCK_C, MODULATE, STORE_GROUP, BLOCK_C,
                 )
             else:
-                m_new = tl.maximum(m_i, tl.max(logits, axis=1))
-                # A row with no class yet (m_new = −inf) shifts by 0: exp(−inf − 0) = 0, no NaN.
+                m_new = tl.maximum(m_i, tl.max(z, axis=1))
+                # A row with no class yet (m_new = −inf) shifts by 0: exp2(−inf − 0) = 0, no NaN.
                 shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-                s_i = s_i * tl.exp(m_i - shift) + tl.sum(tl.exp(logits - shift[:, None]), axis=1)
+                s_i = s_i * tl.exp2(m_i - shift) + tl.sum(tl.exp2(z - shift[:, None]), axis=1)
                 m_i = m_new
             acc = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
     out = pid_s.to(tl.int64) * B + rows
-    tl.store(part_max_ptr + out, m_i, mask=row_mask)
+    tl.store(part_max_ptr + out, m_i, mask=row_mask)  # log2 units: lse_merge_kernel converts
     tl.store(part_sum_ptr + out, s_i, mask=row_mask)
 
 
@@ -282,7 +295,9 @@ def lse_merge_kernel(
     n_splits,
     BLOCK: tl.constexpr,
 ):
-    """row_max = max_s part_max[s]; row_sumexp = Σ_s part_sum[s]·exp(part_max[s] − row_max).
+    """row_max = ln2·max_s part_max[s]; row_sumexp = Σ_s part_sum[s]·exp2(part_max[s] − max_s part_max[s]).
+
+    The partials are in log2 units (lse_partials_kernel); row_max comes out in natural units.
 
     Splits are visited in index order (deterministic); empty splits (−inf) add nothing.
     """
@@ -300,8 +315,8 @@ def lse_merge_kernel(
     for s in range(0, n_splits):
         pm = tl.load(part_max_ptr + s * B + rows, mask=mask, other=0.0)
         ps = tl.load(part_sum_ptr + s * B + rows, mask=mask, other=0.0)
-        total += ps * tl.exp(pm - shift)
-    tl.store(max_out_ptr + rows, m, mask=mask)
+        total += ps * tl.exp2(pm - shift)
+    tl.store(max_out_ptr + rows, m * LN2, mask=mask)  # log2 units in, natural units out
     tl.store(sum_out_ptr + rows, total, mask=mask)
 
 
@@ -345,8 +360,9 @@ def scores_kernel(
     Writes ws[i, j − chunk_start] = κ·dS_ij·x_inv_i·w_inv_j in ws's dtype and, with
     NORMALIZE, q[pid_b, j − chunk_start] = Σ_{i in block} dS_ij·cos_ij (fp32).
     dS_ij = g_i·scale·exp(logit_ij − lse_i)·dN/dcos_ij (slope 1 without MODULATE), 0 at the
-    target column; grad_scaled = g_i·scale (0 on rows that contribute nothing). No
-    probability filter: every class's exp(logit − lse) enters, however small.
+    target column; grad_scaled = g_i·scale (0 on rows that contribute nothing). Computed as
+    exp2 of logits in log2 units, as the forward. No probability filter: every class's
+    exp(logit − lse) enters, however small.
     """
     pid_b = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -370,26 +386,41 @@ def scores_kernel(
     grad_scaled = tl.load(grad_scaled_ptr + rows, mask=row_mask, other=0.0)
     kappa = tl.load(kappa_ptr)
 
-    # Same expression as the forward's logit (see lse_partials_kernel).
-    cos = acc * x_inv[:, None] * w_inv[None, :]
-    live = (grad_scaled != 0.0)[:, None] & col_mask[None, :] & (cols[None, :] != label[:, None])
+    # Per-row factors first, so each element takes the forward's two multiplies, one exp2 and
+    # two more for E. Rows that contribute nothing get lse = +inf: p = 0 there, never 0·inf.
+    row_factor = x_inv * (scale * LOG2E)
+    lse2 = tl.where(grad_scaled != 0.0, lse * LOG2E, float("inf"))
+    e_row = grad_scaled * x_inv * kappa
+    # int32 column test relative to the tile for the target. Columns past the chunk are never
+    # stored; the bias keeps them finite at no cost (it folds into an FMA; measured: without it
+    # ptxas spills 8 B in the modulated C128K128 variant).
+    tile_start = chunk_start + pid_c.to(tl.int64) * BLOCK_C
+    label_in_tile = tl.where(label >= 0, label - tile_start, -1).to(tl.int32)
+    offs_c = tl.arange(0, BLOCK_C)
+    col_bias = tl.where(offs_c < n_chunk - pid_c * BLOCK_C, 0.0, float("-inf"))
+    hit = offs_c[None, :] == label_in_tile[:, None]
     if MODULATE:
+        # dS·cos for the column sums from cos itself: acc is dead after cos (fewer live tiles)
         threshold = tl.load(threshold_ptr + rows, mask=row_mask, other=0.0)
-        p = tl.exp(_modulated(cos, threshold, quadratic, linear) * scale - lse[:, None])
-        slope = _modulation_slope(cos, threshold, quadratic, linear)
-        ds = tl.where(live, p * grad_scaled[:, None] * slope, 0.0)
+        cos = acc * x_inv[:, None] * w_inv[None, :]
+        p = tl.exp2(_modulated(cos, threshold, quadratic, linear) * (scale * LOG2E) - lse2[:, None])
+        keep = (col_bias == 0.0)[None, :] & (hit == 0)
+        ds = tl.where(keep, p * _modulation_slope(cos, threshold, quadratic, linear) * grad_scaled[:, None], 0.0)
+        e = ds * (x_inv * kappa)[:, None] * w_inv[None, :]
     else:
-        p = tl.exp(cos * scale - lse[:, None])
-        ds = tl.where(live, p * grad_scaled[:, None], 0.0)
-
-    e = ds * (x_inv * kappa)[:, None] * w_inv[None, :]
+        z = acc * row_factor[:, None] * w_inv[None, :] + col_bias[None, :]  # the forward's expression
+        p = tl.exp2(tl.where(hit, float("-inf"), z) - lse2[:, None])
+        e = p * e_row[:, None] * w_inv[None, :]
     tl.store(
         ws_ptr + rows[:, None] * stride_ws + lcols[None, :],
         e.to(ws_ptr.dtype.element_ty),
         mask=row_mask[:, None] & col_mask[None, :],
     )
     if NORMALIZE:
-        qcol = tl.sum(ds * cos, axis=0)
+        if MODULATE:
+            qcol = tl.sum(ds * cos, axis=0)
+        else:  # Σ_i dS_ij·cos_ij = Σ_i E_ij·acc_ij / κ (E carries κ·x_inv·w_inv, acc = x_i·w_j)
+            qcol = tl.sum(e * acc, axis=0) * (1.0 / kappa)
         tl.store(q_ptr + pid_b.to(tl.int64) * stride_q + lcols, qcol, mask=col_mask)
 
 

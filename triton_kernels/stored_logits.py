@@ -1,11 +1,11 @@
 """The memory-budget mode's backward kernel: stored exp-scaled logits → the dS workspace.
 
 The forward (``lse_partials_kernel`` with STORE) leaves, for the stored classes,
-    S_ij = σ·exp(logit_ij − m_it)·dN/dcos_ij     (0 at the target column; σ a power of two)
-and the tile maxima m_it (one per STORE_GROUP classes). Given the global lse this kernel
+    S_ij = σ·exp2(z_ij − m_it)·dN/dcos_ij     (0 at the target column; σ a power of two)
+with z = logit·log2(e), and the tile maxima m_it of z (one per STORE_GROUP classes). Given the global lse this kernel
 writes the same workspace the recompute path's ``scores_kernel`` writes,
-    E_ij = κ·dS_ij·x_inv_i·w_inv_j,   dS_ij = g_i·scale·exp(m_it − lse_i)·S_ij/σ,
-with one read and one write per element and no GEMM (m_it ≤ lse_i: the factor never overflows).
+    E_ij = κ·dS_ij·x_inv_i·w_inv_j,   dS_ij = g_i·scale·exp2(m_it − lse_i·log2(e))·S_ij/σ,
+with one read and one write per element and no GEMM (m_it ≤ lse_i·log2(e): the factor never overflows).
 """
 
 import triton
@@ -55,6 +55,7 @@ def stored_to_workspace_kernel(
     kappa = tl.load(kappa_ptr)
 
     row_factor = grad_scaled * x_inv * (kappa * inv_store_scale)
-    e = s * tl.exp(m - lse[:, None]) * row_factor[:, None] * w_inv[None, :]
+    # m is in log2 units (the forward's z = logit·log2(e))
+    e = s * tl.exp2(m - lse[:, None] * 1.4426950408889634) * row_factor[:, None] * w_inv[None, :]
     e = tl.where((grad_scaled != 0.0)[:, None], e, 0.0)
     tl.store(ws_ptr + rows[:, None] * stride_ws + lcols[None, :], e.to(ws_ptr.dtype.element_ty), mask=mask)

@@ -678,3 +678,47 @@ def test_deterministic_mode_leaves_torchs_global_flag_alone(monkeypatch):
         b = run(triton_rows, x, w, y, mk.ArcFace(0.5), 64.0, deterministic=True)
     assert calls == [] and not torch.are_deterministic_algorithms_enabled()
     assert all(torch.equal(p, q) for p, q in zip(a, b))
+
+
+# ------------------------------------------------------------------------------------------
+# The log2-unit epilogues: large scales, far-negative logits, partial tiles
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("modulated", [False, True], ids=["plain", "modulated"])
+def test_large_scale_far_negative_logits_and_partial_tiles(modulated):
+    """Logits are kept as z = logit·log2(e) and exponentiated with exp2; padded columns get −inf
+    through an additive bias and dead rows an lse of +inf. At scale 150 a row pointing away from
+    every class has lse ≈ −150 + ln C, where exp(z − lse) of a padded column (z = 0) would be
+    inf: nothing may leak from such columns or from ignored rows (C = 70: partial last tiles)."""
+    x, w, y = make(B=9, C=70, D=12, seed=47, ignored=2)
+    w[:, 0] = w[:, 0].abs() + 2.0  # every class leans along e_0 ...
+    x[3] = 0.0
+    x[3, 0] = -40.0  # ... so row 3's cosines are all negative: its max logit < 0 in every split
+    x[4] = -w[y[4]] * 5.0  # the target itself far away: cos_y = -1
+    spec = mk.CosFace(0.2)
+    cos = F.normalize(x.double(), dim=1) @ F.normalize(w.double(), dim=1).T
+    assert float(cos[3].max()) < -0.5
+    modulation = None
+    if modulated:
+        psi, _ = spec.target_terms(target_cosine(x, w, owned_labels(y), True))
+        modulation = (psi.float(), 0.5, 0.7)
+    with tb.tuning(**SMALL):
+        out, _ = assert_close_to_reference(x, w, y, spec, scale=150.0, modulation=modulation)
+    assert all(torch.isfinite(t).all() for t in out)
+
+
+def test_rows_without_gradient_ignore_their_lse():
+    """grads_from_lse: rows with grad_rows = 0 contribute nothing whatever lse they carry (the
+    scores kernel gives them lse = +inf, so a garbage lse cannot make exp2 overflow into 0·inf)."""
+    x, w, y = make(B=8, C=100, D=16, seed=48)
+    labels = owned_labels(y)
+    row_max, row_sumexp = tb.lse_partials(x, w, labels, 64.0, True)
+    lse = (row_max + row_sumexp.log()).double()
+    grad_rows = torch.ones(8)
+    grad_rows[[1, 5]] = 0.0
+    with tb.tuning(**SMALL):
+        sane = tb.grads_from_lse(x, w, labels, lse, grad_rows, 64.0, True)
+        garbage = lse.clone()
+        garbage[1], garbage[5] = -1e4, float("nan")
+        odd = tb.grads_from_lse(x, w, labels, garbage, grad_rows, 64.0, True)
+    for a, b in zip(sane, odd):
+        assert torch.isfinite(b).all() and torch.equal(a, b)
