@@ -25,6 +25,7 @@ from marginkit.backends.common import (
     compute_dtype,
     inverse_norms,
     normalization_backward,
+    target_classes,
     target_gradient,
 )
 from marginkit.modulation import NegativeModulation
@@ -171,8 +172,8 @@ def dense_fits(num_rows: int, num_classes: int, dim: int, sub_centers: int, budg
 def dense_forward(embeddings, weight, labels_local, scale, normalize, modulation):
     """(row_max, row_sumexp, saved) over every class at once; the same values as ``lse_partials``.
 
-    saved = (x_inv, w_inv, x_unit, w_unit, logits (B, C) with −inf on each row's target, slope or
-    None): what ``dense_backward`` needs.
+    saved = (x_inv, w_inv, x_unit, w_unit, shift (B,), exp(logit − shift) (B, C) with 0 on each
+    row's target, slope or None): what ``dense_backward`` needs.
     """
     x_inv = inverse_norms(embeddings, normalize)
     x_unit = embeddings.to(x_inv.dtype) * x_inv[:, None]
@@ -183,23 +184,24 @@ def dense_forward(embeddings, weight, labels_local, scale, normalize, modulation
     if modulation is not None:
         cos, slope = modulation.apply(cos)
     logits = cos.mul_(scale)
-    # The target column to −inf by a (B,) scatter, not a (B, C) mask; rows not here rewrite column 0 unchanged.
-    owned = ((labels_local >= 0) & (labels_local < weight.shape[0]))[:, None]
-    column = torch.where(owned, labels_local[:, None], 0)
+    # The target column to −inf by a (B,) scatter, not a (B, C) mask; rows not here rewrite their column unchanged.
+    column, owned = target_classes(labels_local[:, None], weight.shape[0])
     logits.scatter_(1, column, torch.where(owned, float("-inf"), logits.gather(1, column)))
     row_max = logits.amax(dim=1)
     # Rows whose max is −inf (no other class) shift by 0 (exp(−inf − −inf) would be NaN).
     shift = torch.where(torch.isinf(row_max), 0.0, row_max)
-    row_sumexp = torch.exp(logits - shift[:, None]).sum(dim=1)
-    return row_max, row_sumexp, (x_inv, w_inv, x_unit, w_unit, logits, slope)
+    scaled_exp = logits.sub_(shift[:, None]).exp_()
+    return row_max, scaled_exp.sum(dim=1), (x_inv, w_inv, x_unit, w_unit, shift, scaled_exp, slope)
 
 
 @torch.no_grad()
 def dense_backward(embeddings, weight, saved, lse, grad_rows, scale, normalize, need_weight_grad):
-    """``grads_from_lse`` from the forward's saved logits: (grad_embeddings, grad_weight or None)."""
-    x_inv, w_inv, x_unit, w_unit, logits, slope = saved
-    # exp(−inf − lse) = 0 on the target column: the mask is already in the logits.
-    grad_cos = torch.exp(logits - lse.to(logits.dtype)[:, None]).mul_((grad_rows.to(logits.dtype) * scale)[:, None])
+    """``grads_from_lse`` from the forward's saved exponentials: (grad_embeddings, grad_weight or None)."""
+    x_inv, w_inv, x_unit, w_unit, shift, scaled_exp, slope = saved
+    # p = exp(logit − lse) = exp(logit − shift)·exp(shift − lse): one (B, C) product, no second exp
+    # (0 on the target column, whose exponential the forward already zeroed).
+    row_factor = torch.exp(shift - lse.to(shift.dtype)) * (grad_rows.to(shift.dtype) * scale)
+    grad_cos = scaled_exp * row_factor[:, None]
     if slope is not None:
         grad_cos.mul_(slope)
     grad_weight = None
