@@ -5,7 +5,8 @@
 
 A stub libcuda (tests/stub_cuda) makes Triton's real CUDA host launch path run with no GPU:
 marginkit's Python, the torch ops of the step (on CPU tensors) and Triton's launcher all run;
-no kernel does. Per step it reports Triton launches, aten calls, host syncs and host ms (CPU
+no kernel does. Per step it reports Triton launches (and how many of them went through
+``JITFunction.run`` rather than a cached handle), aten calls, host syncs and host ms (CPU
 time of the main thread; the median over rounds). Times are reported, never asserted (the
 guards on the counts are tests/backends/test_host_cost.py).
 
@@ -43,12 +44,12 @@ def parse_count(text: str) -> int:
 
 def format_rows(rows: list[dict], shape: str) -> str:
     lines = [
-        f"{'C':>9} {'B':>5} {'D':>4} {'launches':>8} {'aten':>5} {'syncs':>5} {'host ms':>8}  rounds (ms)   [shape {shape}]"
+        f"{'C':>9} {'B':>5} {'D':>4} {'launches':>8} {'binder':>6} {'aten':>5} {'syncs':>5} {'host ms':>8}  rounds (ms)   [shape {shape}]"
     ]
     for r in rows:
         rounds = " ".join(f"{t:.2f}" for t in r["host_ms_rounds"])
         lines.append(
-            f"{r['C']:>9} {r['B']:>5} {r['D']:>4} {r['triton_launches']:>8} {r['aten_calls']:>5} "
+            f"{r['C']:>9} {r['B']:>5} {r['D']:>4} {r['triton_launches']:>8} {sum(r['binder_launches'].values()):>6} {r['aten_calls']:>5} "
             f"{r['host_syncs']:>5} {r['host_ms_median']:>8.2f}  {rounds}"
         )
     launches = rows[0]["launches"] if rows else {}
@@ -80,6 +81,7 @@ def main() -> int:
             f"# {platform.processor() or platform.machine()}, {platform.python_version()}, torch {torch.__version__}, "
             f"triton {triton.__version__}; ArcFace(0.5), s = 64, bf16, one forward + backward, 1 torch thread",
             "# host ms: CPU time of the main thread per step, median of rounds; reported, never asserted",
+            "# binder: launches through JITFunction.run (no cached CompiledKernel handle) per step",
         ])]
         for shape in args.shape.split(","):
             cfg = SHAPES[shape]

@@ -63,6 +63,14 @@ def test_triton_launches_per_step_are_5_plus_3_per_chunk(step_counts, num_classe
 
 
 @pytest.mark.parametrize("num_classes", CLASS_COUNTS)
+def test_the_tuned_kernels_launch_through_cached_handles(step_counts, num_classes):
+    """In a steady step the four autotuned kernels (forward partials, scores, dX, dW) skip
+    JITFunction.run (binder, specialisation, cache lookup); only the two small kernels launched
+    directly (row norms, lse merge) take it, a fixed 4 per step whatever C."""
+    assert step_counts[num_classes]["binder_launches"] == {"row_inv_norm_kernel": 3, "lse_merge_kernel": 1}
+
+
+@pytest.mark.parametrize("num_classes", CLASS_COUNTS)
 def test_the_training_step_has_no_host_sync(step_counts, num_classes):
     row = step_counts[num_classes]
     assert row["host_syncs"] == 0, row["syncs"]

@@ -8,7 +8,8 @@ in for CUDA ones: the Triton backend's "needs CUDA" check is bypassed, 132 SMs a
 the label check takes its CUDA branch, each autotuner keeps one config so nothing is timed).
 
 Per step it reports: Triton launches per kernel (counted in the C launcher's Python entry,
-so cached-handle launches count too), aten calls made from Python (profiler events not nested
+so cached-handle launches count too), those that went through ``JITFunction.run`` instead of a
+cached handle (binder launches), aten calls made from Python (profiler events not nested
 in another aten op), host syncs (ops that read a device value on the host: on CUDA each one
 blocks until the GPU queue drains) and, with --steps, host ms per step (CPU time of this thread).
 """
@@ -60,6 +61,20 @@ def install_stub_driver(launches: Counter) -> None:
             return GPUTarget("cuda", 90, 32)
 
     triton.runtime.driver.set_active(StubCudaDriver())
+
+
+def count_binder_launches(binder_launches: Counter) -> None:
+    """Count launches through ``JITFunction.run`` (binder, specialisation, cache lookup) per kernel:
+    the launches that did not go through a cached ``CompiledKernel`` handle."""
+    import triton.runtime.jit as jit
+
+    run = jit.JITFunction.run
+
+    def counted_run(fn, *args, **kwargs):
+        binder_launches[fn.__name__] += 1
+        return run(fn, *args, **kwargs)
+
+    jit.JITFunction.run = counted_run
 
 
 def route_to_cuda_path(host_copies: Counter, counting: list) -> None:
@@ -151,8 +166,9 @@ def main() -> None:
 
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
-    launches, host_copies, counting = Counter(), Counter(), [False]
+    launches, binder_launches, host_copies, counting = Counter(), Counter(), Counter(), [False]
     install_stub_driver(launches)
+    count_binder_launches(binder_launches)
     import marginkit as mk
     from marginkit.backends.triton import tuning
 
@@ -177,12 +193,13 @@ def main() -> None:
             step()  # compiles for sm_90 and records the autotuner's (single) picks
             step()  # first launches through cached handles
             launches.clear()
+            binder_launches.clear()
             host_copies.clear()
             counting[0] = True
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
                 step()
             counting[0] = False
-            counted_launches = dict(launches)
+            counted_launches, counted_binder = dict(launches), dict(binder_launches)
             top, syncs, flag_reads = aten_counts(prof)
             flag_reads += host_copies.pop(FLAG_SCOPE, 0)
             syncs.update(host_copies)
@@ -202,7 +219,7 @@ def main() -> None:
                 times.append((time.thread_time() - c0) / args.steps * 1e3)
         row = dict(
             C=num_classes, B=args.B, D=args.D, dtype=args.dtype, chunk=args.chunk,
-            triton_launches=sum(counted_launches.values()), launches=counted_launches,
+            triton_launches=sum(counted_launches.values()), launches=counted_launches, binder_launches=counted_binder,
             aten_calls=sum(top.values()), aten_by_name=dict(top.most_common()),
             host_syncs=sum(syncs.values()), syncs=dict(syncs),
             pinned_flag_reads=flag_reads, control_host_syncs=control_syncs,
