@@ -12,7 +12,7 @@ from .margin_ce import (
     row_inv_norm_kernel,
     scores_kernel,
 )
-from .stored_logits import stored_to_workspace_kernel
+from .stored_logits import project_weight_rows_kernel, stored_to_workspace_kernel
 
 __all__ = [
     "row_inv_norm_kernel",
@@ -22,4 +22,5 @@ __all__ = [
     "dx_gemm_kernel",
     "dw_gemm_kernel",
     "stored_to_workspace_kernel",
+    "project_weight_rows_kernel",
 ]

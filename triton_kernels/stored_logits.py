@@ -1,4 +1,5 @@
-"""The memory-budget mode's backward kernel: stored exp-scaled logits → the dS workspace.
+"""The memory-budget mode's backward kernels: stored exp-scaled logits → the dS workspace, and
+the weight-side projection of stored chunks' raw weight gradient.
 
 The forward (``lse_partials_kernel`` with STORE) leaves, for the stored classes,
     S_ij = σ·exp2(z_ij − m_it)·dN/dcos_ij     (0 at the target column; σ a power of two)
@@ -59,3 +60,45 @@ def stored_to_workspace_kernel(
     e = s * tl.exp2(m - lse[:, None] * 1.4426950408889634) * row_factor[:, None] * w_inv[None, :]
     e = tl.where((grad_scaled != 0.0)[:, None], e, 0.0)
     tl.store(ws_ptr + rows[:, None] * stride_ws + lcols[None, :], e.to(ws_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def project_weight_rows_kernel(
+    r_ptr,
+    w_ptr,
+    w_inv_ptr,
+    out_ptr,
+    n_rows,
+    D,
+    stride_r,
+    stride_wc,
+    stride_wd,
+    stride_out,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """out_j = R_j − w_inv_j²·(w_j·R_j)·w_j for rows j < n_rows (fp32 maths, out's dtype).
+
+    The weight side of the normalisation chain rule for chunks whose column sums were never
+    formed (stored chunks): w_j·R_j = Σ_i dS_ij·cos_ij when R = Eᵀ·X/κ. R fp32 (n_rows, D);
+    out may be R itself (each element is read, then written, by the same program).
+    """
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < n_rows
+    along = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        mask = row_mask[:, None] & (ds < D)[None, :]
+        r = tl.load(r_ptr + rows[:, None] * stride_r + ds[None, :], mask=mask, other=0.0)
+        w = tl.load(w_ptr + rows[:, None] * stride_wc + ds[None, :] * stride_wd, mask=mask, other=0.0).to(tl.float32)
+        along += tl.sum(r * w, axis=1)
+    w_inv = tl.load(w_inv_ptr + rows, mask=row_mask, other=0.0)
+    coef = w_inv * w_inv * along
+    for d0 in range(0, D, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        mask = row_mask[:, None] & (ds < D)[None, :]
+        r = tl.load(r_ptr + rows[:, None] * stride_r + ds[None, :], mask=mask, other=0.0)
+        w = tl.load(w_ptr + rows[:, None] * stride_wc + ds[None, :] * stride_wd, mask=mask, other=0.0).to(tl.float32)
+        out = r - coef[:, None] * w
+        tl.store(out_ptr + rows[:, None] * stride_out + ds[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)

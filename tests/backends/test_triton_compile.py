@@ -197,6 +197,9 @@ def coverage_jobs():
         types=dict(stored_ptr="*bf16", tile_max_ptr=F, lse_ptr=F, grad_scaled_ptr=F, x_inv_ptr=F, w_inv_ptr=F,
                    kappa_ptr=F, ws_ptr="*bf16", inv_store_scale="fp32"),
         consts=dict(STORE_GROUP=32, BLOCK_B=128, BLOCK_C=128), warps=4, stages=1, tile=[128, 128])
+    jobs["bf16 project_weight_rows"] = dict(
+        kernel="project_weight_rows_kernel", types=dict(r_ptr=F, w_ptr="*bf16", w_inv_ptr=F, out_ptr="*bf16"),
+        consts=dict(BLOCK_M=32, BLOCK_D=128), warps=4, stages=1, tile=[32, 128])
     # fp32 without TF32: the FMA tile set (first config of each), as the launcher picks it
     jobs["fp32_fma lse_partials"] = job("fwd", tc.FMA_FWD_CONFIGS[0], "fp32")
     jobs["fp32_fma scores"] = job("scores", tc.FMA_SCORES_CONFIGS[0], "fp32")
@@ -287,8 +290,9 @@ def test_kernels_compile_for_hopper_as_pipelined_wgmma(compiled):
             assert info["cp_async"], f"{dtype} {name}: loads not pipelined ({info})"
             assert info["smem"] >= 2 * 128 * 64 * 2, f"{dtype} {name}: fewer than 2 pipeline stages ({info})"
             assert info["wgmma"], f"{dtype} {name}: not lowered to wgmma ({info})"  # fp32: tf32 wgmma
-    for name in ("row_inv_norm", "lse_merge", "stored_to_workspace"):  # bandwidth kernels: no MMA
-        assert not results[f"bf16 {name}"]["wgmma"], name
+    for name in ("row_inv_norm", "lse_merge", "stored_to_workspace", "project_weight_rows"):  # bandwidth kernels
+        info = results[f"bf16 {name}"]
+        assert not info["wgmma"] and info.get("stack", 0) == 0, (name, info)
     for name in ("lse_partials", "scores", "dx_gemm_atomic", "dw_gemm"):  # IEEE fp32: FMAs, inside 227 KiB
         info = results[f"fp32_fma {name}"]
         assert not info["wgmma"] and info["smem"] <= tc.HOPPER_SHARED_MEMORY_BYTES, f"fp32 FMA {name}: {info}"

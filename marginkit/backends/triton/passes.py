@@ -37,6 +37,7 @@ from marginkit.triton_kernels import (
     lse_merge_kernel,
     lse_partials_kernel,
     row_inv_norm_kernel,
+    project_weight_rows_kernel,
     scores_kernel,
     stored_to_workspace_kernel,
 )
@@ -52,6 +53,8 @@ MERGE_BLOCK_ROWS = 128
 STORED_BLOCK_C = 32 if INTERPRETED else 128
 #: fp32 buffer of a stored chunk's raw weight gradient when dW is half precision (≤ 16 MiB).
 STORED_DW_BYTES = 16 << 20
+#: Weight rows per program of the projection of stored chunks (a bandwidth-bound pass).
+PROJECT_BLOCK_ROWS = 16 if INTERPRETED else 32
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 SUPPORTED_DTYPES = (torch.float32, *HALF_DTYPES, torch.float64)
@@ -324,7 +327,8 @@ def stored_weight_grad(workspace, x, w, w_inv, kappa, grad_w, start, n_chunk, de
 
     The stored path has no column sums (they came from the recompute), so: R = Eᵀ·X/κ with the
     dW GEMM (fp32), then dW_j = R_j − w_inv_j²·(w_j·R_j)·w_j, since w_j·R_j = Σ_i dS_ij·cos_ij
-    (algebraically the recompute path's formula), in fp32 and rounded once into grad_w.
+    (algebraically the recompute path's formula), in fp32 and rounded once into grad_w
+    (``project_weight_rows_kernel``: one launch per ≤ 16 MiB piece).
     workspace (B, ≥ n_chunk) holds the chunk's E.
     """
     num_rows, dim = x.shape
@@ -345,11 +349,11 @@ def stored_weight_grad(workspace, x, w, w_inv, kappa, grad_w, start, n_chunk, de
             launch.b_bucket(num_rows),
             NORMALIZE=False, **launch.dot_meta(x.dtype), pinned=deterministic,
         )
-        w_rows = w[rows].to(torch.float32)  # a view for fp32 weights; ≤ 16 MiB otherwise
-        along = torch.bmm(w_rows.unsqueeze(1), raw.unsqueeze(2)).view(n)  # w_j·R_j
-        raw.addcmul_(w_rows, (w_inv[rows] * w_inv[rows] * along)[:, None], value=-1.0)
-        if not in_place:
-            grad_w[rows] = raw
+        out = grad_w[rows]
+        project_weight_rows_kernel[(cdiv(n, PROJECT_BLOCK_ROWS),)](
+            raw, w[rows], w_inv[rows], out, n, dim, raw.stride(0), w.stride(0), w.stride(1), out.stride(0),
+            BLOCK_M=PROJECT_BLOCK_ROWS, BLOCK_D=min(pow2_at_least(dim), 128), num_warps=4,
+        )
 
 
 # ----------------------------------------------------------------------------------------
