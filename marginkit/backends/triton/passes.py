@@ -51,8 +51,9 @@ FP16_TARGET_MAX = 2.0**14
 MERGE_BLOCK_ROWS = 128
 #: Class tile of ``stored_to_workspace_kernel`` (a bandwidth-bound elementwise pass).
 STORED_BLOCK_C = 32 if INTERPRETED else 128
-#: fp32 buffer of a stored chunk's raw weight gradient when dW is half precision (≤ 16 MiB).
-STORED_DW_BYTES = 16 << 20
+#: fp32 buffer of a stored chunk's raw weight gradient when dW is half precision: the
+#: workspace's size, so B = 1024, D = 512 bf16 takes one piece (two launches) per chunk.
+STORED_DW_BYTES = launch.WORKSPACE_BYTES
 #: Weight rows per program of the projection of stored chunks (a bandwidth-bound pass).
 PROJECT_BLOCK_ROWS = 16 if INTERPRETED else 32
 
@@ -328,7 +329,7 @@ def stored_weight_grad(workspace, x, w, w_inv, kappa, grad_w, start, n_chunk, de
     The stored path has no column sums (they came from the recompute), so: R = Eᵀ·X/κ with the
     dW GEMM (fp32), then dW_j = R_j − w_inv_j²·(w_j·R_j)·w_j, since w_j·R_j = Σ_i dS_ij·cos_ij
     (algebraically the recompute path's formula), in fp32 and rounded once into grad_w
-    (``project_weight_rows_kernel``: one launch per ≤ 16 MiB piece).
+    (``project_weight_rows_kernel``: one launch per ≤ 32 MiB piece).
     workspace (B, ≥ n_chunk) holds the chunk's E.
     """
     num_rows, dim = x.shape
