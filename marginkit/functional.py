@@ -56,7 +56,7 @@ def margin_cross_entropy(
             B·(element size + 1/8) bytes per class) of as many whole backward chunks as fit, and the
             backward skips recomputing them (three GEMM passes instead of four). 0 (default): none
             kept, the bounded workspace (peak extra ~64 MiB at B = 1024). None: unlimited, all C
-            kept (2.1 GiB at B = 1024, C = 1M in bf16), the fastest setting. The torch backend
+            kept (2.03 GiB at B = 1024, C = 1M in bf16), the fastest setting. The torch backend
             ignores it (it has no store).
         feature_norm_scale: A-Softmax as published (SphereFace, L-Softmax, pytorch-metric-learning's
             SphereFaceLoss): every logit of row i is further multiplied by ‖x_i‖, and the gradient

@@ -6,7 +6,7 @@ the workspace's precision) plus one fp32 tile max per ``STORE_GROUP`` classes, f
 whole backward chunks as fit; the backward turns stored chunks into the dS workspace with one
 bandwidth pass instead of the recompute GEMM (three GEMM passes instead of four).
 0 (the default): nothing stored, today's bounded workspace. None: every class stored
-(B·C·(element size + 4/32) bytes: 2.1 GiB at B = 1024, C = 1M in bf16).
+(B·C·(element size + 4/32) bytes: 2.03 GiB at B = 1024, C = 1M in bf16).
 """
 
 from __future__ import annotations
