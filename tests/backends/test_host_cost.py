@@ -1,8 +1,9 @@
 """Host-cost guards of the default CUDA training step, run on a CPU (issue 13 item 4).
 
 A stub libcuda (tests/stub_cuda) lets Triton's real CUDA launch path run without a GPU: one
-``mk.margin_cross_entropy`` forward + backward on the Triton backend's CUDA path, at B = D = 64
-bf16 with the backward chunk of B = 1024 bf16 forced (16 384 classes: 32 MiB workspace / 2 KiB
+``mk.margin_cross_entropy`` forward + backward on the Triton backend's CUDA path (plain, and
+with fp32 master weights and a negative modulation), at B = D = 64 bf16 embeddings with the
+backward chunk of B = 1024 bf16 forced (16 384 classes: 32 MiB workspace / 2 KiB
 per class), so the launch count is the real shape's. Counts are asserted, never times.
 """
 
@@ -18,13 +19,17 @@ from tests.stub_cuda import build_stub, run_probe
 CHUNK = 16384
 #: One chunk, and three (the last partial): launches must grow by 3 per chunk, aten calls not at all.
 CLASS_COUNTS = (CHUNK, 40000)
-#: Aten calls per forward + backward (profiler events not nested in another aten op), measured:
-#: 214 before trimming the label check and the float64 target column, 154 after (label check 8,
-#: target cosine 13, the spec's ψ and dψ 25, row-loss combine 9, the target-column backward ~35,
-#: the Triton passes' allocations and casts ~30, autograd and the reduction ~15). The bound is
-#: the measured count: an added op fails here; lower it when ops go. The issue's aim (<= 30)
-#: needs the per-row float64 work in a few fused kernels.
-ATEN_CALLS_BOUND = 154
+#: Aten calls per forward + backward (profiler events not nested in another aten op), measured.
+#: Plain step: 214 before trimming the label check and the float64 target column, 154 after
+#: (label check 8, target cosine 13, the spec's ψ and dψ 25, row-loss combine 9, target-column
+#: backward ~35, the Triton passes' allocations and casts ~30, autograd and reduction ~15); the
+#: master-weight + filter step adds the modulation's 6. The bounds are the measured counts: an
+#: added op fails here; lower them when ops go. The issue's aim (<= 30) needs the per-row
+#: float64 work in a few fused kernels.
+ATEN_CALLS_BOUND = {"plain": 154, "master-weights+filter": 160}
+#: The default step (bf16 weight), and fp32 master weights with insightface's inter-class filter
+#: (a NegativeModulation: MODULATE kernels, a threshold per row).
+VARIANTS = {"plain": [], "master-weights+filter": ["--master-weights", "--filter", "0.3"]}
 
 
 def expected_launches(num_classes: int, chunk: int = CHUNK) -> dict[str, int]:
@@ -49,10 +54,15 @@ def stub_dir(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def variant(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def step_counts(stub_dir):
-    rows = run_probe(stub_dir, ["--C", ",".join(map(str, CLASS_COUNTS)), "--chunk", str(CHUNK), "--B", "64", "--D", "64"])
-    return {row["C"]: row for row in rows}
+def step_counts(stub_dir, variant):
+    args = ["--C", ",".join(map(str, CLASS_COUNTS)), "--chunk", str(CHUNK), "--B", "64", "--D", "64", *VARIANTS[variant]]
+    return {row["C"]: row for row in run_probe(stub_dir, args)}
 
 
 @pytest.mark.parametrize("num_classes", CLASS_COUNTS)
@@ -80,8 +90,8 @@ def test_the_training_step_has_no_host_sync(step_counts, num_classes):
     assert row["pinned_flag_reads"] == 1
 
 
-def test_aten_calls_per_step_are_bounded_and_independent_of_the_class_count(step_counts):
+def test_aten_calls_per_step_are_bounded_and_independent_of_the_class_count(step_counts, variant):
     calls = {c: row["aten_calls"] for c, row in step_counts.items()}
     assert len(set(calls.values())) == 1, calls
     by_name = step_counts[CHUNK]["aten_by_name"]
-    assert calls[CHUNK] <= ATEN_CALLS_BOUND, sorted(by_name.items(), key=lambda kv: -kv[1])
+    assert calls[CHUNK] <= ATEN_CALLS_BOUND[variant], sorted(by_name.items(), key=lambda kv: -kv[1])

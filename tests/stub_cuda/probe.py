@@ -4,8 +4,9 @@ Run by ``tests.stub_cuda.run_probe`` with the stub libcuda first on LD_LIBRARY_P
 and writes one JSON row per class count. What runs for real: marginkit's Python, the torch ops
 of the step (on CPU tensors: their dispatch, tiny compute at small B·D), Triton's CUDA host
 launch path with kernels compiled for sm_90. What is emulated: the device (CPU tensors stand
-in for CUDA ones: the Triton backend's "needs CUDA" check is bypassed, 132 SMs are reported,
-the label check takes its CUDA branch, each autotuner keeps one config so nothing is timed).
+in for CUDA ones: the Triton backend's "needs CUDA" check is bypassed, 132 SMs and 227 KiB of
+shared memory are reported, the label check takes its CUDA branch, each autotuner keeps one
+config so nothing is timed).
 
 Per step it reports: Triton launches per kernel (counted in the C launcher's Python entry,
 so cached-handle launches count too), those that went through ``JITFunction.run`` instead of a
@@ -83,7 +84,7 @@ def route_to_cuda_path(host_copies: Counter, counting: list) -> None:
 
     import marginkit.backends as backends
     from marginkit import _pipeline
-    from marginkit.backends.triton import launch, ops, passes
+    from marginkit.backends.triton import configs, launch, ops, passes
 
     resolve_name = backends.resolve_name
     backends.resolve_name = lambda name, device, **kw: resolve_name(name, torch.device("cuda"), **kw)
@@ -99,6 +100,7 @@ def route_to_cuda_path(host_copies: Counter, counting: list) -> None:
 
     passes.check_inputs = ops.check_inputs = check_inputs_as_cuda
     launch.num_sms = lambda device: 132
+    configs.shared_memory_limit = lambda t: configs.HOPPER_SHARED_MEMORY_BYTES  # the pruner drops what cannot fit
     _pipeline.DEFERRED_LABEL_CHECK_DEVICES = ("cpu",)
     check_pending = _pipeline.check_pending_labels
     in_flag_scope = [False]
@@ -154,6 +156,8 @@ def main() -> None:
     p.add_argument("--B", type=int, default=64)
     p.add_argument("--D", type=int, default=64)
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
+    p.add_argument("--master-weights", action="store_true", help="float32 weight with the --dtype embeddings")
+    p.add_argument("--filter", type=float, default=0.0, help="interclass_filtering_threshold (a NegativeModulation)")
     p.add_argument("--chunk", type=int, default=16384, help="backward chunk forced (B = 1024 bf16 gets 16384); 0 = the code's own")
     p.add_argument("--steps", type=int, default=0, help="timed steps per round (0: count only)")
     p.add_argument("--rounds", type=int, default=5)
@@ -178,13 +182,16 @@ def main() -> None:
     for num_classes in [int(float(c)) for c in args.C.split(",")]:
         gen = torch.Generator().manual_seed(0)
         x = torch.randn(args.B, args.D, generator=gen).to(dtype).requires_grad_(True)
-        w = torch.randn(num_classes, args.D, generator=gen).to(dtype).requires_grad_(True)
+        w = torch.randn(num_classes, args.D, generator=gen).to(torch.float32 if args.master_weights else dtype)
+        w.requires_grad_(True)
         y = torch.randint(0, num_classes, (args.B,), generator=gen)
         y[0] = -100  # an ignored row, as in real batches
 
         def step(read_back=False):
             x.grad = w.grad = None
-            loss = mk.margin_cross_entropy(x, w, y, mk.ArcFace(0.5), 64.0, backend="triton")
+            loss = mk.margin_cross_entropy(
+                x, w, y, mk.ArcFace(0.5), 64.0, backend="triton", interclass_filtering_threshold=args.filter
+            )
             loss.backward()
             if read_back:
                 float(loss), x.grad.cpu()
@@ -219,6 +226,7 @@ def main() -> None:
                 times.append((time.thread_time() - c0) / args.steps * 1e3)
         row = dict(
             C=num_classes, B=args.B, D=args.D, dtype=args.dtype, chunk=args.chunk,
+            master_weights=args.master_weights, filter=args.filter,
             triton_launches=sum(counted_launches.values()), launches=counted_launches, binder_launches=counted_binder,
             aten_calls=sum(top.values()), aten_by_name=dict(top.most_common()),
             host_syncs=sum(syncs.values()), syncs=dict(syncs),
