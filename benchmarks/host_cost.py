@@ -1,6 +1,6 @@
 """Host cost per training step of the default CUDA path, measured on a CPU with the GPU stubbed.
 
-    python benchmarks/host_cost.py                      # C = 100K, 1M; writes benchmarks/results/host-cost-cpu-<date>.txt
+    python benchmarks/host_cost.py          # C = 100K, 1M -> benchmarks/results/host-cost-cpu-<date>.txt
     python benchmarks/host_cost.py --C 100K --shape full --steps 5 --out -
 
 A stub libcuda (tests/stub_cuda) makes Triton's real CUDA host launch path run with no GPU:
@@ -44,12 +44,14 @@ def parse_count(text: str) -> int:
 
 def format_rows(rows: list[dict], shape: str) -> str:
     lines = [
-        f"{'C':>9} {'B':>5} {'D':>4} {'launches':>8} {'binder':>6} {'aten':>5} {'syncs':>5} {'host ms':>8}  rounds (ms)   [shape {shape}]"
+        f"{'C':>9} {'B':>5} {'D':>4} {'launches':>8} {'binder':>6} {'aten':>5} {'syncs':>5} {'host ms':>8}"
+        f"  rounds (ms)   [shape {shape}]"
     ]
     for r in rows:
         rounds = " ".join(f"{t:.2f}" for t in r["host_ms_rounds"])
         lines.append(
-            f"{r['C']:>9} {r['B']:>5} {r['D']:>4} {r['triton_launches']:>8} {sum(r['binder_launches'].values()):>6} {r['aten_calls']:>5} "
+            f"{r['C']:>9} {r['B']:>5} {r['D']:>4} {r['triton_launches']:>8} "
+            f"{sum(r['binder_launches'].values()):>6} {r['aten_calls']:>5} "
             f"{r['host_syncs']:>5} {r['host_ms_median']:>8.2f}  {rounds}"
         )
     launches = rows[0]["launches"] if rows else {}
@@ -65,7 +67,8 @@ def main() -> int:
     p.add_argument("--shape", default="small", help="comma-separated: small, full")
     p.add_argument("--steps", type=int, default=20, help="steps per timed round")
     p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--out", default="", help="results file ('-': print only); default benchmarks/results/host-cost-cpu-<date>.txt")
+    p.add_argument("--out", default="",
+                   help="results file ('-': print only); default benchmarks/results/host-cost-cpu-<date>.txt")
     args = p.parse_args()
     counts = ",".join(str(parse_count(c)) for c in args.C.split(","))
     with tempfile.TemporaryDirectory() as tmp:
@@ -93,7 +96,8 @@ def main() -> int:
     text = "\n\n".join(sections) + "\n"
     print(text, end="")
     if args.out != "-":
-        out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"host-cost-cpu-{datetime.date.today()}.txt"
+        default = REPO / "benchmarks" / "results" / f"host-cost-cpu-{datetime.date.today()}.txt"
+        out = Path(args.out) if args.out else default
         out.write_text(text)
         print(f"wrote {out}")
     return 0

@@ -101,7 +101,9 @@ def check_pending_labels(wait: bool = False) -> None:
             raise label_error(low if low != check.ignore_index else high, check.num_classes, check.ignore_index)
 
 
-def _deferred_label_check(labels: torch.Tensor, valid: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
+def _deferred_label_check(
+    labels: torch.Tensor, valid: torch.Tensor, num_classes: int, ignore_index: int
+) -> torch.Tensor:
     """Flag out-of-range labels on the device and copy the flag to the host without blocking.
 
     ``valid`` (B,) bool: labels != ignore_index. Returns (B,) bool: the rows that take part

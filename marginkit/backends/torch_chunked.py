@@ -206,7 +206,8 @@ def dense_backward(embeddings, weight, saved, lse, grad_rows, scale, normalize, 
         grad_cos.mul_(slope)
     grad_weight = None
     if need_weight_grad:
-        grad_weight = normalization_backward(grad_cos.T @ x_unit, weight, w_inv, normalize, unit=w_unit).to(weight.dtype)
+        grad_w_unit = grad_cos.T @ x_unit
+        grad_weight = normalization_backward(grad_w_unit, weight, w_inv, normalize, unit=w_unit).to(weight.dtype)
     grad_embeddings = normalization_backward(grad_cos @ w_unit, embeddings, x_inv, normalize, unit=x_unit)
     return grad_embeddings, grad_weight
 

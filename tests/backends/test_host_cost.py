@@ -61,7 +61,8 @@ def variant(request):
 
 @pytest.fixture(scope="module")
 def step_counts(stub_dir, variant):
-    args = ["--C", ",".join(map(str, CLASS_COUNTS)), "--chunk", str(CHUNK), "--B", "64", "--D", "64", *VARIANTS[variant]]
+    args = ["--C", ",".join(map(str, CLASS_COUNTS)), "--chunk", str(CHUNK), "--B", "64", "--D", "64"]
+    args += VARIANTS[variant]
     return {row["C"]: row for row in run_probe(stub_dir, args)}
 
 

@@ -158,7 +158,8 @@ def main() -> None:
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
     p.add_argument("--master-weights", action="store_true", help="float32 weight with the --dtype embeddings")
     p.add_argument("--filter", type=float, default=0.0, help="interclass_filtering_threshold (a NegativeModulation)")
-    p.add_argument("--chunk", type=int, default=16384, help="backward chunk forced (B = 1024 bf16 gets 16384); 0 = the code's own")
+    p.add_argument("--chunk", type=int, default=16384,
+                   help="backward chunk forced (B = 1024 bf16 gets 16384); 0 = the code's own")
     p.add_argument("--steps", type=int, default=0, help="timed steps per round (0: count only)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--json", default="")
