@@ -14,6 +14,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import dataclasses  # noqa: E402
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -370,3 +373,63 @@ def test_half_precision_weight_gradient_in_pieces(monkeypatch):
     for name, a, b, r in zip(("loss", "dX", "dW"), stored, recomputed, ref):
         assert rel(a, r) <= rel(b, r) + 2e-3, (name, rel(a, r), rel(b, r))
     assert rel(stored[2], recomputed[2]) < 1e-2
+
+
+# ------------------------------------------------------------------------------------------
+# The CUDA launch path (stub libcuda: Triton's real host path, kernels compiled for sm_90)
+# ------------------------------------------------------------------------------------------
+FAST_STEP = r"""
+import json, math, sys
+from collections import Counter
+import torch
+from tests.stub_cuda.probe import count_binder_launches, install_stub_driver, route_to_cuda_path
+
+launches, binder = Counter(), Counter()
+install_stub_driver(launches)
+count_binder_launches(binder)
+import marginkit as mk
+from marginkit.backends.triton import passes, tuning
+
+route_to_cuda_path(Counter(), [False])
+for tuner in (passes.FWD_STORE.tuned or {}).values():  # one config: nothing is timed
+    tuner.prune_configs = (lambda prune: (lambda kwargs: prune(kwargs)[:1]))(tuner.prune_configs)
+B, D, C, chunk = 64, 64, 40000, 16384
+gen = torch.Generator().manual_seed(0)
+x = torch.randn(B, D, generator=gen).to(torch.bfloat16).requires_grad_(True)
+w = torch.randn(C, D, generator=gen).to(torch.bfloat16).requires_grad_(True)
+y = torch.randint(0, C, (B,), generator=gen)
+rows = {}
+with tuning(chunk_classes=chunk):
+    for name, budget in (("fast", None), ("default", 0)):
+        for _ in range(3):  # compile + tune, first direct launches, then only cached handles
+            launches.clear(); binder.clear()
+            x.grad = w.grad = None
+            mk.margin_cross_entropy(x, w, y, backend="triton", memory_budget=budget).backward()
+        rows[name] = dict(launches=dict(launches), binder=dict(binder))
+print("RESULT" + json.dumps(rows))
+"""
+
+
+def test_fast_step_on_the_cuda_launch_path(tmp_path):
+    """memory_budget=None through Triton's real CUDA host path (driver stubbed, so kernels compile
+    for sm_90 and launch, but never run): per chunk one stored→workspace pass, dX, dW and the
+    projection, no recompute; the third step launches every tuned kernel through cached handles."""
+    from tests.stub_cuda import REPO, build_stub, probe_env
+
+    folder, why_not = build_stub(tmp_path / "stub")
+    if folder is None:
+        pytest.skip(f"cannot build the stub libcuda: {why_not}")
+    done = subprocess.run(
+        [sys.executable, "-c", FAST_STEP], env=probe_env(folder), capture_output=True, text=True, timeout=900,
+        cwd=str(REPO),
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    rows = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT"))[len("RESULT"):])
+    chunks = 3  # 40000 classes in chunks of 16384
+    common = {"row_inv_norm_kernel": 3, "lse_partials_kernel": 1, "lse_merge_kernel": 1, "dx_gemm_kernel": chunks,
+              "dw_gemm_kernel": chunks}
+    assert rows["fast"]["launches"] == dict(common, stored_to_workspace_kernel=chunks,
+                                            project_weight_rows_kernel=chunks)
+    assert rows["default"]["launches"] == dict(common, scores_kernel=chunks)
+    # only the bandwidth kernels launched with plain kernel[grid] (row norms, merge) use the binder
+    assert set(rows["fast"]["binder"]) <= {"row_inv_norm_kernel", "lse_merge_kernel"}, rows["fast"]["binder"]

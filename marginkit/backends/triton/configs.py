@@ -18,7 +18,8 @@ import torch
 import triton
 
 __all__ = [
-    "FWD_CONFIGS", "FWD_STORE_CONFIGS", "SCORES_CONFIGS", "GEMM_CONFIGS", "DW_CONFIGS",
+    "FWD_CONFIGS", "FWD_STORE_CONFIGS", "SCORES_CONFIGS", "GEMM_CONFIGS", "DW_CONFIGS", "STORED_CONFIGS",
+    "PROJECT_CONFIGS",
     "FMA_FWD_CONFIGS", "FMA_SCORES_CONFIGS", "FMA_GEMM_CONFIGS",
     "INTERPRETER_META", "pow2_at_least", "pruner", "shared_memory_limit",
 ]
@@ -63,6 +64,11 @@ GEMM_CONFIGS = [
 #: dW's epilogue (the W-row correction) spills 8 B at M128N256: the GEMM set without it.
 DW_CONFIGS = [c for c in GEMM_CONFIGS if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) != (128, 256)]
 
+# Bandwidth-bound kernels of the memory-budget mode: one fixed config each (launched pinned, so
+# through the launcher's cached handles; no autotuning).
+STORED_CONFIGS = [_cfg(4, 1, BLOCK_B=32, BLOCK_C=128)]
+PROJECT_CONFIGS = [_cfg(4, 1, BLOCK_M=32, BLOCK_D=128)]
+
 # fp32 with torch's default (no TF32): tl.dot runs as FMAs, where big tiles buy nothing and
 # take ptxas 5-17 s each to compile (vs 1-3 s for these; measured for sm_90 on the CPU).
 FMA_FWD_CONFIGS = [
@@ -87,6 +93,8 @@ INTERPRETER_META = {
     "scores": dict(BLOCK_C=32, BLOCK_K=32),
     "dx": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32),
     "dw": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16),
+    "stored": dict(BLOCK_B=16, BLOCK_C=32),
+    "project": dict(BLOCK_M=16, BLOCK_D=32),
 }
 
 

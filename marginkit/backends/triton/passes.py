@@ -25,7 +25,9 @@ from marginkit.backends.triton.configs import (
     FWD_STORE_CONFIGS,
     GEMM_CONFIGS,
     INTERPRETER_META,
+    PROJECT_CONFIGS,
     SCORES_CONFIGS,
+    STORED_CONFIGS,
     pow2_at_least,
 )
 from marginkit.backends.triton.launch import INTERPRETED, KernelLauncher, cdiv, device_guard
@@ -49,13 +51,9 @@ __all__ = ["lse_partials", "grads_from_lse", "inverse_norms", "check_inputs", "c
 FP16_TARGET_MAX = 2.0**14
 #: Rows per program of the lse merge kernel (a bandwidth-bound pass over splits·B floats).
 MERGE_BLOCK_ROWS = 128
-#: Class tile of ``stored_to_workspace_kernel`` (a bandwidth-bound elementwise pass).
-STORED_BLOCK_C = 32 if INTERPRETED else 128
 #: fp32 buffer of a stored chunk's raw weight gradient when dW is half precision: the
 #: workspace's size, so B = 1024, D = 512 bf16 takes one piece (two launches) per chunk.
 STORED_DW_BYTES = launch.WORKSPACE_BYTES
-#: Weight rows per program of the projection of stored chunks (a bandwidth-bound pass).
-PROJECT_BLOCK_ROWS = 16 if INTERPRETED else 32
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 SUPPORTED_DTYPES = (torch.float32, *HALF_DTYPES, torch.float64)
@@ -89,6 +87,15 @@ DX = KernelLauncher(
     tiles=("BLOCK_M", "BLOCK_N", "BLOCK_K"),
     limits={"BLOCK_M": lambda a: a["B"], "BLOCK_N": lambda a: a["D"]},
     restore_value=["out_ptr"],  # accumulates across chunks: tuning runs must not add
+)
+# The memory-budget mode's bandwidth kernels: one config each, always launched pinned.
+STORED = KernelLauncher(
+    stored_to_workspace_kernel, STORED_CONFIGS, STORED_CONFIGS, key=[], interp_meta=INTERPRETER_META["stored"],
+    tiles=("BLOCK_B", "BLOCK_C", "BLOCK_C"),
+)
+PROJECT = KernelLauncher(
+    project_weight_rows_kernel, PROJECT_CONFIGS, PROJECT_CONFIGS, key=[], interp_meta=INTERPRETER_META["project"],
+    tiles=("BLOCK_M", "BLOCK_D", "BLOCK_D"),
 )
 DW = KernelLauncher(
     dw_gemm_kernel, DW_CONFIGS, FMA_GEMM_CONFIGS,
@@ -274,10 +281,11 @@ def backward(
             from_store = start + n_chunk <= n_stored
             if from_store:
                 stored, tile_max, sigma = store
-                stored_to_workspace_kernel[(row_blocks, cdiv(n_chunk, STORED_BLOCK_C))](
+                STORED(
+                    lambda meta: (cdiv(num_rows, meta["BLOCK_B"]), cdiv(n_chunk, meta["BLOCK_C"])),
                     stored, tile_max, lse32, grad_scaled, x_inv, w_inv, kappa, workspace,
                     num_rows, start, n_chunk, stored.stride(0), tile_max.stride(0), workspace.stride(0),
-                    1.0 / sigma, STORE_GROUP=STORE_GROUP, BLOCK_B=block_b, BLOCK_C=STORED_BLOCK_C,
+                    1.0 / sigma, STORE_GROUP=STORE_GROUP, pinned=True,
                 )
             else:
                 SCORES(
@@ -351,9 +359,10 @@ def stored_weight_grad(workspace, x, w, w_inv, kappa, grad_w, start, n_chunk, de
             NORMALIZE=False, **launch.dot_meta(x.dtype), pinned=deterministic,
         )
         out = grad_w[rows]
-        project_weight_rows_kernel[(cdiv(n, PROJECT_BLOCK_ROWS),)](
+        PROJECT(
+            lambda meta: (cdiv(n, meta["BLOCK_M"]),),
             raw, w[rows], w_inv[rows], out, n, dim, raw.stride(0), w.stride(0), w.stride(1), out.stride(0),
-            BLOCK_M=PROJECT_BLOCK_ROWS, BLOCK_D=min(pow2_at_least(dim), 128), num_warps=4,
+            pinned=True,
         )
 
 
