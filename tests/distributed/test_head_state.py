@@ -169,3 +169,26 @@ def test_partial_fc_sgd_steps_after_load_state_dict():
         h(x, y).backward()
         o.step()
     assert torch.equal(twin.weight, head.weight)
+
+
+def test_a_raising_kernel_leaves_the_partial_fc_state_untouched(monkeypatch):
+    from marginkit.backends import torch_chunked
+
+    head = PartitionedMarginSoftmax(60, 8, mk.ArcFace(0.5), 16.0, sample_rate=0.5, seed=3)
+    x, y = _batch(1, classes=60)
+    head(x, y).backward()
+    before = {k: v.clone() for k, v in head.state_dict().items()}
+    mask = head._updated_mask.clone()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("kernel failed")
+
+    monkeypatch.setattr(torch_chunked, "lse_partials", broken)
+    with pytest.raises(RuntimeError, match="kernel failed"):
+        head(x, y)
+    after = head.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
+    assert torch.equal(head._updated_mask, mask)
+    monkeypatch.undo()
+    head(x, y)
+    assert int(head.sample_step) == int(before["sample_step"]) + 1
