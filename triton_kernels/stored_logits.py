@@ -80,25 +80,17 @@ def project_weight_rows_kernel(
     """out_j = R_j − w_inv_j²·(w_j·R_j)·w_j for rows j < n_rows (fp32 maths, out's dtype).
 
     The weight side of the normalisation chain rule for chunks whose column sums were never
-    formed (stored chunks): w_j·R_j = Σ_i dS_ij·cos_ij when R = Eᵀ·X/κ. R fp32 (n_rows, D);
-    out may be R itself (each element is read, then written, by the same program).
+    formed (stored chunks): w_j·R_j = Σ_i dS_ij·cos_ij when R = Eᵀ·X/κ. R fp32 (n_rows, D); out
+    may be R itself. Whole rows per program (BLOCK_D ≥ D): R and W are read once each.
     """
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < n_rows
-    along = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        ds = d0 + tl.arange(0, BLOCK_D)
-        mask = row_mask[:, None] & (ds < D)[None, :]
-        r = tl.load(r_ptr + rows[:, None] * stride_r + ds[None, :], mask=mask, other=0.0)
-        w = tl.load(w_ptr + rows[:, None] * stride_wc + ds[None, :] * stride_wd, mask=mask, other=0.0).to(tl.float32)
-        along += tl.sum(r * w, axis=1)
+    ds = tl.arange(0, BLOCK_D)
+    mask = row_mask[:, None] & (ds < D)[None, :]
+    r = tl.load(r_ptr + rows[:, None] * stride_r + ds[None, :], mask=mask, other=0.0)
+    w = tl.load(w_ptr + rows[:, None] * stride_wc + ds[None, :] * stride_wd, mask=mask, other=0.0).to(tl.float32)
     w_inv = tl.load(w_inv_ptr + rows, mask=row_mask, other=0.0)
-    coef = w_inv * w_inv * along
-    for d0 in range(0, D, BLOCK_D):
-        ds = d0 + tl.arange(0, BLOCK_D)
-        mask = row_mask[:, None] & (ds < D)[None, :]
-        r = tl.load(r_ptr + rows[:, None] * stride_r + ds[None, :], mask=mask, other=0.0)
-        w = tl.load(w_ptr + rows[:, None] * stride_wc + ds[None, :] * stride_wd, mask=mask, other=0.0).to(tl.float32)
-        out = r - coef[:, None] * w
-        tl.store(out_ptr + rows[:, None] * stride_out + ds[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+    coef = w_inv * w_inv * tl.sum(r * w, axis=1)
+    out = r - coef[:, None] * w
+    tl.store(out_ptr + rows[:, None] * stride_out + ds[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)

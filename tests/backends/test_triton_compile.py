@@ -199,7 +199,7 @@ def coverage_jobs():
         consts=dict(STORE_GROUP=32, BLOCK_B=128, BLOCK_C=128), warps=4, stages=1, tile=[128, 128])
     jobs["bf16 project_weight_rows"] = dict(
         kernel="project_weight_rows_kernel", types=dict(r_ptr=F, w_ptr="*bf16", w_inv_ptr=F, out_ptr="*bf16"),
-        consts=dict(BLOCK_M=32, BLOCK_D=128), warps=4, stages=1, tile=[32, 128])
+        consts=dict(BLOCK_M=8, BLOCK_D=512), warps=4, stages=1, tile=[8, 512])
     # fp32 without TF32: the FMA tile set (first config of each), as the launcher picks it
     jobs["fp32_fma lse_partials"] = job("fwd", tc.FMA_FWD_CONFIGS[0], "fp32")
     jobs["fp32_fma scores"] = job("scores", tc.FMA_SCORES_CONFIGS[0], "fp32")

@@ -67,7 +67,7 @@ DW_CONFIGS = [c for c in GEMM_CONFIGS if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N
 # Bandwidth-bound kernels of the memory-budget mode: one fixed config each (launched pinned, so
 # through the launcher's cached handles; no autotuning).
 STORED_CONFIGS = [_cfg(4, 1, BLOCK_B=32, BLOCK_C=128)]
-PROJECT_CONFIGS = [_cfg(4, 1, BLOCK_M=32, BLOCK_D=128)]
+PROJECT_CONFIGS = [_cfg(4, 1)]  # whole rows: BLOCK_M, BLOCK_D from D (passes.project_tile)
 
 # fp32 with torch's default (no TF32): tl.dot runs as FMAs, where big tiles buy nothing and
 # take ptxas 5-17 s each to compile (vs 1-3 s for these; measured for sm_90 on the CPU).
@@ -94,7 +94,7 @@ INTERPRETER_META = {
     "dx": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32),
     "dw": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16),
     "stored": dict(BLOCK_B=16, BLOCK_C=32),
-    "project": dict(BLOCK_M=16, BLOCK_D=32),
+    "project": dict(),
 }
 
 

@@ -51,6 +51,8 @@ __all__ = ["lse_partials", "grads_from_lse", "inverse_norms", "check_inputs", "c
 FP16_TARGET_MAX = 2.0**14
 #: Rows per program of the lse merge kernel (a bandwidth-bound pass over splits·B floats).
 MERGE_BLOCK_ROWS = 128
+#: R elements per program of the projection of stored chunks (whole rows of D).
+PROJECT_ELEMENTS = 4096
 #: fp32 buffer of a stored chunk's raw weight gradient when dW is half precision: the
 #: workspace's size, so B = 1024, D = 512 bf16 takes one piece (two launches) per chunk.
 STORED_DW_BYTES = launch.WORKSPACE_BYTES
@@ -359,11 +361,19 @@ def stored_weight_grad(workspace, x, w, w_inv, kappa, grad_w, start, n_chunk, de
             NORMALIZE=False, **launch.dot_meta(x.dtype), pinned=deterministic,
         )
         out = grad_w[rows]
+        block_m, block_d = project_tile(dim)
         PROJECT(
-            lambda meta: (cdiv(n, meta["BLOCK_M"]),),
+            (cdiv(n, block_m),),
             raw, w[rows], w_inv[rows], out, n, dim, raw.stride(0), w.stride(0), w.stride(1), out.stride(0),
-            pinned=True,
+            BLOCK_M=block_m, BLOCK_D=block_d, pinned=True,
         )
+
+
+def project_tile(dim: int) -> tuple[int, int]:
+    """(rows, columns) per program of the projection: whole rows, ~4096 fp32 of R per program
+    (2 × 32 registers a thread at 4 warps for D = 512)."""
+    block_d = pow2_at_least(dim)
+    return max(1, PROJECT_ELEMENTS // block_d), block_d
 
 
 # ----------------------------------------------------------------------------------------
