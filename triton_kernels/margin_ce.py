@@ -42,6 +42,8 @@ under TRITON_INTERPRET=1 on the CPU.
 import triton
 import triton.language as tl
 
+from .stored_logits import store_tile
+
 #: log2(e) and ln(2): the kernels keep logits in log2 units (exp2 is the hardware's MUFU.EX2).
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -98,45 +100,6 @@ def _modulated(cos, threshold, quadratic, linear):
 def _modulation_slope(cos, threshold, quadratic, linear):
     """dN/dcos: 2·quadratic·cos + linear above the row's threshold, 1 elsewhere."""
     return tl.where(cos > threshold[:, None], 2.0 * quadratic * cos + linear, 1.0)
-
-
-@triton.jit
-def _store_tile(
-    z, cos, m_i, s_i, rows, row_mask, cols, threshold, quadratic, linear,
-    stored_ptr, tile_max_ptr, store_end, stride_stored, stride_tile_max, store_scale, tile_start,
-    MODULATE: tl.constexpr, STORE_GROUP: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    """Forward epilogue of the memory-budget mode: one exp2 per logit (z in log2 units), shifted
-    by the tile's own row max m_t, serves both the online (max, Σexp2) and the stored values.
-
-    Stores only classes below store_end = min(n_stored, end of this program's split).
-    Returns the updated (m_i, s_i). Shifting by the tile max (not a fixed bound) keeps every
-    stored value in (0, 1]·slope with the tile's largest = 1, so nothing that matters underflows.
-    """
-    m_tile = tl.max(z, axis=1)
-    empty = m_tile == float("-inf")
-    tile_shift = tl.where(empty, 0.0, m_tile)
-    e = tl.exp2(z - tile_shift[:, None])
-    m_new = tl.maximum(m_i, m_tile)
-    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    # A tile without a non-target class adds exactly 0 (no 0·exp2(large) = NaN).
-    tile_sum = tl.where(empty, 0.0, tl.sum(e, axis=1) * tl.exp2(tile_shift - shift))
-    s_i = s_i * tl.exp2(m_i - shift) + tile_sum
-    if MODULATE:
-        e = e * _modulation_slope(cos, threshold, quadratic, linear)
-    in_store = cols < store_end
-    tl.store(
-        stored_ptr + rows[:, None] * stride_stored + cols[None, :],
-        (e * store_scale).to(stored_ptr.dtype.element_ty),
-        mask=row_mask[:, None] & in_store[None, :],
-    )
-    groups = tile_start // STORE_GROUP + tl.arange(0, BLOCK_C // STORE_GROUP).to(tl.int64)
-    tl.store(
-        tile_max_ptr + rows[:, None] * stride_tile_max + groups[None, :],
-        tl.broadcast_to(tile_shift[:, None], (tile_shift.shape[0], BLOCK_C // STORE_GROUP)),
-        mask=row_mask[:, None] & (groups * STORE_GROUP < store_end)[None, :],
-    )
-    return m_new, s_i
 
 
 @triton.jit
@@ -227,8 +190,6 @@ def lse_partials_kernel(
     label = tl.load(labels_ptr + rows, mask=row_mask, other=-1)
     if MODULATE:
         threshold = tl.load(threshold_ptr + rows, mask=row_mask, other=0.0)
-    else:
-        threshold = x_inv  # unused placeholder: the store helper takes it either way
 
     # Class indices fit in int32 (C < 2^31); they are widened before any pointer product.
     c_begin = pid_s * classes_per_split
@@ -264,14 +225,17 @@ def lse_partials_kernel(
                 cos = acc * x_inv[:, None] * w_inv[None, :]
                 z = _modulated(cos, threshold, quadratic, linear) * (scale * LOG2E) + col_bias[None, :]
             else:
-                cos = acc  # unused
                 z = acc * row_factor[:, None] * w_inv[None, :] + col_bias[None, :]
             z = tl.where(offs_c[None, :] == (label_in_split - tile_col)[:, None], float("-inf"), z)
             if STORE:
-                m_i, s_i = _store_tile(
-                    z, cos, m_i, s_i, rows, row_mask, cols, threshold,
-                    quadratic, linear, stored_ptr, tile_max_ptr, tl.minimum(n_stored, c_end), stride_stored,
-                    stride_tile_max, store_scale, c_begin + ct * BLOCK_C, MODULATE, STORE_GROUP, BLOCK_C,
+                if MODULATE:
+                    slope = _modulation_slope(cos, threshold, quadratic, linear)
+                else:
+                    slope = 1.0
+                m_i, s_i = store_tile(
+                    z, slope, m_i, s_i, rows, row_mask, cols, stored_ptr, tile_max_ptr,
+                    tl.minimum(n_stored, c_end), stride_stored, stride_tile_max, store_scale,
+                    c_begin + ct * BLOCK_C, STORE_GROUP, BLOCK_C,
                 )
             else:
                 m_new = tl.maximum(m_i, tl.max(z, axis=1))

@@ -1,16 +1,54 @@
-"""The memory-budget mode's backward kernels: stored exp-scaled logits → the dS workspace, and
-the weight-side projection of stored chunks' raw weight gradient.
+"""The memory-budget mode's kernels: the forward's store epilogue (``store_tile``, called by
+``lse_partials_kernel`` with STORE), stored exp-scaled logits → the dS workspace, and the
+weight-side projection of stored chunks' raw weight gradient.
 
 The forward (``lse_partials_kernel`` with STORE) leaves, for the stored classes,
     S_ij = σ·exp2(z_ij − m_it)·dN/dcos_ij     (0 at the target column; σ a power of two)
-with z = logit·log2(e), and the tile maxima m_it of z (one per STORE_GROUP classes). Given the global lse this kernel
-writes the same workspace the recompute path's ``scores_kernel`` writes,
+with z = logit·log2(e), and the tile maxima m_it of z (one per STORE_GROUP classes). Given the
+global lse, ``stored_to_workspace_kernel`` writes the workspace ``scores_kernel`` would write,
     E_ij = κ·dS_ij·x_inv_i·w_inv_j,   dS_ij = g_i·scale·exp2(m_it − lse_i·log2(e))·S_ij/σ,
-with one read and one write per element and no GEMM (m_it ≤ lse_i·log2(e): the factor never overflows).
+with one read and one write per element and no GEMM (m_it ≤ lse_i·log2(e): no overflow).
 """
 
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def store_tile(
+    z, slope, m_i, s_i, rows, row_mask, cols,
+    stored_ptr, tile_max_ptr, store_end, stride_stored, stride_tile_max, store_scale, tile_start,
+    STORE_GROUP: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Forward epilogue of ``lse_partials_kernel`` with STORE (slope: dN/dcos, or 1.0): one exp2 per logit (z in log2 units), shifted
+    by the tile's own row max m_t, serves both the online (max, Σexp2) and the stored values.
+
+    Stores only classes below store_end = min(n_stored, end of this program's split).
+    Returns the updated (m_i, s_i). Shifting by the tile max (not a fixed bound) keeps every
+    stored value in (0, 1]·slope with the tile's largest = 1, so nothing that matters underflows.
+    """
+    m_tile = tl.max(z, axis=1)
+    empty = m_tile == float("-inf")
+    tile_shift = tl.where(empty, 0.0, m_tile)
+    e = tl.exp2(z - tile_shift[:, None])
+    m_new = tl.maximum(m_i, m_tile)
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    # A tile without a non-target class adds exactly 0 (no 0·exp2(large) = NaN).
+    tile_sum = tl.where(empty, 0.0, tl.sum(e, axis=1) * tl.exp2(tile_shift - shift))
+    s_i = s_i * tl.exp2(m_i - shift) + tile_sum
+    in_store = cols < store_end
+    tl.store(
+        stored_ptr + rows[:, None] * stride_stored + cols[None, :],
+        (e * slope * store_scale).to(stored_ptr.dtype.element_ty),
+        mask=row_mask[:, None] & in_store[None, :],
+    )
+    groups = tile_start // STORE_GROUP + tl.arange(0, BLOCK_C // STORE_GROUP).to(tl.int64)
+    tl.store(
+        tile_max_ptr + rows[:, None] * stride_tile_max + groups[None, :],
+        tl.broadcast_to(tile_shift[:, None], (tile_shift.shape[0], BLOCK_C // STORE_GROUP)),
+        mask=row_mask[:, None] & (groups * STORE_GROUP < store_end)[None, :],
+    )
+    return m_new, s_i
 
 
 @triton.jit
