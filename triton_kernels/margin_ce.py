@@ -16,9 +16,11 @@ Forward (two kernels):
                           contiguous range of classes; it walks that range in BLOCK_C tiles,
                           one tensor-core dot per tile (fp32 accumulate, raw rows, the norms
                           applied to the accumulator as scales), leaves the target column out
-                          and keeps an online fp32 (max, Σ exp) per row. The (class-tile, k-step) loop is flattened into
-                          one loop so that the software pipeline does not drain between tiles.
-    lse_merge_kernel      merges the per-split partials in a fixed order.
+                          and keeps an online fp32 (max, Σ exp) per row, in log2 units (exp2). The (class-tile,
+                          k-step) loop is flattened into one loop so that the software pipeline does not drain
+                          between tiles. With STORE (memory-budget mode) it also keeps the exp-scaled logits of
+                          the first n_stored classes (stored_logits.py), so the backward skips their recompute.
+    lse_merge_kernel      merges the per-split partials in a fixed order (row_max back in natural units).
 
 Backward, per bounded chunk of classes [chunk_start, chunk_start + n_chunk) (three kernels):
     scores_kernel         recomputes the logits tile, p = exp(logit − lse) (as exp2 in log2 units), and writes
