@@ -413,9 +413,11 @@ def test_opcheck():
         torch.library.opcheck(torch.ops.marginkit.triton_margin_ce_rows_backward.default, bwd_args + modulation)
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("memory_budget", [0, None], ids=["bounded", "store-all"])
+def test_torch_compile_fullgraph(memory_budget):
     """A small model using the op compiles with fullgraph=True (aot_eager keeps the CPU test fast;
-    on CUDA the default inductor backend treats the op as an opaque kernel the same way)."""
+    on CUDA the default inductor backend treats the op as an opaque kernel the same way), with
+    and without the memory-budget mode's stored logits among the op's outputs."""
     torch._dynamo.reset()
     D_in, D, C = 12, 16, 40
 
@@ -430,7 +432,7 @@ def test_torch_compile_fullgraph():
             emb = self.proj(feats)
             local = owned_labels(labels)
             psi, dpsi = self.spec.target_terms(target_cosine(emb, self.weight, local, True))
-            return tb.row_losses(emb, self.weight, local, psi, dpsi, 32.0, True).mean()
+            return tb.row_losses(emb, self.weight, local, psi, dpsi, 32.0, True, memory_budget=memory_budget).mean()
 
     torch.manual_seed(0)
     model = Model().to(DEVICE)
