@@ -57,7 +57,8 @@ def margin_cross_entropy(
             backward skips recomputing them (three GEMM passes instead of four). 0 (default): none
             kept, the bounded workspace (peak extra ~64 MiB at B = 1024). None: unlimited, all C
             kept (2.03 GiB at B = 1024, C = 1M in bf16), the fastest setting. The torch backend
-            ignores it (it has no store).
+            ignores it (when all classes fit one chunk it keeps that chunk, ≤ 8 MiB, whatever the
+            budget; otherwise it recomputes).
         feature_norm_scale: A-Softmax as published (SphereFace, L-Softmax, pytorch-metric-learning's
             SphereFaceLoss): every logit of row i is further multiplied by ‖x_i‖, and the gradient
             includes that norm's (radial) part. Needs ``normalize=True``; holds a normalised (C, D)

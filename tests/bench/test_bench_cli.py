@@ -17,7 +17,7 @@ from marginkit.cli import main
 
 # API.md, "Benchmark results files": the header, verbatim.
 API_HEADER = "device,date,method,B,D,C,dtype,margin,ms_median,ms_p20,ms_p80,peak_extra_mib,floor_ms"
-API_METHODS = {"marginkit", "marginkit-torch", "torch-textbook", "torch-compile", "pml", "cce", "liger", "floor-3gemm"}
+API_METHODS = {"marginkit", "marginkit-fast", "marginkit-torch", "torch-textbook", "torch-compile", "pml", "cce", "liger", "floor-3gemm"}
 API_MARGINS = {"arcface", "cosface", "sphereface", "combined", "none"}
 
 TINY = ["--device", "cpu", "--C", "500", "--B", "8", "--D", "16", "--reps", "3", "--no-progress"]
