@@ -19,10 +19,9 @@ from typing import Callable, Optional
 import torch
 
 from marginkit import backends
-from marginkit.backends.common import sub_center_target, target_cosine
-from marginkit.modulation import NegativeModulation, interclass_filter
-from marginkit.backends.common import NORM_EPS, compute_dtype
+from marginkit.backends.common import NORM_EPS, compute_dtype, sub_center_target, target_cosine
 from marginkit.errors import check_bool, check_real
+from marginkit.modulation import NegativeModulation, interclass_filter
 from marginkit.specs import MarginSpec
 from marginkit.validation import check_labels, label_error, skip_value_checks, validate_inputs
 
@@ -225,7 +224,8 @@ def margin_loss(
     if memory_budget is not None:
         check_real("memory_budget", memory_budget, low=0.0)
     check_pending_labels()
-    engine = backends.resolve(backend, embeddings.device, sub_centers=sub_centers)
+    engine_name = backends.resolve_name(backend, embeddings.device, sub_centers=sub_centers)
+    engine = backends.resolve(engine_name, embeddings.device, sub_centers=sub_centers)
     embeddings, weight = autocast_inputs(embeddings, weight)
     with no_autocast(embeddings.device):
         valid = valid_rows(labels, num_classes, ignore_index)
@@ -239,7 +239,7 @@ def margin_loss(
         options = {"modulation": modulation, "deterministic": deterministic}
         if sub_centers > 1:
             options.update(sub_centers=sub_centers, target_rows=rows)
-        if backends.resolve_name(backend, embeddings.device, sub_centers=sub_centers) == "triton":
+        if engine_name == "triton":
             options["memory_budget"] = memory_budget  # the torch backend has no store: it ignores the budget
         if feature_norm_scale:
             losses = _norm_scaled_row_losses(engine, embeddings, weight, labels_local, psi, dpsi, cos, scale, options)
