@@ -46,7 +46,6 @@ from marginkit.nn.fair_loss_stats import tertile_bins
 __all__ = ["FairLossTable", "GroupMeasure", "Transitions", "collect_transitions", "fixed_count_bins", "tertile_edges"]
 
 KEEP = ACTIONS.index("keep")
-REWARDS = ("local", "global")
 
 
 def tertile_edges(values: torch.Tensor) -> tuple[float, float]:
