@@ -10,14 +10,12 @@ run in that order because the later ones load the checkpoints the earlier ones w
 from __future__ import annotations
 
 import os
-import socket
-import time
-import traceback
 
 import pytest
 import torch
 
 import marginkit as mk
+from tests.distributed.harness import run_world, save_results
 from tests.helpers import rel_err
 from marginkit.distributed import (
     PartialFCSGD,
@@ -249,7 +247,8 @@ def _worker(rank, world, port, outdir):
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
+
+    def compute():
         results = dict(
             range=(shard_range(C, world, rank)),
             equivalence=_check_equivalence(world, rank),
@@ -262,59 +261,15 @@ def _worker(rank, world, port, outdir):
             results["ddp"] = _check_ddp(world, rank)
             results["papers"] = _check_paper_heads(world, rank)
             results["bad"] = _check_bad_inputs(world, rank)
-        torch.save(results, os.path.join(outdir, f"result_w{world}_r{rank}.pt"))
-        dist.barrier()
-    except BaseException:
-        with open(os.path.join(outdir, f"error_w{world}_r{rank}.txt"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
-    finally:
-        dist.destroy_process_group()
+        return results
 
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-# Workers start from a fork server, a fresh interpreter that imports these once (torch,
-# torch._dynamo, which the first custom-op call imports, DCP, marginkit): each worker then
-# starts in milliseconds instead of paying ~7 s of imports on a 2-core machine.
-PRELOAD = ["torch", "torch._dynamo", "torch.distributed.checkpoint", "torch.nn.parallel",
-           "marginkit", "marginkit.distributed", "marginkit.ops", __name__]
-
-
-def run_world(world: int, outdir: str, timeout: float = SPAWN_TIMEOUT_S, worker=None) -> list:
-    """Start ``world`` workers (default: the gloo checks); fail (and kill them) after ``timeout`` s.
-
-    Each worker writes ``result_w{world}_r{rank}.pt`` to ``outdir`` (or an error file).
-    """
-    import multiprocessing
-
-    import torch.multiprocessing as mp
-
-    multiprocessing.get_context("forkserver").set_forkserver_preload(PRELOAD)
-    ctx = mp.start_processes(worker or _worker, args=(world, _free_port(), outdir), nprocs=world, join=False,
-                             start_method="forkserver")
-    deadline = time.monotonic() + timeout
-    try:
-        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"world size {world}: workers did not finish in {timeout:.0f} s (a hang?)")
-    except Exception as err:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-        errors = [open(os.path.join(outdir, f)).read() for f in sorted(os.listdir(outdir)) if f.startswith(f"error_w{world}")]
-        raise AssertionError(f"world size {world} failed: {err}\n" + "\n".join(errors)) from err
-    return [torch.load(os.path.join(outdir, f"result_w{world}_r{r}.pt")) for r in range(world)]
+    save_results(compute, world, rank, outdir)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     outdir = str(tmp_path_factory.mktemp("distributed"))
-    return {world: run_world(world, outdir) for world in WORLD_ORDER}
+    return {world: run_world(world, outdir, SPAWN_TIMEOUT_S, _worker) for world in WORLD_ORDER}
 
 
 WORLDS = pytest.mark.parametrize("world", WORLD_ORDER)

@@ -9,12 +9,12 @@ and row-sparse ops; full and DCP checkpoints must round-trip through NCCL.
 from __future__ import annotations
 
 import os
-import traceback
 
 import pytest
 import torch
 
 import marginkit as mk
+from tests.distributed.harness import run_world, save_results
 from tests.helpers import rel_err
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA and NCCL")]
@@ -23,7 +23,7 @@ WORLDS = [1] + ([2] if torch.cuda.is_available() and torch.cuda.device_count() >
 
 
 def _case_results(world, rank, dev, dtype):
-    from test_distributed import CASES, class_margins, full_weight, global_batch, local_rows, make_head
+    from tests.distributed.cases import CASES, class_margins, full_weight, global_batch, local_rows, make_head
 
     out = {}
     x, labels = global_batch(1)
@@ -52,7 +52,7 @@ def _case_results(world, rank, dev, dtype):
 
 def _partial_fc(world, rank, dev):
     from marginkit.distributed import PartialFCSGD
-    from test_distributed import global_batch, local_rows, make_head
+    from tests.distributed.cases import global_batch, local_rows, make_head
 
     head = make_head("arcface", sample_rate=0.2).to(dev)
     opt = PartialFCSGD(head, lr=0.1, momentum=0.9, weight_decay=5e-4)
@@ -73,7 +73,8 @@ def _partial_fc(world, rank, dev):
 
 def _checkpoints(world, rank, dev, outdir):
     from marginkit.distributed import PartitionedMarginSoftmax, load_sharded, save_sharded
-    from test_distributed import C, D, _checkpoint_head
+    from tests.distributed.cases import C, D
+    from tests.distributed.test_distributed import _checkpoint_head
 
     head = _checkpoint_head(seed=world, device=dev)
     full = head.full_state_dict(device="cpu")
@@ -92,27 +93,16 @@ def _nccl_worker(rank, world, port, outdir):
     dev = torch.device("cuda", rank)
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             device_id=dev)
-    try:
-        results = dict(
-            fp32=_case_results(world, rank, dev, torch.float32),
-            bf16=_case_results(world, rank, dev, torch.bfloat16),
-            partial_fc=_partial_fc(world, rank, dev),
-            checkpoints=_checkpoints(world, rank, dev, outdir),
-        )
-        torch.save(results, os.path.join(outdir, f"result_w{world}_r{rank}.pt"))
-        dist.barrier()
-    except BaseException:
-        with open(os.path.join(outdir, f"error_w{world}_r{rank}.txt"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
-    finally:
-        dist.destroy_process_group()
+    save_results(lambda: dict(
+        fp32=_case_results(world, rank, dev, torch.float32),
+        bf16=_case_results(world, rank, dev, torch.bfloat16),
+        partial_fc=_partial_fc(world, rank, dev),
+        checkpoints=_checkpoints(world, rank, dev, outdir),
+    ), world, rank, outdir)
 
 
 @pytest.fixture(scope="module")
 def nccl_runs(tmp_path_factory):
-    from test_distributed import run_world
-
     outdir = str(tmp_path_factory.mktemp("nccl"))
     return {w: run_world(w, outdir, timeout=300.0, worker=_nccl_worker) for w in WORLDS}
 

@@ -11,8 +11,6 @@
 
 from __future__ import annotations
 
-import os
-import traceback
 
 import pytest
 import torch
@@ -23,7 +21,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import marginkit as mk
 from marginkit.distributed import PartitionedMarginSoftmax
 from marginkit.distributed import collectives as coll
-from tests.distributed.test_distributed import C, D, SIZES, full_weight, global_batch, local_rows, run_world
+from tests.distributed.cases import SIZES, C, D, full_weight, global_batch, local_rows
+from tests.distributed.harness import run_world, save_results
 from tests.helpers import rel_err
 
 M = 16  # declared maximum local batch (>= every entry of SIZES)
@@ -238,25 +237,21 @@ def _check_deferred(world, rank):
 def _worker(rank, world, port, outdir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
+
+    def compute():
         results = dict(wire=_check_wire(world, rank), syncs=_check_syncs(world, rank))
         if world == 2:
             results.update(accuracy=_check_accuracy(world, rank), disagree=_check_disagreement(world, rank),
                            deferred=_check_deferred(world, rank))
-        torch.save(results, os.path.join(outdir, f"result_w{world}_r{rank}.pt"))
-        dist.barrier()
-    except BaseException:
-        with open(os.path.join(outdir, f"error_w{world}_r{rank}.txt"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
-    finally:
-        dist.destroy_process_group()
+        return results
+
+    save_results(compute, world, rank, outdir)
 
 
 @pytest.fixture(scope="module")
 def guard_runs(tmp_path_factory):
     outdir = str(tmp_path_factory.mktemp("guards"))
-    return {world: run_world(world, outdir, SPAWN_TIMEOUT_S, worker=_worker) for world in (2, 4)}
+    return {world: run_world(world, outdir, SPAWN_TIMEOUT_S, _worker) for world in (2, 4)}
 
 
 # --------------------------------------------------------------------------- tests
