@@ -9,7 +9,6 @@ editable install; a wheel has no examples and the command says so (exit status 2
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -17,8 +16,9 @@ from typing import List, Optional
 
 __all__ = ["main", "example_path", "load_demo"]
 
-# A private name, so the example loads the same way whatever the working directory.
-EXAMPLE_PACKAGE = "marginkit_example_long_tail"
+# Imported by its checkout name with the checkout first on sys.path, so that the study's spawned
+# worker processes (which inherit sys.path) can import it too.
+EXAMPLE_PACKAGE = "examples.long_tail"
 
 
 def example_path() -> Optional[Path]:
@@ -33,16 +33,9 @@ def load_demo() -> ModuleType:
     if path is None:
         raise ImportError("the long-tail demo lives in examples/long_tail of a source checkout of marginkit; "
                           "install from a checkout (pip install -e .) to run it")
-    if EXAMPLE_PACKAGE not in sys.modules:
-        spec = importlib.util.spec_from_file_location(EXAMPLE_PACKAGE, path / "__init__.py",
-                                                      submodule_search_locations=[str(path)])
-        package = importlib.util.module_from_spec(spec)
-        sys.modules[EXAMPLE_PACKAGE] = package
-        try:
-            spec.loader.exec_module(package)
-        except BaseException:
-            del sys.modules[EXAMPLE_PACKAGE]
-            raise
+    checkout = str(path.parent.parent)
+    if checkout not in sys.path:
+        sys.path.insert(0, checkout)
     return importlib.import_module(f"{EXAMPLE_PACKAGE}.demo")
 
 

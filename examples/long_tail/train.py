@@ -125,7 +125,9 @@ def train_one(method: str, data: DemoData, cfg: TrainConfig, progress: bool = Tr
     model = EmbeddingNet(data.train_x.shape[1], cfg.hidden, cfg.embedding_dim)
     head, logits_fn = build_head(method, C, cfg, data.class_counts, steps_per_epoch, paper)
     opt = torch.optim.AdamW(list(model.parameters()) + list(head.parameters()), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps, pct_start=0.1)
+    # OneCycleLR divides by its phase lengths: at least 20 steps keep both non-zero (a --tiny run may
+    # stop before the schedule ends; real runs have hundreds of steps)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(steps, 20), pct_start=0.1)
     bar = _progress(steps, method, progress)
     start = time.perf_counter()
     train_epochs(model, head, data, cfg, cfg.epochs, opt, sched, torch.Generator().manual_seed(cfg.seed + 1), bar)
