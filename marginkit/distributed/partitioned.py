@@ -186,11 +186,14 @@ class PartitionedMarginSoftmax(nn.Module):
         if class_margins is not None:
             if class_margins.shape != (num_classes,) or not class_margins.is_floating_point():
                 raise ValueError(f"class_margins must be a float tensor of shape (C,) = ({num_classes},)")
-            local = class_margins.detach()[self.class_start : self.class_stop]
-            if local.numel() and (not bool(torch.isfinite(local).all()) or bool((local < 0).any())):
-                raise ValueError("class_margins must be finite and >= 0")
             if not margin.has_single_margin:
                 raise ValueError(f"{type(margin).__name__} has no single margin m for class_margins to replace")
+            # The whole (C,) tensor, which every rank holds: a rank must not reject what another accepted.
+            full = class_margins.detach()
+            if not bool(torch.isfinite(full).all()) or bool((full < 0).any()):
+                raise ValueError("class_margins must be finite and >= 0")
+            margin.check_margin_values("class_margins", full)
+            local = full[self.class_start : self.class_stop]
             self.register_buffer("class_margins", local.clone().to(self.weight.device))
         else:
             self.class_margins = None
@@ -310,7 +313,9 @@ class PartitionedMarginSoftmax(nn.Module):
         if isinstance(x, torch.Tensor) and x.dim() == 2:
             x, _ = autocast_inputs(x, self.weight)
         config = self.config()
-        problem = local_problem(self, x, labels, self._agreed_input_dtype)
+        # Only a declared M fixes the row bytes on the wire: without it the dtype may change between calls.
+        fixed_dtype = self._agreed_input_dtype if self.max_local_batch is not None else None
+        problem = local_problem(self, x, labels, fixed_dtype)
         first = self._agreed_input_dtype is None
         if first:  # one collective of per-field digests: ranks built alike, or the same error everywhere
             check_agreement(config, self._group, self.weight.device)

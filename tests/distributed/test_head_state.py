@@ -192,3 +192,21 @@ def test_a_raising_kernel_leaves_the_partial_fc_state_untouched(monkeypatch):
     monkeypatch.undo()
     head(x, y)
     assert int(head.sample_step) == int(before["sample_step"]) + 1
+
+
+def test_input_dtype_may_change_between_calls_without_a_declared_batch():
+    head = PartitionedMarginSoftmax(60, 8, mk.ArcFace(0.5), 16.0)
+    x, y = _batch(1, classes=60)
+    head(x, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the rows on the wire are bf16 now
+        loss = head(x, y)
+    assert torch.isfinite(loss)
+
+
+def test_class_margins_checked_whole_and_against_the_spec():
+    bad = torch.full((60,), 0.3)
+    bad[59] = float("nan")  # in the last rank's slice at any world size: every rank must reject it
+    with pytest.raises(ValueError, match="finite"):
+        PartitionedMarginSoftmax(60, 8, mk.ArcFace(0.5), 16.0, class_margins=bad)
+    with pytest.raises(ValueError, match="ArcFace margins must lie in"):
+        PartitionedMarginSoftmax(60, 8, mk.ArcFace(0.5), 16.0, class_margins=torch.full((60,), 4.0))
