@@ -56,16 +56,22 @@ else
 fi
 
 # 2. build marginkit (CMake builds marginkit._C with the CUDA kernels)
+# The source tree as a fallback: the kernels are installed as marginkit.triton_kernels (setup.py maps
+# them), so link them there for imports from the tree.
+use_source_tree() {
+  [ -e marginkit/triton_kernels ] || ln -s ../triton_kernels marginkit/triton_kernels
+  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+}
 phase "building marginkit" | tee -a "$LOG"
 if [ -n "${MK_SKIP_BUILD:-}" ]; then
   echo "MK_SKIP_BUILD set: using the source tree as it is" | tee -a "$LOG"
-  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+  use_source_tree
 elif timeout 150 $PY -m pip install --no-build-isolation --no-deps -e . >> "$LOG" 2>&1; then
   echo "build ok"
 else
   echo "build FAILED or timed out (rc=$?); tail of setup.log:"; tail -n 25 "$LOG"
   echo "falling back to the source tree on PYTHONPATH (no compiled marginkit._C)"
-  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+  use_source_tree
 fi
 $PY -c "import marginkit, sys; print('marginkit from', marginkit.__file__)" 2>&1 | tee -a "$LOG"
 $PY -c "import marginkit._C as C; print(C.build_info())" 2>&1 | tee -a "$LOG"

@@ -205,9 +205,10 @@ def margin_loss(
     """
     check_real("interclass_filtering_threshold", interclass_filtering_threshold, low=0.0, high=1.0)
     check_bool("feature_norm_scale", feature_norm_scale)
-    if feature_norm_scale and (not normalize or sub_centers > 1):
-        raise ValueError("feature_norm_scale=True scales unit-weight cosines by ‖x‖: it needs normalize=True "
-                         "and one weight row per class")
+    if feature_norm_scale and (not normalize or sub_centers > 1 or negatives is not None
+                               or interclass_filtering_threshold > 0.0):
+        raise ValueError("feature_norm_scale=True scales unit-weight cosines by ‖x‖: it needs normalize=True, "
+                         "one weight row per class, and no negative modulation (inter-class filtering, CurricularFace)")
     if interclass_filtering_threshold > 0.0:
         if negatives is not None:
             raise ValueError("interclass_filtering_threshold cannot be combined with another negative modulation")

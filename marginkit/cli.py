@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from marginkit.demo import main as demo_main
+
 __all__ = ["main", "build_parser"]
 
 
@@ -32,11 +34,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _demo(argv) -> int:
-    try:
-        from marginkit.demo import main as demo_main
-    except ImportError as exc:
-        print(f"marginkit demo is not available in this install ({exc}).", file=sys.stderr)
-        return 2
     rc = demo_main(argv)
     return int(rc) if isinstance(rc, int) else 0
 

@@ -25,7 +25,8 @@ __all__ = ["NegativeModulation", "curricular", "interclass_filter"]
 class NegativeModulation:
     """Per-row threshold (B,) and the quadratic that replaces cosines above it.
 
-    ``threshold`` is float32 (float64 for float64 inputs); +inf leaves a row untouched.
+    ``threshold`` is compared in the compute dtype (float32, float64 for float64 inputs); +inf leaves
+    a row untouched.
     """
 
     threshold: torch.Tensor

@@ -121,10 +121,12 @@ def validate_inputs(
         )
     if class_margins is not None:
         _check_margin_tensor("class_margins", class_margins, weight.shape[0], "C", embeddings.device)
-        margin.check_margin_values("class_margins", class_margins)
+        if not skip_value_checks():
+            margin.check_margin_values("class_margins", class_margins)
     if sample_margins is not None:
         _check_margin_tensor("sample_margins", sample_margins, embeddings.shape[0], "B", embeddings.device)
-        margin.check_margin_values("sample_margins", sample_margins)
+        if not skip_value_checks():
+            margin.check_margin_values("sample_margins", sample_margins)
 
 
 def out_of_range(labels: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:

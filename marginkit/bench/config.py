@@ -46,6 +46,7 @@ CSV_COLUMNS = (
 #: API.md: the allowed values of the ``method`` column (also the provider names).
 METHODS = (
     "marginkit",
+    "marginkit-fast",
     "marginkit-torch",
     "torch-textbook",
     "torch-compile",

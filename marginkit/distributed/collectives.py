@@ -1,6 +1,7 @@
 """The few collectives the partitioned head needs, for NCCL (GPU) and gloo (CPU tests).
 
-Every helper is a no-op for a world of one (``group is None``). Tensors of any dtype
+Every helper is a no-op without a process group (``group is None``: torch.distributed not
+initialised); a one-rank group still runs the collectives. Tensors of any dtype
 travel as raw bytes where the payload mixes dtypes or the backend may lack the dtype
 (gloo and bfloat16/bool), so one code path serves every input dtype.
 

@@ -4,7 +4,7 @@ A rank's bad input must raise the same typed error on every rank, never leave th
 waiting in a collective. Two ways, chosen by the head's ``max_local_batch``:
 
 * sizes exchanged (default): one all-gather of a few int64 per rank (local batch size,
-  error kind, configuration digest, first out-of-range label), read on the host: the error
+  error kind, configuration digest, embedding dtype code, first out-of-range label), read on the host: the error
   is raised at once on every rank. One host sync per step.
 * declared maximum M: nothing is read on the host during the step. A rank that rejects its
   own input sends poison labels in its rows and raises at once; out-of-range labels are
@@ -87,7 +87,7 @@ def exchange_sizes(head, x, labels, problem: tuple[int, int, str], digest: int, 
     """Every rank's local batch size (host list); raises the same error on every rank when any
     rank's input is bad, the ranks' configuration digests differ, or their embedding dtypes do.
 
-    One all-gather of 5 int64 per rank, read on the host (one sync); on the error path one
+    One all-gather of 6 int64 per rank, read on the host (one sync); on the error path one
     broadcast of the message (``coll.raise_first_error``) or one all_gather_object (configs).
     """
     b, kind, msg = problem
@@ -150,9 +150,6 @@ class DeferredRecord:
         values = self._host.numpy().tolist()  # a host array: no device read
         self._host = self._event = None
         return dict(zip(RECORD_FIELDS, values))
-
-    def clear(self) -> None:
-        self._host = self._event = None
 
 
 def raise_recorded(head, record: Optional[dict]) -> None:

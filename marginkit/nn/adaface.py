@@ -60,7 +60,6 @@ class AdaFace(ClassWeightHead):
         check_real("h", h, low=0.0)
         check_real("t_alpha", t_alpha, low=0.0, high=1.0)
         self.h, self.t_alpha, self.eps = float(h), float(t_alpha), float(eps)
-        self.spec = self.margin
         self.register_buffer("batch_mean", torch.tensor(20.0, dtype=torch.float64, device=device))
         self.register_buffer("batch_std", torch.tensor(100.0, dtype=torch.float64, device=device))
 

@@ -28,6 +28,7 @@ from marginkit.distributed.statistics_sync import broadcast_from_first_, check_s
 from marginkit.nn.fair_loss_agent import NUM_COUNT_BINS, OnlineMarginDQN, QNetwork, encode_states
 from marginkit.nn.fair_loss_paper import FairLossTable
 from marginkit.nn.fair_loss_stats import group_spread, nearest_other_sqdist, standardised_rewards, tertile_bins
+from marginkit.validation import check_labels
 from marginkit.specs import CosFace
 
 __all__ = ["FairLoss", "QNetwork", "PAPER_MARGIN_LEVELS"]
@@ -306,6 +307,10 @@ class FairLoss(KeepBufferDtypes):
                 "FairLoss: embeddings contain non-finite values (NaN or ±inf) in a training batch; the batch is "
                 "refused and the module's statistics, margins and agent are unchanged. Expected: finite embeddings."
             )
+        if self.training and torch.is_tensor(labels) and labels.dim() == 1 and labels.dtype == torch.int64:
+            # eager, before the loss: on CUDA the loss only flags a bad label for its next call, which the
+            # statistics op would then report a second time
+            check_labels(labels, self.num_classes, self.ignore_index)
         return margin_cross_entropy(embeddings, self.weight, labels, CosFace(0.0), self.scale,
                                     class_margins=self.class_margins, **self.loss_kwargs)
 

@@ -97,7 +97,6 @@ class OnlineMarginDQN:
         self.replay_size = 0
         self.replay_pos = 0
         self.learn_rounds = 0
-        self.last_loss = float("nan")
 
     def epsilon(self, moves: int) -> float:
         return max(self.epsilon_end, self.epsilon_start * self.epsilon_decay ** moves)
@@ -128,7 +127,6 @@ class OnlineMarginDQN:
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizer.step()
-                self.last_loss = loss.item()
         self.learn_rounds += 1
         if self.learn_rounds % self.target_sync == 0:
             self.target_net.load_state_dict(self.q_net.state_dict())
@@ -172,5 +170,4 @@ class OnlineMarginDQN:
         self.replay_size = int(state["replay_size"])
         self.replay_pos = int(state["replay_pos"])
         self.learn_rounds = int(state["learn_rounds"])
-        self.last_loss = float("nan")
         self.generator.set_state(state["generator"].cpu())

@@ -18,6 +18,7 @@ from marginkit.functional import margin_cross_entropy
 from marginkit.nn._head import KeepBufferDtypes
 from marginkit.distributed.statistics_sync import broadcast_from_first_, check_sync_args, global_batch, local_loss, sync_group
 from marginkit.specs import CosFace, MarginSpec
+from marginkit.validation import check_labels
 
 __all__ = ["IRSoftmax"]
 
@@ -113,6 +114,10 @@ class IRSoftmax(KeepBufferDtypes):
                     "embeddings contain NaN or infinite values; IRSoftmax refuses a non-finite batch in training "
                     "mode (its centers are unchanged); check the backbone's output"
                 )
+            if self.training and torch.is_tensor(labels) and labels.dim() == 1 and labels.dtype == torch.int64:
+                # eager, before the loss: on CUDA the loss only flags a bad label for its next call, which
+                # the center update would then report a second time
+                check_labels(labels, self.num_classes, self.ignore_index)
             return margin_cross_entropy(embeddings, centers, labels, self.margin, self.scale, **self.loss_kwargs)
 
         loss, error = local_loss(compute, group)

@@ -65,7 +65,6 @@ class MagFace(ClassWeightHead):
         )
         self.l_a, self.u_a, self.l_m, self.u_m = float(l_a), float(u_a), float(l_m), float(u_m)
         self.lambda_g = float(lambda_g)
-        self.spec = self.margin
 
     def feature_norm(self, embeddings: torch.Tensor) -> torch.Tensor:
         """a = clamp(‖x‖, l_a, u_a), (B,) in float32 (float64 for float64 input), differentiable."""
@@ -79,7 +78,8 @@ class MagFace(ClassWeightHead):
         return a / (self.u_a**2) + 1.0 / a
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        self.check_batch(embeddings, labels)
+        # the margins come from the input's norms: a non-finite input cannot form one
+        self.check_batch(embeddings, labels, refuse_non_finite=True)
         a = self.feature_norm(embeddings)
         m = self.margin_for_norm(a)
         ce = self.loss(embeddings, labels, reduction="none", sample_margins=m.detach())
@@ -88,7 +88,7 @@ class MagFace(ClassWeightHead):
             labels_local = torch.where(keep, labels, torch.full_like(labels, -1))
             cos = target_cosine(embeddings, self.weight, labels_local, True)
             m64 = m.detach().to(torch.float64)
-            coef = self.scale * torch.expm1(-ce.detach().to(torch.float64)) * self.spec.dpsi_dm(cos, m64)
+            coef = self.scale * torch.expm1(-ce.detach().to(torch.float64)) * self.margin.dpsi_dm(cos, m64)
             coef = torch.where(keep, coef, torch.zeros_like(coef)).to(ce.dtype)
         ce = ce + (m.to(ce.dtype) - m.detach().to(ce.dtype)) * coef
         rows = ce + self.lambda_g * torch.where(keep, self.regularizer(a).to(ce.dtype), torch.zeros_like(ce))

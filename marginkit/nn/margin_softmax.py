@@ -24,8 +24,8 @@ class MarginSoftmax(ClassWeightHead):
             reproduce insightface exactly).
         scale: the logit scale s.
         **loss_kwargs: passed to ``margin_cross_entropy`` (``reduction``, ``ignore_index``,
-            ``class_margins``, ``normalize``, ``backend``, ``deterministic``,
-            ``interclass_filtering_threshold``); checked here, so a
+            ``class_margins``, ``sample_margins``, ``normalize``, ``backend``, ``deterministic``,
+            ``interclass_filtering_threshold``, ``feature_norm_scale``, ``memory_budget``); checked here, so a
             typo fails at construction, not at the first forward.
 
     Shapes: ``forward(embeddings (B, D), labels (B,) int64) -> loss`` (float32 scalar,

@@ -187,7 +187,9 @@ def test_parse_sizes():
 
 
 def test_demo_missing_exits_2(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "marginkit.demo", None)
+    import marginkit.demo
+
+    monkeypatch.setattr(marginkit.demo, "example_path", lambda: None)  # an install without examples/
     assert main(["demo"]) == 2
     assert "demo is not available" in capsys.readouterr().err
 
