@@ -406,11 +406,28 @@ def test_opcheck():
         )
         assert stored.shape == (3, n_stored) and tile_max.shape == (3, (n_stored + 31) // 32)
         bwd_args = (x.detach(), w.detach(), labels, dpsi, losses, lse, w_inv, stored, tile_max,
-                    torch.ones(3, device=x.device), 16.0, True, True)
+                    torch.ones(3, device=x.device), 16.0, True, True, True)
         torch.library.opcheck(torch.ops.marginkit.triton_margin_ce_rows_backward.default, bwd_args)
+        no_dw = bwd_args[:-1] + (False,)  # a frozen weight: no dW
+        torch.library.opcheck(torch.ops.marginkit.triton_margin_ce_rows_backward.default, no_dw)
         modulation = (psi.float(), 1.0, 0.3)  # a negative modulation: threshold, quadratic, linear
         torch.library.opcheck(torch.ops.marginkit.triton_margin_ce_rows.default, args + modulation)
         torch.library.opcheck(torch.ops.marginkit.triton_margin_ce_rows_backward.default, bwd_args + modulation)
+
+
+def test_frozen_weight_skips_the_weight_gradient(monkeypatch):
+    """IR-Softmax's centers and frozen heads: the backward runs no dW GEMM, and dX is unchanged."""
+    from marginkit.backends.triton import ops as triton_ops
+
+    x, w, y = make(B=5, C=40, D=8, seed=15, ignored=1)
+    xa = x.clone().requires_grad_(True)
+    mk.margin_cross_entropy(xa, w.clone().requires_grad_(True), y, mk.ArcFace(0.5), 16.0, backend="triton").backward()
+    seen, real = [], triton_ops.backward
+    monkeypatch.setattr(triton_ops, "backward", lambda *a, **k: seen.append(k["need_weight_grad"]) or real(*a, **k))
+    xb = x.clone().requires_grad_(True)
+    mk.margin_cross_entropy(xb, w, y, mk.ArcFace(0.5), 16.0, backend="triton").backward()
+    assert seen == [False]
+    assert torch.equal(xb.grad, xa.grad)
 
 
 @pytest.mark.parametrize("memory_budget", [0, None], ids=["bounded", "store-all"])

@@ -104,11 +104,13 @@ def _margin_ce_rows_backward(
     scale: float,
     normalize: bool,
     deterministic: bool,
+    need_weight_grad: bool,
     threshold: Optional[torch.Tensor] = None,
     quadratic: float = 0.0,
     linear: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(grad_embeddings in embeddings.dtype, grad_weight in weight.dtype) of Σ grad_rows·losses.
+    """(grad_embeddings in embeddings.dtype, grad_weight in weight.dtype) of Σ grad_rows·losses;
+    grad_weight is (0, D) without ``need_weight_grad`` (frozen weights, IR-Softmax's centers: no dW GEMM).
 
     Kernels: the non-target share (the chunks in ``stored`` without recompute). Then the
     target column's share per row in float64 (g·s·(p_y − 1)·dψ, p_y − 1 = expm1(−loss)),
@@ -119,23 +121,24 @@ def _margin_ce_rows_backward(
     sigma = store_scale(x.dtype, modulation.max_slope if modulation is not None else 1.0)
     grad_x, grad_w = backward(
         x, w, inverse_norms(x, normalize), w_inv, labels_local, lse, grad_rows, scale, normalize, deterministic,
-        modulation, store=(stored, tile_max, sigma),
+        modulation, need_weight_grad=need_weight_grad, store=(stored, tile_max, sigma),
     )
-    grad_w = grad_w.to(weight.dtype)
+    grad_w = grad_w.to(weight.dtype) if need_weight_grad else None
     target_grad = target_gradient(losses, dtarget, grad_rows, scale)
     grad_x = apply_target_gradients(
         grad_x, grad_w, embeddings, weight, labels_local, target_grad, normalize, embeddings.dtype
     )
-    return grad_x, grad_w
+    return grad_x, (grad_w if need_weight_grad else weight.new_empty((0, weight.shape[1])))
 
 
 @_margin_ce_rows_backward.register_fake
 def _margin_ce_rows_backward_fake(
     embeddings, weight, labels_local, dtarget, losses, lse, w_inv, stored, tile_max, grad_rows, scale, normalize,
-    deterministic,
+    deterministic, need_weight_grad,
     threshold=None, quadratic=0.0, linear=0.0,
 ):
-    return torch.empty_like(embeddings), torch.empty_like(weight)
+    grad_w = torch.empty_like(weight) if need_weight_grad else weight.new_empty((0, weight.shape[1]))
+    return torch.empty_like(embeddings), grad_w
 
 
 def _setup_context(ctx, inputs, output):
@@ -156,11 +159,12 @@ def _autograd_backward(ctx, grad_losses, grad_lse, grad_w_inv, grad_stored, grad
         grad_losses = torch.zeros_like(losses)
     owned = _owned(labels_local, weight.shape[0])
     grad_rows = torch.where(owned, grad_losses.to(torch.float32), torch.zeros_like(losses, dtype=torch.float32))
+    need_weight_grad = ctx.needs_input_grad[1]
     grad_x, grad_w = _margin_ce_rows_backward(
         embeddings, weight, labels_local, dtarget, losses, lse, w_inv, stored, tile_max, grad_rows,
-        ctx.scale, ctx.normalize, ctx.deterministic, *ctx.modulation,
+        ctx.scale, ctx.normalize, ctx.deterministic, need_weight_grad, *ctx.modulation,
     )
-    return (grad_x, grad_w) + (None,) * (7 + len(ctx.modulation))
+    return (grad_x, grad_w if need_weight_grad else None) + (None,) * (7 + len(ctx.modulation))
 
 
 _margin_ce_rows.register_autograd(_autograd_backward, setup_context=_setup_context)
