@@ -29,11 +29,6 @@ def inverse_norms(rows: torch.Tensor, normalize: bool) -> torch.Tensor:
     return torch.linalg.vector_norm(rows, dim=1, dtype=dtype).clamp_min(NORM_EPS).reciprocal()
 
 
-def owned_labels(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    """Labels with ignored rows mapped to -1 (the single-shard `labels_local`)."""
-    return torch.where(labels == ignore_index, torch.full_like(labels, -1), labels)
-
-
 def as_float64(t: torch.Tensor) -> torch.Tensor:
     """t in float64; no op at all when it already is (each op is host work on CUDA)."""
     return t if t.dtype == torch.float64 else t.to(torch.float64)
