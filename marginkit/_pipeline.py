@@ -71,18 +71,30 @@ def no_autocast(device: torch.device):
 # Labels: checked eagerly on the CPU, on the device without a host sync on CUDA
 # ----------------------------------------------------------------------------------------
 @dataclass
-class _PendingLabelCheck:
-    flag: torch.Tensor  # (2,) int64 on the host: (min, max) of the labels, good rows as ignore_index
+class _PendingCheck:
+    flag: torch.Tensor  # on the host (pinned on CUDA), filled by a non-blocking copy
     event: Optional["torch.cuda.Event"]
-    num_classes: int
-    ignore_index: int
+    error: Callable[[list], Optional[ValueError]]  # the flag's values -> the error to raise, or None
 
 
-_pending: list[_PendingLabelCheck] = []
+_pending: list[_PendingCheck] = []
+
+
+def _defer(info: torch.Tensor, error: Callable[[list], Optional[ValueError]]) -> None:
+    """Copy a small device flag to the host without blocking; ``check_pending_labels`` reads it later."""
+    if info.is_cuda:
+        flag = torch.empty(info.shape, dtype=info.dtype, pin_memory=True)
+        flag.copy_(info, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+    else:  # the CPU twin of the CUDA path (tests): arrived at once
+        flag, event = info, None
+    _pending.append(_PendingCheck(flag, event, error))
 
 
 def check_pending_labels(wait: bool = False) -> None:
-    """Raise the ``ValueError`` of an out-of-range label found by an earlier call on CUDA.
+    """Raise the ``ValueError`` of an out-of-range label (or a bad class/sample margin) that an
+    earlier call on CUDA found on the device.
 
     Every call of the loss runs this first without waiting; ``wait=True`` (e.g. at the end of an
     epoch, or in tests) waits for the flags still in flight.
@@ -94,10 +106,10 @@ def check_pending_labels(wait: bool = False) -> None:
         if check.event is not None and wait:
             check.event.synchronize()
         _pending.pop(0)
-        low, high = check.flag.tolist()  # host memory: no device read
-        if low != check.ignore_index or high != check.ignore_index:
+        error = check.error(check.flag.tolist())  # host memory: no device read
+        if error is not None:
             _pending.clear()
-            raise label_error(low if low != check.ignore_index else high, check.num_classes, check.ignore_index)
+            raise error
 
 
 def _deferred_label_check(
@@ -113,15 +125,37 @@ def _deferred_label_check(
     """
     keep = valid & (labels.clamp(0, num_classes - 1) == labels)  # a clamped label equals itself only in [0, C)
     info = torch.stack(torch.aminmax(torch.where(keep, ignore_index, labels)))
-    if labels.is_cuda:
-        flag = torch.empty(2, dtype=torch.int64, pin_memory=True)
-        flag.copy_(info, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-    else:  # the CPU twin of the CUDA path (tests): arrived at once
-        flag, event = info, None
-    _pending.append(_PendingLabelCheck(flag, event, num_classes, ignore_index))
+
+    def error(flag: list) -> Optional[ValueError]:
+        low, high = flag
+        if low == ignore_index and high == ignore_index:
+            return None
+        return label_error(low if low != ignore_index else high, num_classes, ignore_index)
+
+    _defer(info, error)
     return keep
+
+
+def _deferred_margin_check(
+    row_margins: torch.Tensor, valid: torch.Tensor, margin: MarginSpec, name: str
+) -> torch.Tensor:
+    """The margins' value check on the device, for the rows that take part: returns (B,) bool, the
+    valid rows whose margin is usable (finite, >= 0, below the spec's limit). Rows with a bad margin
+    are left out like ignored ones; the ``ValueError`` naming ``name`` is raised by the next call."""
+    limit = float("inf") if margin.margin_limit is None else margin.margin_limit
+    bad = valid & ~(torch.isfinite(row_margins) & (row_margins >= 0) & (row_margins < limit))
+    first_bad = row_margins.to(torch.float64).gather(0, bad.to(torch.int32).argmax().reshape(1)).reshape(())
+    info = torch.stack([bad.any().to(torch.float64), first_bad])
+    bound = "finite, >= 0" + ("" if margin.margin_limit is None else f" and < {limit:.6g}")
+
+    def error(flag: list) -> Optional[ValueError]:
+        if not flag[0]:
+            return None
+        return ValueError(f"{name} contains {flag[1]} (used by a row of an earlier batch); {type(margin).__name__} "
+                          f"margins must be {bound}")
+
+    _defer(info, error)
+    return valid & ~bad
 
 
 def valid_rows(labels: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
@@ -218,9 +252,10 @@ def margin_loss(
         )
     num_classes = weight.shape[0] // sub_centers if isinstance(weight, torch.Tensor) and weight.dim() == 2 else 0
     class_view = weight[::sub_centers] if sub_centers > 1 and isinstance(weight, torch.Tensor) else weight
+    deferred = isinstance(embeddings, torch.Tensor) and embeddings.device.type in DEFERRED_LABEL_CHECK_DEVICES
     validate_inputs(
         embeddings, class_view, labels, margin, scale, class_margins, sample_margins, reduction, ignore_index,
-        backend, normalize, deterministic,
+        backend, normalize, deterministic, check_values=not deferred,
     )
     if memory_budget is not None:
         check_real("memory_budget", memory_budget, low=0.0)
@@ -230,11 +265,13 @@ def margin_loss(
     embeddings, weight = autocast_inputs(embeddings, weight)
     with no_autocast(embeddings.device):
         valid = valid_rows(labels, num_classes, ignore_index)
+        row_margins = per_row_margins(labels, ignore_index, class_margins, sample_margins)
+        if deferred and row_margins is not None and not skip_value_checks():
+            name = "sample_margins" if sample_margins is not None else "class_margins"
+            valid = _deferred_margin_check(row_margins, valid, margin, name)
         labels_local = torch.where(valid, labels, -1)
         psi, dpsi, cos, rows = target_terms(
-            embeddings, weight, labels_local, margin,
-            per_row_margins(labels, ignore_index, class_margins, sample_margins), normalize,
-            sub_centers=sub_centers,
+            embeddings, weight, labels_local, margin, row_margins, normalize, sub_centers=sub_centers,
         )
         modulation = negatives(psi, cos, valid) if negatives is not None else None
         options = {"modulation": modulation, "deterministic": deterministic}

@@ -70,6 +70,8 @@ def margin_cross_entropy(
     A label outside [0, C) raises ``ValueError``: at once on the CPU; on CUDA the check runs on
     the device (no host sync), the row is left out of the loss and of every gradient, and the
     error is raised by the next call (or ``mk.functional.check_pending_labels(wait=True)``).
+    Margin values (NaN, negative, ArcFace's >= π) are checked the same way: the whole tensor at once
+    on the CPU; on CUDA the rows that use a bad margin, left out and reported by the next call.
 
     Returns:
         float32 loss (float64 for float64 inputs): a scalar, or (B,) for reduction="none".

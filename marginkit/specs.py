@@ -107,6 +107,9 @@ class MarginSpec:
     def _m(self, m: Optional[MarginValue]) -> MarginValue:
         return self.default_margin() if m is None else m
 
+    #: exclusive upper bound of per-class/per-row margins (None: any m >= 0); a class attribute, not a field
+    margin_limit = None
+
     def check_margin_values(self, name: str, margins: torch.Tensor) -> None:
         """Raise ``ValueError`` if per-class/per-row margins are outside what the spec allows
         (finiteness and sign are checked by the caller). Reads values: eager mode only."""
@@ -168,6 +171,8 @@ class ArcFace(MarginSpec):
 
     def default_margin(self):
         return float(self.m)
+
+    margin_limit = math.pi
 
     def check_margin_values(self, name, margins):
         if margins.numel() and bool((margins >= math.pi).any()):

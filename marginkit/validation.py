@@ -46,7 +46,9 @@ def check_pair_dtypes(embeddings: torch.Tensor, weight: torch.Tensor, weight_nam
         )
 
 
-def _check_margin_tensor(name: str, value, length: int, length_name: str, device: torch.device) -> None:
+def _check_margin_tensor(
+    name: str, value, length: int, length_name: str, device: torch.device, check_values: bool = True
+) -> None:
     check_tensor(name, value, 1, f"({length_name},)")
     if value.shape[0] != length:
         raise ValueError(f"{name} must have shape ({length_name},) = ({length},), got {tuple(value.shape)}")
@@ -54,7 +56,7 @@ def _check_margin_tensor(name: str, value, length: int, length_name: str, device
         raise MarginKitTypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
     if value.device != device:
         raise MarginKitTypeError(f"{name} is on {value.device} but embeddings are on {device}; move it with .to(device)")
-    if skip_value_checks() or not value.numel():
+    if not check_values or skip_value_checks() or not value.numel():
         return
     if not bool(torch.isfinite(value).all()):
         raise ValueError(f"{name} contains NaN or infinite values; margins must be finite and >= 0")
@@ -75,10 +77,12 @@ def validate_inputs(
     backend,
     normalize=True,
     deterministic=False,
+    check_values=True,
 ) -> None:
     """Raise a typed error naming the argument for anything API.md does not allow.
 
-    Label values are not checked here (``check_labels``).
+    Label values are not checked here (``check_labels``); margin values only with ``check_values``
+    (the CUDA path checks them on the device instead).
     """
     check_tensor("embeddings", embeddings, 2, "(B, D)")
     check_tensor("weight", weight, 2, "(C, D)")
@@ -120,12 +124,12 @@ def validate_inputs(
             "work with CosFace, ArcFace and CombinedMargin (m2)"
         )
     if class_margins is not None:
-        _check_margin_tensor("class_margins", class_margins, weight.shape[0], "C", embeddings.device)
-        if not skip_value_checks():
+        _check_margin_tensor("class_margins", class_margins, weight.shape[0], "C", embeddings.device, check_values)
+        if check_values and not skip_value_checks():
             margin.check_margin_values("class_margins", class_margins)
     if sample_margins is not None:
-        _check_margin_tensor("sample_margins", sample_margins, embeddings.shape[0], "B", embeddings.device)
-        if not skip_value_checks():
+        _check_margin_tensor("sample_margins", sample_margins, embeddings.shape[0], "B", embeddings.device, check_values)
+        if check_values and not skip_value_checks():
             margin.check_margin_values("sample_margins", sample_margins)
 
 

@@ -36,13 +36,15 @@ def _batch(B=256, C=50_000, D=128, dtype=torch.bfloat16):
     return x, w, y
 
 
-def test_default_cuda_training_step_has_no_host_sync():
+@pytest.mark.parametrize("per_class", [False, True], ids=["spec-margin", "class-margins"])
+def test_default_cuda_training_step_has_no_host_sync(per_class):
     x, w, y = _batch()
+    kwargs = {"class_margins": torch.rand(w.shape[0], device="cuda") * 0.5} if per_class else {}
     for _ in range(2):  # first calls compile and autotune (which times kernels: syncs are fine there)
-        mk.margin_cross_entropy(x, w, y, mk.ArcFace(0.5), 64.0).backward()
+        mk.margin_cross_entropy(x, w, y, mk.ArcFace(0.5), 64.0, **kwargs).backward()
     torch.cuda.synchronize()
     with syncs_are_errors():
-        loss = mk.margin_cross_entropy(x, w, y, mk.ArcFace(0.5), 64.0)
+        loss = mk.margin_cross_entropy(x, w, y, mk.ArcFace(0.5), 64.0, **kwargs)
         loss.backward()
     assert torch.isfinite(loss).item() and torch.isfinite(w.grad).all().item()
 

@@ -140,3 +140,22 @@ def test_the_deferred_training_step_reads_no_value_on_the_host(deferred_on_cpu):
     with SyncCounter() as counter:
         mk.margin_cross_entropy(x, w, y, mk.ArcFace(0.5), 32.0, backend="torch", class_margins=head_margins)
     assert counter.syncs
+
+
+def test_deferred_margin_check_leaves_bad_rows_out_and_raises_at_the_next_call(deferred_on_cpu):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(6, 8, generator=g)
+    w = torch.randn(11, 8, generator=g)
+    y = torch.tensor([1, 4, 7, 3, -100, 7])
+    margins = torch.full((11,), 0.3)
+    margins[0] = float("nan")  # the ignored row's gather falls on class 0: it must not count
+    good = mk.margin_cross_entropy(x, w, y, mk.ArcFace(0.5), 16.0, class_margins=margins)
+    mk.functional.check_pending_labels(wait=True)  # nothing pending: class 0 is used by no valid row
+    margins[7] = 3.5  # >= pi for ArcFace, used by rows 2 and 5
+    with SyncCounter() as counter:
+        loss = mk.margin_cross_entropy(x, w, y, mk.ArcFace(0.5), 16.0, class_margins=margins, reduction="none")
+    assert counter.syncs == []  # no host read of the margins on the deferred path
+    assert loss[2] == 0 and loss[5] == 0 and torch.isfinite(loss).all()
+    assert torch.isfinite(good)
+    with pytest.raises(ValueError, match=r"class_margins contains 3.5 .*ArcFace margins must be finite, >= 0 and < 3.14"):
+        mk.margin_cross_entropy(x, w, y, mk.ArcFace(0.5), 16.0)
