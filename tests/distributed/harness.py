@@ -39,25 +39,31 @@ def save_results(compute: Callable[[], dict], world: int, rank: int, outdir: str
         dist.destroy_process_group()
 
 
-def run_world(world: int, outdir: str, timeout: float, worker) -> list:
-    """Start ``world`` workers ``worker(rank, world, port, outdir)``; fail (and kill them) after
-    ``timeout`` s. Returns every rank's results, in rank order."""
+def spawn_and_wait(worker, args: tuple, nprocs: int, timeout: float, outdir: str, error_prefix: str = "error_") -> None:
+    """Start ``nprocs`` workers ``worker(rank, *args)`` from the fork server and wait; after ``timeout``
+    s, or when one fails, kill the rest and raise with the tracebacks they left in ``outdir``
+    (files starting with ``error_prefix``)."""
     import multiprocessing
 
     import torch.multiprocessing as mp
 
     multiprocessing.get_context("forkserver").set_forkserver_preload(PRELOAD + [worker.__module__])
-    ctx = mp.start_processes(worker, args=(world, free_port(), outdir), nprocs=world, join=False,
-                             start_method="forkserver")
+    ctx = mp.start_processes(worker, args=args, nprocs=nprocs, join=False, start_method="forkserver")
     deadline = time.monotonic() + timeout
     try:
         while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
             if time.monotonic() > deadline:
-                raise TimeoutError(f"world size {world}: workers did not finish in {timeout:.0f} s (a hang?)")
+                raise TimeoutError(f"{nprocs} workers did not finish in {timeout:.0f} s (a hang?)")
     except Exception as err:
         for p in ctx.processes:
             if p.is_alive():
                 p.kill()
-        errors = [open(os.path.join(outdir, f)).read() for f in sorted(os.listdir(outdir)) if f.startswith(f"error_w{world}")]
-        raise AssertionError(f"world size {world} failed: {err}\n" + "\n".join(errors)) from err
+        errors = [open(os.path.join(outdir, f)).read() for f in sorted(os.listdir(outdir)) if f.startswith(error_prefix)]
+        raise AssertionError(f"{nprocs} workers failed: {err}\n" + "\n".join(errors)) from err
+
+
+def run_world(world: int, outdir: str, timeout: float, worker) -> list:
+    """Start ``world`` workers ``worker(rank, world, port, outdir)`` (see ``spawn_and_wait``).
+    Returns every rank's results, in rank order."""
+    spawn_and_wait(worker, (world, free_port(), outdir), world, timeout, outdir, f"error_w{world}")
     return [torch.load(os.path.join(outdir, f"result_w{world}_r{r}.pt")) for r in range(world)]

@@ -13,12 +13,12 @@ import importlib.util
 import json
 import math
 import os
-import socket
 import sys
-import time
 import traceback
 
 import torch
+
+from tests.distributed.harness import free_port, spawn_and_wait
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(REPO, "examples", "insightface", "train.py")
@@ -34,12 +34,6 @@ def _load_script():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _runs(outdir: str):
@@ -69,29 +63,10 @@ def _worker(rank, world, ports, outdir):
         raise
 
 
-PRELOAD = ["torch", "torch._dynamo", "torch.distributed.checkpoint", "torch.nn.parallel", "marginkit",
-           "marginkit.distributed", __name__]
-
 
 def _run_world(outdir: str) -> dict:
-    import multiprocessing
-
-    import torch.multiprocessing as mp
-
-    multiprocessing.get_context("forkserver").set_forkserver_preload(PRELOAD)
-    ports = [_free_port() for _ in range(2 * len(VARIANTS))]
-    ctx = mp.start_processes(_worker, args=(WORLD, ports, outdir), nprocs=WORLD, join=False, start_method="forkserver")
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    try:
-        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"workers did not finish in {SPAWN_TIMEOUT_S:.0f} s (a hang?)")
-    except Exception as err:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-        errors = [open(os.path.join(outdir, f)).read() for f in sorted(os.listdir(outdir)) if f.startswith("error_")]
-        raise AssertionError(f"the example failed: {err}\n" + "\n".join(errors)) from err
+    ports = [free_port() for _ in range(2 * len(VARIANTS))]
+    spawn_and_wait(_worker, (WORLD, ports, outdir), WORLD, SPAWN_TIMEOUT_S, outdir)
     logs = {}
     for name, _ in _runs(outdir):
         with open(os.path.join(outdir, f"{name}.jsonl")) as f:

@@ -14,7 +14,13 @@ from typing import Optional
 
 import torch
 
-from marginkit.backends.common import apply_target_gradients, combine_partials, compute_dtype, target_gradient
+from marginkit.backends.common import (
+    apply_target_gradients,
+    combine_partials,
+    compute_dtype,
+    target_classes,
+    target_gradient,
+)
 from marginkit.backends.triton.budget import STORE_GROUP, store_scale, stored_classes
 from marginkit.backends.triton.launch import cdiv
 from marginkit.backends.triton.passes import backward, check_inputs, compute_operands, forward, inverse_norms
@@ -25,10 +31,6 @@ __all__ = ["row_losses"]
 
 def _modulation(threshold: Optional[torch.Tensor], quadratic: float, linear: float) -> Optional[NegativeModulation]:
     return None if threshold is None else NegativeModulation(threshold, quadratic, linear)
-
-
-def _owned(labels_local: torch.Tensor, num_classes: int) -> torch.Tensor:
-    return (labels_local >= 0) & (labels_local < num_classes)
 
 
 @torch.library.custom_op("marginkit::triton_margin_ce_rows", mutates_args=())
@@ -60,7 +62,7 @@ def _margin_ce_rows(
         store=(stored, tile_max, sigma),
     )
     losses, lse = combine_partials(row_max, row_sumexp, target_logit, scale)
-    owned = _owned(labels_local, weight.shape[0])
+    _, owned = target_classes(labels_local, weight.shape[0])
     return torch.where(owned, losses, torch.zeros_like(losses)), lse, w_inv, stored, tile_max
 
 
@@ -157,7 +159,7 @@ def _autograd_backward(ctx, grad_losses, grad_lse, grad_w_inv, grad_stored, grad
     embeddings, weight, labels_local, dtarget, losses, lse, w_inv, stored, tile_max = ctx.saved_tensors
     if grad_losses is None:
         grad_losses = torch.zeros_like(losses)
-    owned = _owned(labels_local, weight.shape[0])
+    _, owned = target_classes(labels_local, weight.shape[0])
     grad_rows = torch.where(owned, grad_losses.to(torch.float32), torch.zeros_like(losses, dtype=torch.float32))
     need_weight_grad = ctx.needs_input_grad[1]
     grad_x, grad_w = _margin_ce_rows_backward(

@@ -60,20 +60,15 @@ STORED_DW_BYTES = launch.WORKSPACE_BYTES
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 SUPPORTED_DTYPES = (torch.float32, *HALF_DTYPES, torch.float64)
 
-FWD = KernelLauncher(
-    lse_partials_kernel, FWD_CONFIGS, FMA_FWD_CONFIGS,
-    key=["D", "B_BUCKET", "MODULATE"],
+_FWD_SHAPE = dict(
     interp_meta=INTERPRETER_META["fwd"],
     tiles=("BLOCK_B", "BLOCK_C", "BLOCK_K"),
     limits={"BLOCK_B": lambda a: a["B"], "BLOCK_K": lambda a: a["D"]},
 )
+FWD = KernelLauncher(lse_partials_kernel, FWD_CONFIGS, FMA_FWD_CONFIGS, key=["D", "B_BUCKET", "MODULATE"], **_FWD_SHAPE)
 #: The same kernel with STORE=True (memory-budget mode): its own tile set and tuning.
 FWD_STORE = KernelLauncher(
-    lse_partials_kernel, FWD_STORE_CONFIGS, FMA_FWD_CONFIGS,
-    key=["D", "B_BUCKET", "MODULATE", "STORE"],
-    interp_meta=INTERPRETER_META["fwd"],
-    tiles=("BLOCK_B", "BLOCK_C", "BLOCK_K"),
-    limits={"BLOCK_B": lambda a: a["B"], "BLOCK_K": lambda a: a["D"]},
+    lse_partials_kernel, FWD_STORE_CONFIGS, FMA_FWD_CONFIGS, key=["D", "B_BUCKET", "MODULATE", "STORE"], **_FWD_SHAPE
 )
 SCORES = KernelLauncher(
     scores_kernel, SCORES_CONFIGS, FMA_SCORES_CONFIGS,
