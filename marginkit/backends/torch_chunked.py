@@ -15,7 +15,7 @@ takes each class's cosine as the max over its K rows (sub-center ArcFace).
 
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -86,8 +86,12 @@ def lse_partials(
     deterministic: bool = False,
     sub_centers: int = 1,
     chunk_elements: Optional[int] = None,
+    memory_budget: Optional[float] = 0,
+    store: Optional[list] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row (max, Σ exp(logit − max)) over this weight's non-target classes.
+    ``memory_budget`` and ``store``: the protocol's memory-budget mode, accepted and ignored
+    (this backend keeps nothing: ``store`` stays empty and the backward recomputes).
 
     embeddings (B, D), weight (C·K, D); labels_local (B,) int64: the class of the row's
     target in this weight (-1 when it is not here). Both outputs (B,), float32 (float64
@@ -124,9 +128,13 @@ def grads_from_lse(
     deterministic: bool = False,
     sub_centers: int = 1,
     chunk_elements: Optional[int] = None,
+    store: Sequence[torch.Tensor] = (),
+    grad_x_ready: Optional[Callable[[torch.Tensor], None]] = None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Non-target share of the gradients of Σ_i grad_rows_i · loss_i, given the global
     log-sum-exp ``lse`` (B,). The target column is left out (``common.apply_target_gradients``).
+    ``store`` is ignored (always empty here); ``grad_x_ready`` is called with the embedding
+    gradient just before returning (nothing of the weight gradient is deferred here).
 
     Returns (grad_embeddings (B, D) float32 (float64 for float64 inputs), grad_weight
     (C·K, D) in weight.dtype, or None with ``need_weight_grad=False``, which skips a third
@@ -160,6 +168,8 @@ def grads_from_lse(
                 grad_cos.T @ x_unit, weight[rows], w_inv_norm[rows], normalize
             ).to(weight.dtype)
     grad_embeddings = normalization_backward(grad_x_unit, embeddings, x_inv_norm, normalize)
+    if grad_x_ready is not None:
+        grad_x_ready(grad_embeddings)
     return grad_embeddings, grad_weight
 
 

@@ -113,6 +113,17 @@ class PartitionedMarginSoftmax(nn.Module):
         grad_reduce_dtype: dtype of the embedding gradient on the wire (None: float32, or
             float64 for float64 inputs). ``torch.bfloat16`` halves the reduce-scatter's bytes;
             its rounding is measured in tests/distributed (about 2e-3 relative).
+        memory_budget: bytes this rank may keep from the forward to the backward to skip
+            recomputing logits, as in ``mk.MarginSoftmax`` (Triton backend; the torch backend
+            ignores it): the exp-scaled logits of as many whole backward chunks of the rank's
+            classes as fit, over the global batch's N rows (N·C_r·(element size + 1/8) bytes
+            for all of them). 0 (default): none, the bounded workspace; None: no limit. With
+            Partial FC the store covers the sampled rows (what the kernels see). Those chunks'
+            dW GEMMs then run after the embedding gradient's reduce-scatter has been started,
+            so it is on the wire behind them. A second backward through the same graph
+            (``retain_graph=True``) recomputes every chunk (the first consumed the store).
+            Ranks may use different budgets (same results to rounding); settable later as
+            ``head.memory_budget``.
         dtype, device: of ``.weight``.
 
     Every rank must build the head with the same arguments (``agreement.FIELDS``): the first
@@ -140,6 +151,7 @@ class PartitionedMarginSoftmax(nn.Module):
         max_local_batch: Optional[int] = None,
         grad_reduce_dtype: Optional[torch.dtype] = None,
         interclass_filtering_threshold: float = 0.0,
+        memory_budget: Optional[float] = 0,
         dtype: Optional[torch.dtype] = None,
         device: Optional[Union[torch.device, str]] = None,
     ) -> None:
@@ -152,6 +164,8 @@ class PartitionedMarginSoftmax(nn.Module):
             check_positive_ints(max_local_batch=max_local_batch)
         check_choice("grad_reduce_dtype", grad_reduce_dtype, GRAD_REDUCE_DTYPES)
         check_real("interclass_filtering_threshold", interclass_filtering_threshold, low=0.0, high=1.0)
+        if memory_budget is not None:
+            check_real("memory_budget", memory_budget, low=0.0)
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
             raise MarginKitTypeError(f"ignore_index must be an int, got {ignore_index!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
@@ -178,6 +192,7 @@ class PartitionedMarginSoftmax(nn.Module):
         self.max_local_batch = max_local_batch
         self.grad_reduce_dtype = grad_reduce_dtype
         self.interclass_filtering_threshold = float(interclass_filtering_threshold)
+        self.memory_budget = memory_budget
         self.class_start, self.class_stop = shard_range(num_classes, self.world_size, self.rank)
         self.num_local = self.class_stop - self.class_start
         self.num_sample = int(self.sample_rate * self.num_local)
@@ -354,6 +369,7 @@ class PartitionedMarginSoftmax(nn.Module):
             num_sample=self.num_sample,
             sample_size=fixed_sample_size(self.num_local, self.num_sample, self.world_size * (self.max_local_batch or 0)),
             digest=config_digest(config, FLOAT_DIGEST_BITS) if declared else None,
+            memory_budget=self.memory_budget,
         )
 
     def _after_step(self, losses, sampled, record, plan: StepPlan) -> None:

@@ -12,10 +12,17 @@ forward
      shift is ``scale`` when normalize=True and scale <= 300, else an all-reduce (max) first.
   5. ``combine_partials``: per-row loss and log-sum-exp, the same bits on every rank.
 backward
-  6. local: ``grads_from_lse`` + the target column's share of the embedding gradient.
+  6. local: ``grads_from_lse``: every chunk's share of the embedding gradient first, then
+     (``grad_x_ready``) its target column's share added,
   7. reduce-scatter of the B×D embedding gradient (float32, or ``grad_reduce_dtype``),
-     started asynchronously; the weight side (its target share, the Partial FC gradient
-     layout) is computed while it runs.
+     started asynchronously from inside ``grads_from_lse``: the Triton backend's deferred dW
+     GEMMs (the stored chunks', the last chunk's) and the weight side (its target share, the
+     Partial FC gradient layout) run while it is on the wire.
+
+Memory-budget mode (``StepPlan.memory_budget``): the forward's ``lse_partials`` stores the
+exp-scaled logits of as many whole chunks of the local (sampled, with Partial FC) weight as
+the budget holds, saved for the backward; the first backward consumes them in place, so a
+second backward through the same graph (``retain_graph=True``) recomputes every chunk.
 
 The Function touches no module state: it returns what it sampled and a device-side record
 of what went wrong (bad labels, a rank's rejected input, a configuration digest mismatch).
@@ -80,6 +87,7 @@ class StepPlan:
     num_sample: int = 0
     sample_size: int = 0
     digest: Optional[int] = None  # with block_rows: this rank's configuration digest (20 bits)
+    memory_budget: Optional[float] = 0  # bytes of stored logits kept for the backward (None: no limit)
 
 
 def _gather(local_x: torch.Tensor, local_labels: torch.Tensor, plan: StepPlan):
@@ -152,10 +160,12 @@ class PartitionedMarginCE(torch.autograd.Function):
         # Filtering applies to every labelled row of the global batch (insightface filters only rows
         # whose class is on the same rank: the two agree at world size 1).
         modulation = interclass_filter(valid, plan.filter_threshold, dtype) if plan.filter_threshold > 0 else None
+        store: list = []  # the backend's stored logits (memory-budget mode), saved for the backward
         if w.shape[0]:
             psi, dpsi, _, _ = target_terms(x, w, labels_local, plan.margin, margins, plan.normalize)
             row_max, row_sumexp = plan.engine.lse_partials(
-                x, w, labels_local, plan.scale, plan.normalize, modulation=modulation
+                x, w, labels_local, plan.scale, plan.normalize, modulation=modulation,
+                memory_budget=plan.memory_budget, store=store,
             )
         else:  # no class here (C < W): empty partials, no owned row
             psi = dpsi = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
@@ -185,8 +195,9 @@ class PartitionedMarginCE(torch.autograd.Function):
         record = _record(labels, bad, poisoned, mismatch, plan)
 
         sampled = index if index is not None else labels_local.new_empty(0)
-        ctx.save_for_backward(x, w, labels_local, live, dpsi, losses, lse, sampled)
+        ctx.save_for_backward(x, w, labels_local, live, dpsi, losses, lse, sampled, *store)
         ctx.modulation = modulation
+        ctx.store_spent = False
         ctx.plan, ctx.local_dtype, ctx.local_rows, ctx.weight_shape = plan, local_x.dtype, local_x.shape[0], weight.shape
         ctx.mark_non_differentiable(live, sampled, record)
         return losses.to(compute_dtype(local_x)), live, sampled, record
@@ -194,33 +205,47 @@ class PartitionedMarginCE(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_losses, _live, _sampled, _record):
-        x, w, labels_local, live, dpsi, losses, lse, index = ctx.saved_tensors
+        x, w, labels_local, live, dpsi, losses, lse, index, *store = ctx.saved_tensors
+        if ctx.store_spent:  # retain_graph: the first backward overwrote the stored logits; recompute
+            store = ()
+        ctx.store_spent = bool(store)
         plan = ctx.plan
         need_w = ctx.needs_input_grad[1]
         dtype = compute_dtype(x)
         grad_rows = torch.where(live, grad_losses, torch.zeros_like(grad_losses))
-        grad_w = None
+        grad_w = tgrad = None
+        pending = []
+
+        def start_reduce_scatter(grad_x_share: torch.Tensor) -> None:
+            grad_x = grad_x_share
+            if tgrad is not None:
+                grad_x = apply_target_gradients(grad_x, None, x, w, labels_local, tgrad, plan.normalize, dtype)
+            if plan.grad_factor != 1.0:
+                grad_x = grad_x * plan.grad_factor
+            pending.append(_reduce_scatter_rows(grad_x.to(plan.grad_reduce_dtype or dtype), ctx.local_rows, plan))
+
         if w.shape[0]:
-            grad_x, grad_w = plan.engine.grads_from_lse(
-                x, w, labels_local, lse, grad_rows, plan.scale, plan.normalize, need_weight_grad=need_w,
-                modulation=ctx.modulation,
-            )
             tgrad = target_gradient(losses, dpsi, grad_rows, plan.scale)
-            grad_x = apply_target_gradients(grad_x, None, x, w, labels_local, tgrad, plan.normalize, dtype)
+            # 7. launched by the backend once dX is final, ahead of its deferred dW GEMMs
+            _, grad_w = plan.engine.grads_from_lse(
+                x, w, labels_local, lse, grad_rows, plan.scale, plan.normalize, need_weight_grad=need_w,
+                modulation=ctx.modulation, store=store, grad_x_ready=start_reduce_scatter,
+            )
+            if len(pending) != 1:
+                raise RuntimeError(f"backend {plan.engine.__name__} called grad_x_ready {len(pending)} times, not once")
         else:
-            grad_x = torch.zeros(x.shape, dtype=dtype, device=x.device)
-        if plan.grad_factor != 1.0:
-            grad_x = grad_x * plan.grad_factor
-        grad_x = grad_x.to(plan.grad_reduce_dtype or dtype)
-        # 7. started now, waited for after the weight side: the reduce-scatter runs behind it.
-        if plan.block_rows is not None:
-            pending = coll.reduce_scatter_padded(grad_x, ctx.local_rows, plan.rank, plan.group, async_op=True)
-        else:
-            pending = coll.sum_rows_to_owner(grad_x, plan.sizes, plan.rank, plan.group, async_op=True)
+            start_reduce_scatter(torch.zeros(x.shape, dtype=dtype, device=x.device))
         if need_w:
-            grad_w = _weight_gradient(grad_w, x, w, labels_local, tgrad if w.shape[0] else None, index, ctx, plan)
-        grad_local = pending.wait().to(ctx.local_dtype)
+            grad_w = _weight_gradient(grad_w, x, w, labels_local, tgrad, index, ctx, plan)
+        grad_local = pending[0].wait().to(ctx.local_dtype)
         return grad_local, grad_w, None, None, None
+
+
+def _reduce_scatter_rows(grad_x: torch.Tensor, local_rows: int, plan: StepPlan):
+    """Start the async reduce-scatter of the (N, D) embedding gradient; ``.wait()`` gives this rank's rows."""
+    if plan.block_rows is not None:
+        return coll.reduce_scatter_padded(grad_x, local_rows, plan.rank, plan.group, async_op=True)
+    return coll.sum_rows_to_owner(grad_x, plan.sizes, plan.rank, plan.group, async_op=True)
 
 
 def _weight_gradient(grad_w, x, w, labels_local, tgrad, index, ctx, plan: StepPlan):

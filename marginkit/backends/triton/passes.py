@@ -10,7 +10,7 @@ float64 inputs are computed in float32 kernels (see ``check_inputs``).
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -43,7 +43,7 @@ from marginkit.triton_kernels import (
     scores_kernel,
     stored_to_workspace_kernel,
 )
-from marginkit.backends.triton.budget import STORE_GROUP
+from marginkit.backends.triton.budget import STORE_GROUP, store_scale, stored_classes
 
 __all__ = ["lse_partials", "grads_from_lse", "inverse_norms", "check_inputs", "compute_operands"]
 
@@ -231,12 +231,15 @@ def workspace_scale(dtype, grad_scaled, x_inv, w_inv, slope_bound: float = 1.0) 
 
 def backward(
     x, w, x_inv, w_inv, labels_local, lse, grad_rows, scale, normalize, deterministic,
-    modulation=None, need_weight_grad=True, store=None,
+    modulation=None, need_weight_grad=True, store=None, deferred_dw=None,
 ):
     """Non-target share: (grad_x fp32 (B, D), grad_w (C, D) in w's dtype or None).
 
     ``store``: the forward's (stored, tile_max, σ) of the memory-budget mode; the chunks it
     covers skip the recompute (``stored_to_workspace_kernel`` fills the workspace instead).
+    ``deferred_dw``: a list that receives, instead of running them, the dW work of the stored
+    chunks (their dS written over their own columns of ``stored``: the store is spent) and of
+    the last chunk; the caller runs them after grad_x is final (``grads_from_lse``).
     """
     num_rows, dim = x.shape
     num_classes = w.shape[0]
@@ -276,12 +279,18 @@ def backward(
             n_chunk = min(chunk, num_classes - start)
             n_splits_here = cdiv(n_chunk, k_per_split)
             from_store = start + n_chunk <= n_stored
+            # Deferring, a stored chunk's dS overwrites its own columns of `stored` (the STORED kernel
+            # reads each element before writing it): still there after the loop, with no second copy
+            # and no re-conversion (at B = 1024, 32K bf16 classes a re-run would move 134 MB, ~30 µs
+            # at ~4.5 TB/s, 60 % of the ~50 µs dW GEMM it would hide). The last chunk's workspace
+            # and column sums stay live too; every other chunk's dW must run before the next chunk.
+            ws = store[0][:, start : start + n_chunk] if from_store and deferred_dw is not None else workspace
             if from_store:
                 stored, tile_max, sigma = store
                 STORED(
                     lambda meta: (cdiv(num_rows, meta["BLOCK_B"]), cdiv(n_chunk, meta["BLOCK_C"])),
-                    stored, tile_max, lse32, grad_scaled, x_inv, w_inv, kappa, workspace,
-                    num_rows, start, n_chunk, stored.stride(0), tile_max.stride(0), workspace.stride(0),
+                    stored, tile_max, lse32, grad_scaled, x_inv, w_inv, kappa, ws,
+                    num_rows, start, n_chunk, stored.stride(0), tile_max.stride(0), ws.stride(0),
                     1.0 / sigma, STORE_GROUP=STORE_GROUP, pinned=True,
                 )
             else:
@@ -297,25 +306,34 @@ def backward(
                 )
             DX(
                 lambda meta: (cdiv(num_rows, meta["BLOCK_M"]), cdiv(dim, meta["BLOCK_N"]), n_splits_here),
-                workspace, w, dx_acc,
+                ws, w, dx_acc,
                 num_rows, dim, start, n_chunk, k_per_split,
-                workspace.stride(0), w.stride(0), w.stride(1),
+                ws.stride(0), w.stride(0), w.stride(1),
                 dx_acc.stride(1), dx_acc.stride(2), dx_acc.stride(0),
                 bucket,
                 USE_ATOMICS=use_atomics, **dot_meta, pinned=deterministic,
             )
-            if need_weight_grad and from_store and normalize:
-                stored_weight_grad(workspace, x, w, w_inv, kappa, grad_w, start, n_chunk, deterministic)
-            elif need_weight_grad:
+            if not need_weight_grad:
+                continue
+
+            def chunk_weight_grad(ws=ws, start=start, n_chunk=n_chunk, from_store=from_store):
+                if from_store and normalize:
+                    stored_weight_grad(ws, x, w, w_inv, kappa, grad_w, start, n_chunk, deterministic)
+                    return
                 DW(
                     lambda meta: (cdiv(n_chunk, meta["BLOCK_M"]), cdiv(dim, meta["BLOCK_N"])),
-                    workspace, x, w, w_inv, colsum, kappa, grad_w,
+                    ws, x, w, w_inv, colsum, kappa, grad_w,
                     num_rows, dim, start, n_chunk, row_blocks,
-                    workspace.stride(0), x.stride(0), x.stride(1), w.stride(0), w.stride(1),
+                    ws.stride(0), x.stride(0), x.stride(1), w.stride(0), w.stride(1),
                     colsum.stride(0), grad_w.stride(0), grad_w.stride(1),
                     bucket,
                     NORMALIZE=bool(normalize), **dot_meta, pinned=deterministic,
                 )
+
+            if deferred_dw is not None and (from_store or start + n_chunk >= num_classes):
+                deferred_dw.append(chunk_weight_grad)
+            else:
+                chunk_weight_grad()
 
     if deterministic and splits > 1:
         grad_x = dx_acc[0].clone()
@@ -384,6 +402,8 @@ def lse_partials(
     *,
     modulation: Optional[NegativeModulation] = None,
     deterministic: bool = False,
+    memory_budget: Optional[float] = 0,
+    store: Optional[list] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row (max, Σ exp(logit − max)) over this weight's NON-TARGET classes, (B,) float32.
 
@@ -392,12 +412,30 @@ def lse_partials(
     j ≠ labels_local[i] (N the modulation, identity without one); a row with no such class
     gets (−inf, 0). The forward is deterministic either way; ``deterministic=True`` also
     pins the launch config (the bits then match across processes).
+
+    The memory-budget mode: with ``store`` (a list) and ``memory_budget`` (bytes; 0 keeps
+    nothing, None: no limit), the exp-scaled logits of as many whole backward chunks of this
+    weight as fit (``budget.stored_classes``) are appended to ``store`` as two tensors,
+    (B, n) in the compute dtype and their (B, ⌈n/32⌉) float32 tile maxima (this call's local
+    maxima: the backward converts them with the global lse). Hand them to ``grads_from_lse``.
     """
     check_inputs(embeddings, weight)
     x, w = compute_operands(embeddings, weight)
+    kept = None
+    n_stored = stored_classes(x.shape[0], w.shape[0], x.element_size(), memory_budget) if store is not None else 0
+    if n_stored:
+        stored = x.new_empty((x.shape[0], n_stored))
+        tile_max = x.new_empty((x.shape[0], cdiv(n_stored, STORE_GROUP)), dtype=torch.float32)
+        kept = (stored, tile_max, _store_scale(x, modulation))
+        store.extend((stored, tile_max))
     return forward(
-        x, w, inverse_norms(x, normalize), inverse_norms(w, normalize), labels_local, scale, deterministic, modulation
+        x, w, inverse_norms(x, normalize), inverse_norms(w, normalize), labels_local, scale, deterministic, modulation,
+        store=kept,
     )
+
+
+def _store_scale(x: torch.Tensor, modulation: Optional[NegativeModulation]) -> float:
+    return store_scale(x.dtype, modulation.max_slope if modulation is not None else 1.0)
 
 
 @torch.no_grad()
@@ -413,6 +451,8 @@ def grads_from_lse(
     need_weight_grad: bool = True,
     modulation: Optional[NegativeModulation] = None,
     deterministic: bool = False,
+    store: Sequence[torch.Tensor] = (),
+    grad_x_ready: Optional[Callable[[torch.Tensor], None]] = None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Non-target share of the gradients of Σ_i grad_rows_i·loss_i given the global ``lse`` (B,).
 
@@ -423,11 +463,32 @@ def grads_from_lse(
     embedding gradient is this weight's share (sum it over shards). Rows with
     grad_rows == 0 contribute nothing. ``deterministic=True``: bitwise-reproducible dX
     (per-split buffers summed in a fixed order instead of fp32 atomics) and pinned configs.
+
+    ``store``: what ``lse_partials(..., store=[...])`` appended; its chunks skip the recompute.
+    ``grad_x_ready``: called once with grad_embeddings as soon as it is final, before the dW
+    GEMMs of the stored chunks and of the last chunk, which run after it returns (a
+    collective started there runs behind them). With both, the stored logits are overwritten
+    by the gradient in place: a store serves one such backward only.
     """
     check_inputs(embeddings, weight)
     x, w = compute_operands(embeddings, weight)
+    kept = None
+    if len(store):
+        stored, tile_max = store
+        if stored.dtype != x.dtype or stored.shape[0] != x.shape[0] or stored.shape[1] > w.shape[0]:
+            raise ValueError(
+                f"store holds {tuple(stored.shape)} {stored.dtype} logits; this backward needs ({x.shape[0]}, ≤ "
+                f"{w.shape[0]}) in {x.dtype}: pass what lse_partials stored for these inputs"
+            )
+        kept = (stored, tile_max, _store_scale(x, modulation))
+    deferred = [] if grad_x_ready is not None else None
     grad_x, grad_w = backward(
         x, w, inverse_norms(x, normalize), inverse_norms(w, normalize), labels_local,
-        lse, grad_rows, scale, normalize, deterministic, modulation, need_weight_grad,
+        lse, grad_rows, scale, normalize, deterministic, modulation, need_weight_grad, store=kept, deferred_dw=deferred,
     )
+    if grad_x_ready is not None:
+        grad_x_ready(grad_x)
+        with device_guard(x):
+            for weight_grad in deferred:
+                weight_grad()
     return grad_x, (grad_w.to(weight.dtype) if grad_w is not None else None)
