@@ -267,3 +267,47 @@ def test_memory_budget_is_checked_like_the_single_gpu_heads():
         with pytest.raises((ValueError, TypeError), match="memory_budget") as err:
             PartitionedMarginSoftmax(C, D, memory_budget=bad)
         assert repr(bad) in str(err.value) or str(bad) in str(err.value)
+
+
+def _protocol_inputs():
+    g = torch.Generator().manual_seed(4)
+    x, w = torch.randn(12, D, generator=g), torch.randn(70, D, generator=g)
+    labels = torch.randint(0, 70, (12,), generator=g)
+    labels[5] = -1
+    return x, w, labels, torch.rand(12, generator=g)
+
+
+@pytest.mark.parametrize("engine_name", ["torch", "triton"])
+def test_the_protocol_keywords_on_both_backends(engine_name):
+    """The store round trip and grad_x_ready through the protocol: the torch backend keeps nothing
+    and calls the hook once before returning; Triton stores, and equals its own no-store result."""
+    from marginkit import backends
+    from marginkit.backends import triton as tb
+
+    engine = backends.resolve(engine_name, torch.device("cpu"))
+    x, w, labels, grad_rows = _protocol_inputs()
+    with tb.tuning(chunk_classes=CHUNK):
+        row_max, row_sumexp = engine.lse_partials(x, w, labels, 30.0, True)
+        lse = (row_max + row_sumexp.log()).double() + 0.25  # + the target share's weight
+        plain = engine.grads_from_lse(x, w, labels, lse, grad_rows, 30.0, True)
+        store, seen = [], []
+        partials = engine.lse_partials(x, w, labels, 30.0, True, memory_budget=None, store=store)
+        got = engine.grads_from_lse(x, w, labels, lse, grad_rows, 30.0, True, store=store,
+                                    grad_x_ready=lambda grad_x: seen.append(grad_x.clone()))
+    assert len(store) == (2 if engine_name == "triton" else 0)
+    if store:
+        assert store[0].shape == (12, 70) and store[1].shape == (12, 3)
+    assert torch.equal(partials[0], row_max) and rel_err(partials[1], row_sumexp) < 1e-6
+    assert len(seen) == 1 and torch.equal(seen[0], got[0])
+    assert rel_err(got[0], plain[0]) < 1e-6 and rel_err(got[1], plain[1]) < 1e-6
+
+
+def test_a_store_that_does_not_fit_the_inputs_is_refused():
+    from marginkit.backends import triton as tb
+
+    x, w, labels, grad_rows = _protocol_inputs()
+    store = []
+    tb.lse_partials(x, w, labels, 30.0, True, memory_budget=None, store=store)
+    lse = torch.zeros(6, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"store holds \(12, 70\)"):
+        tb.grads_from_lse(x[:6], w, labels[:6], lse, grad_rows[:6], 30.0, True, store=store)
