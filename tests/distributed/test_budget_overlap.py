@@ -26,7 +26,9 @@ pytest.importorskip("triton")
 import marginkit as mk  # noqa: E402
 from marginkit.distributed import PartitionedMarginSoftmax  # noqa: E402
 from marginkit.distributed import collectives as coll  # noqa: E402
-from tests.distributed.cases import CASES, SIZES, C, D, full_weight, global_batch, local_rows, make_head, reference  # noqa: E402
+from tests.distributed.cases import (  # noqa: E402
+    CASES, SIZES, C, D, full_weight, global_batch, local_rows, make_head, reference,
+)
 from tests.distributed.harness import run_world, save_results  # noqa: E402
 from tests.distributed.test_step_guards import M, WireLog, count_syncs, predicted_wire  # noqa: E402
 from tests.helpers import rel_err  # noqa: E402
