@@ -124,7 +124,12 @@ def _deferred_label_check(
     label (the error names it). Seven small ops and one non-blocking copy, no host read.
     """
     keep = valid & (labels.clamp(0, num_classes - 1) == labels)  # a clamped label equals itself only in [0, C)
-    info = torch.stack(torch.aminmax(torch.where(keep, ignore_index, labels)))
+    _defer(torch.stack(torch.aminmax(torch.where(keep, ignore_index, labels))), _label_flag_error(num_classes, ignore_index))
+    return keep
+
+
+def _label_flag_error(num_classes: int, ignore_index: int) -> Callable[[list], Optional[ValueError]]:
+    """The label check flag's reader: (min, max) over ignore_index and the bad labels -> the error or None."""
 
     def error(flag: list) -> Optional[ValueError]:
         low, high = flag
@@ -132,8 +137,7 @@ def _deferred_label_check(
             return None
         return label_error(low if low != ignore_index else high, num_classes, ignore_index)
 
-    _defer(info, error)
-    return keep
+    return error
 
 
 def _deferred_margin_check(
@@ -264,15 +268,23 @@ def margin_loss(
     engine = backends.resolve(engine_name, embeddings.device, sub_centers=sub_centers)
     embeddings, weight = autocast_inputs(embeddings, weight)
     with no_autocast(embeddings.device):
-        valid = valid_rows(labels, num_classes, ignore_index)
         row_margins = per_row_margins(labels, ignore_index, class_margins, sample_margins)
-        if deferred and row_margins is not None and not skip_value_checks():
-            name = "sample_margins" if sample_margins is not None else "class_margins"
-            valid = _deferred_margin_check(row_margins, valid, margin, name)
-        labels_local = torch.where(valid, labels, -1)
-        psi, dpsi, cos, rows = target_terms(
-            embeddings, weight, labels_local, margin, row_margins, normalize, sub_centers=sub_centers,
-        )
+        margin_name = "sample_margins" if sample_margins is not None else "class_margins"
+        form = margin.angle_form() if sub_centers == 1 and hasattr(engine, "target_rows") else None
+        if form is not None:  # one kernel: label check, cos θ_y, ψ, dψ (the fused twin of the branch below)
+            labels_local, psi, dpsi, cos = _fused_target_terms(
+                engine, embeddings, weight, labels, num_classes, ignore_index, margin, form, row_margins, margin_name,
+                normalize, deferred,
+            )
+            valid, rows = labels_local >= 0, labels_local
+        else:
+            valid = valid_rows(labels, num_classes, ignore_index)
+            if deferred and row_margins is not None and not skip_value_checks():
+                valid = _deferred_margin_check(row_margins, valid, margin, margin_name)
+            labels_local = torch.where(valid, labels, -1)
+            psi, dpsi, cos, rows = target_terms(
+                embeddings, weight, labels_local, margin, row_margins, normalize, sub_centers=sub_centers,
+            )
         modulation = negatives(psi, cos, valid) if negatives is not None else None
         options = {"modulation": modulation, "deterministic": deterministic}
         if sub_centers > 1:
@@ -284,6 +296,26 @@ def margin_loss(
         else:
             losses = engine.row_losses(embeddings, weight, labels_local, psi, dpsi, float(scale), normalize, **options)
         return reduce_losses(losses, valid, reduction)
+
+
+def _fused_target_terms(
+    engine, embeddings, weight, labels, num_classes, ignore_index, margin, form, row_margins, margin_name, normalize,
+    deferred,
+):
+    """(labels_local, ψ, dψ, cos θ_y) from the backend's one-launch ``target_rows``, with the label
+    check as on the unfused path: eager off CUDA, flagged on the device and deferred on CUDA."""
+    checking = not skip_value_checks() and labels.numel() > 0
+    if checking and not deferred:
+        check_labels(labels, num_classes, ignore_index)
+    if checking and deferred and row_margins is not None:  # rows with a bad margin go in as ignored ones
+        usable = _deferred_margin_check(row_margins, labels != ignore_index, margin, margin_name)
+        labels = torch.where(usable, labels, ignore_index)
+    labels_local, psi, dpsi, cos, flag = engine.target_rows(
+        embeddings, weight, labels, ignore_index, form, row_margins, normalize, check_labels=checking and deferred
+    )
+    if checking and deferred:
+        _defer(flag, _label_flag_error(num_classes, ignore_index))
+    return labels_local, psi, dpsi, cos
 
 
 def _norm_scaled_row_losses(engine, x, w, labels_local, psi, dpsi, cos, scale, options) -> torch.Tensor:

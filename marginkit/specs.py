@@ -26,6 +26,7 @@ __all__ = [
     "SphereFace",
     "CombinedMargin",
     "AdaFaceMargin",
+    "AngleForm",
     "insightface_margin",
 ]
 
@@ -45,6 +46,24 @@ def _clamped(cos: torch.Tensor) -> torch.Tensor:
 def _sin_theta(c: torch.Tensor) -> torch.Tensor:
     # c is already clamped, so sin θ ≥ ~4.5e-4 and never divides by zero.
     return torch.sqrt(1.0 - c * c)
+
+
+@dataclass(frozen=True)
+class AngleForm:
+    """A spec written as ψ = cos(θ_y + m2) − m3 = c·cos m2 − sin θ_y·sin m2 − m3 (c = cos θ_y): what
+    the Triton backend's fused per-row kernel computes, without arccos (``triton_kernels/target_column.py``).
+
+    ``angle``: m2 applies, on c clamped by ``COS_CLAMP``; else ψ = cos θ_y − m3 unclamped, dψ = 1.
+    ``fallback``: 0 none; 1 ArcFace's c − m2·sin m2 (dψ = 1) where θ_y + m2 > π; 2 its easy margin
+    (ψ = c where c <= 0). ``row_margin_slot``: 2 or 3, the term per-row margins replace (0: none).
+    """
+
+    m2: float = 0.0
+    m3: float = 0.0
+    angle: bool = False
+    fallback: int = 0
+    row_margin_slot: int = 0
+    straight_through: bool = False
 
 
 @dataclass(frozen=True)
@@ -114,6 +133,11 @@ class MarginSpec:
         """Raise ``ValueError`` if per-class/per-row margins are outside what the spec allows
         (finiteness and sign are checked by the caller). Reads values: eager mode only."""
 
+    def angle_form(self) -> Optional[AngleForm]:
+        """The spec as ψ = cos(θ_y + m2) − m3 when it is one (a fused kernel then computes it), else None.
+        Must agree with ``target_terms`` (tests/core/test_specs.py checks every spec that has one)."""
+        return None
+
 
 @dataclass(frozen=True)
 class NoMargin(MarginSpec):
@@ -123,6 +147,9 @@ class NoMargin(MarginSpec):
 
     def psi(self, cos, m=None):
         return cos.clone()
+
+    def angle_form(self):
+        return AngleForm()
 
     def dpsi_exact(self, cos, m=None):
         return torch.ones_like(cos)
@@ -145,6 +172,9 @@ class CosFace(MarginSpec):
 
     def psi(self, cos, m=None):
         return cos - self._m(m)
+
+    def angle_form(self):
+        return AngleForm(m3=float(self.m), row_margin_slot=3, straight_through=self.gradient == "straight_through")
 
     def dpsi_exact(self, cos, m=None):
         return torch.ones_like(cos)
@@ -180,6 +210,10 @@ class ArcFace(MarginSpec):
                 f"{name} contains {float(margins.max())}; ArcFace margins must lie in [0, π) (an angle past π "
                 "turns the margin into a bonus)"
             )
+
+    def angle_form(self):
+        return AngleForm(m2=float(self.m), angle=True, fallback=2 if self.easy_margin else 1, row_margin_slot=2,
+                         straight_through=self.gradient == "straight_through")
 
     def psi(self, cos, m=None):
         m = self._m(m)
@@ -289,6 +323,12 @@ class CombinedMargin(MarginSpec):
 
     def default_margin(self):
         return float(self.m2)
+
+    def angle_form(self):
+        if self.m1 != 1.0:  # cos(m1·θ + m2) needs θ itself
+            return None
+        return AngleForm(m2=float(self.m2), m3=float(self.m3), angle=True, row_margin_slot=2,
+                         straight_through=self.gradient == "straight_through")
 
     def psi(self, cos, m=None):
         m2 = self._m(m)

@@ -13,6 +13,7 @@ from .margin_ce import (
     scores_kernel,
 )
 from .stored_logits import project_weight_rows_kernel, stored_to_workspace_kernel
+from .target_column import target_backward_kernel, target_terms_kernel
 
 __all__ = [
     "row_inv_norm_kernel",
@@ -23,4 +24,6 @@ __all__ = [
     "dw_gemm_kernel",
     "stored_to_workspace_kernel",
     "project_weight_rows_kernel",
+    "target_terms_kernel",
+    "target_backward_kernel",
 ]

@@ -20,7 +20,8 @@ Forward (two kernels):
                           k-step) loop is flattened into one loop so that the software pipeline does not drain
                           between tiles. With STORE (memory-budget mode) it also keeps the exp-scaled logits of
                           the first n_stored classes (stored_logits.py), so the backward skips their recompute.
-    lse_merge_kernel      merges the per-split partials in a fixed order (row_max back in natural units).
+    lse_merge_kernel      merges the per-split partials in a fixed order (row_max back in natural units),
+                          or (COMBINE) turns them into the float64 loss and lse with the target logit.
 
 Backward, per bounded chunk of classes [chunk_start, chunk_start + n_chunk) (three kernels):
     scores_kernel         recomputes the logits tile, p = exp(logit − lse) (as exp2 in log2 units), and writes
@@ -45,6 +46,7 @@ import triton
 import triton.language as tl
 
 from .stored_logits import store_tile
+from .target_column import log1p_f64, rounded
 
 #: log2(e) and ln(2): the kernels keep logits in log2 units (exp2 is the hardware's MUFU.EX2).
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -257,15 +259,27 @@ def lse_merge_kernel(
     part_sum_ptr,
     max_out_ptr,
     sum_out_ptr,
+    target_ptr,
+    labels_ptr,
+    loss_ptr,
+    loss_out_ptr,
+    lse_ptr,
     B,
     n_splits,
+    scale,
     BLOCK: tl.constexpr,
+    COMBINE: tl.constexpr,
 ):
     """row_max = ln2·max_s part_max[s]; row_sumexp = Σ_s part_sum[s]·exp2(part_max[s] − max_s part_max[s]).
 
     The partials are in log2 units (lse_partials_kernel); row_max comes out in natural units.
-
     Splits are visited in index order (deterministic); empty splits (−inf) add nothing.
+
+    COMBINE (the single-shard loss): instead of (row_max, row_sumexp), the per-row float64
+        loss = softplus(row_max + ln row_sumexp − s·ψ)   (exact for a 1e-7 loss; 0 where label < 0)
+        lse = s·ψ + softplus(...)
+    from target_ptr (ψ (B,) float64) and labels_ptr (labels_local), into loss_ptr (float64),
+    loss_out_ptr (the returned dtype) and lse_ptr (float64).
     """
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -282,8 +296,21 @@ def lse_merge_kernel(
         pm = tl.load(part_max_ptr + s * B + rows, mask=mask, other=0.0)
         ps = tl.load(part_sum_ptr + s * B + rows, mask=mask, other=0.0)
         total += ps * tl.exp2(pm - shift)
-    tl.store(max_out_ptr + rows, m * LN2, mask=mask)  # log2 units in, natural units out
-    tl.store(sum_out_ptr + rows, total, mask=mask)
+    if COMBINE:
+        target = scale * tl.load(target_ptr + rows, mask=mask, other=0.0)
+        row_sum = total.to(tl.float64)
+        # no other class: log 0 = −inf, softplus(−inf) = 0, the right loss (log of 1 keeps it finite here);
+        # a NaN row (NaN partials) stays NaN, as torch's cross-entropy
+        empty = row_sum == 0.0
+        excess = tl.where(empty, float("-inf"), m.to(tl.float64) * LN2 + tl.log(tl.where(empty, 1.0, row_sum)) - target)
+        loss = tl.maximum(excess, 0.0) + log1p_f64(tl.exp(-tl.abs(excess)))
+        owned = tl.load(labels_ptr + rows, mask=mask, other=-1) >= 0
+        tl.store(loss_ptr + rows, tl.where(owned, loss, 0.0), mask=mask)
+        tl.store(loss_out_ptr + rows, rounded(tl.where(owned, loss, 0.0), loss_out_ptr.dtype.element_ty), mask=mask)
+        tl.store(lse_ptr + rows, target + loss, mask=mask)
+    else:
+        tl.store(max_out_ptr + rows, m * LN2, mask=mask)  # log2 units in, natural units out
+        tl.store(sum_out_ptr + rows, total, mask=mask)
 
 
 @triton.jit
@@ -348,7 +375,7 @@ def scores_kernel(
     x_inv = tl.load(x_inv_ptr + rows, mask=row_mask, other=0.0)
     w_inv = tl.load(w_inv_ptr + cols, mask=col_mask, other=0.0)
     label = tl.load(labels_ptr + rows, mask=row_mask, other=-1)
-    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)  # float32 or float64 lse
     grad_scaled = tl.load(grad_scaled_ptr + rows, mask=row_mask, other=0.0)
     kappa = tl.load(kappa_ptr)
 

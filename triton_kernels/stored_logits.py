@@ -87,7 +87,7 @@ def stored_to_workspace_kernel(
 
     s = tl.load(stored_ptr + rows[:, None] * stride_stored + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     m = tl.load(tile_max_ptr + rows[:, None] * stride_tile_max + (cols // STORE_GROUP)[None, :], mask=mask, other=0.0)
-    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)  # float32 or float64 lse
     grad_scaled = tl.load(grad_scaled_ptr + rows, mask=row_mask, other=0.0)
     x_inv = tl.load(x_inv_ptr + rows, mask=row_mask, other=0.0)
     w_inv = tl.load(w_inv_ptr + cols, mask=col_mask, other=0.0)

@@ -401,11 +401,11 @@ def test_opcheck():
     for n_stored in (0, 20):  # the memory-budget mode's store: none, or every class
         args = (x, w, labels, psi, dpsi, 16.0, True, False, n_stored)
         torch.library.opcheck(torch.ops.marginkit.triton_margin_ce_rows.default, args)
-        losses, lse, w_inv, stored, tile_max = torch.ops.marginkit.triton_margin_ce_rows(
+        _, losses, lse, x_inv, w_inv, stored, tile_max = torch.ops.marginkit.triton_margin_ce_rows(
             x.detach(), w.detach(), *args[2:]
         )
         assert stored.shape == (3, n_stored) and tile_max.shape == (3, (n_stored + 31) // 32)
-        bwd_args = (x.detach(), w.detach(), labels, dpsi, losses, lse, w_inv, stored, tile_max,
+        bwd_args = (x.detach(), w.detach(), labels, dpsi, losses, lse, x_inv, w_inv, stored, tile_max,
                     torch.ones(3, device=x.device), 16.0, True, True, True)
         torch.library.opcheck(torch.ops.marginkit.triton_margin_ce_rows_backward.default, bwd_args)
         no_dw = bwd_args[:-1] + (False,)  # a frozen weight: no dW
@@ -413,6 +413,15 @@ def test_opcheck():
         modulation = (psi.float(), 1.0, 0.3)  # a negative modulation: threshold, quadratic, linear
         torch.library.opcheck(torch.ops.marginkit.triton_margin_ce_rows.default, args + modulation)
         torch.library.opcheck(torch.ops.marginkit.triton_margin_ce_rows_backward.default, bwd_args + modulation)
+
+
+def test_opcheck_target_rows():
+    x, w, y = make(B=5, C=20, D=8, seed=16, ignored=1)
+    margins = torch.full((5,), 0.3)
+    for normalize in (True, False):
+        for row_margins, slot in ((None, 0), (margins, 2)):  # ArcFace's form, with and without per-row margins
+            args = (x, w, y, row_margins, -100, normalize, 0.5, 0.0, True, 1, slot, False, True)
+            torch.library.opcheck(torch.ops.marginkit.triton_target_rows.default, args)
 
 
 def test_frozen_weight_skips_the_weight_gradient(monkeypatch):

@@ -189,9 +189,27 @@ def coverage_jobs():
     # bandwidth kernels
     jobs["bf16 row_inv_norm"] = dict(kernel="row_inv_norm_kernel", types=dict(x_ptr="*bf16", out_ptr=F, eps="fp32"),
                                      consts=dict(BLOCK_N=32, BLOCK_D=128), warps=4, stages=1, tile=[32, 128])
-    jobs["bf16 lse_merge"] = dict(
-        kernel="lse_merge_kernel", types=dict(part_max_ptr=F, part_sum_ptr=F, max_out_ptr=F, sum_out_ptr=F),
-        consts=dict(BLOCK=128), warps=4, stages=1, tile=[128, 1])
+    merge_types = dict(part_max_ptr=F, part_sum_ptr=F, max_out_ptr=F, sum_out_ptr=F, target_ptr="*fp64",
+                       labels_ptr="*i64", loss_ptr="*fp64", loss_out_ptr=F, lse_ptr="*fp64", scale="fp32")
+    jobs["bf16 lse_merge"] = dict(kernel="lse_merge_kernel", types=merge_types, consts=dict(BLOCK=128, COMBINE=False),
+                                  warps=4, stages=1, tile=[128, 1])
+    jobs["bf16 lse_merge_combine"] = dict(kernel="lse_merge_kernel", types=merge_types,
+                                          consts=dict(BLOCK=128, COMBINE=True), warps=4, stages=1, tile=[128, 1])
+    # the target column (float64 per-row work): ArcFace's form with the label check, and the backward
+    # at D = 512 with fp32 master weights
+    jobs["bf16 target_terms"] = dict(
+        kernel="target_terms_kernel",
+        types=dict(x_ptr="*bf16", w_ptr="*fp32", labels_ptr="*i64", margins_ptr="*fp32", labels_out_ptr="*i64",
+                   psi_ptr="*fp64", dpsi_ptr="*fp64", cos_ptr="*fp64", flag_ptr="*i64", ignore_index="i64",
+                   consts_ptr="*fp64"),
+        consts=dict(BLOCK_B=16, BLOCK_D=128, NORMALIZE=True, ANGLE=True, FALLBACK=1, ROW_MARGIN=0,
+                    STRAIGHT_THROUGH=False, CHECK_LABELS=True), warps=4, stages=1, tile=[16, 1])
+    jobs["bf16 target_backward"] = dict(
+        kernel="target_backward_kernel",
+        types=dict(x_ptr="*bf16", w_ptr="*fp32", g_ptr=F, kappa_ptr=F, sorted_ptr="*i64", order_ptr="*i64",
+                   losses_ptr="*fp64", dpsi_ptr="*fp64", grad_rows_ptr=F, dx_ptr="*bf16", dw_ptr=F,
+                   scale="fp32", eps="fp32"),
+        consts=dict(BLOCK_D=512, NORMALIZE=True, WEIGHT_GRAD=True), warps=4, stages=1, tile=[1, 512])
     jobs["bf16 stored_to_workspace"] = dict(
         kernel="stored_to_workspace_kernel",
         types=dict(stored_ptr="*bf16", tile_max_ptr=F, lse_ptr=F, grad_scaled_ptr=F, x_inv_ptr=F, w_inv_ptr=F,
@@ -290,7 +308,8 @@ def test_kernels_compile_for_hopper_as_pipelined_wgmma(compiled):
             assert info["cp_async"], f"{dtype} {name}: loads not pipelined ({info})"
             assert info["smem"] >= 2 * 128 * 64 * 2, f"{dtype} {name}: fewer than 2 pipeline stages ({info})"
             assert info["wgmma"], f"{dtype} {name}: not lowered to wgmma ({info})"  # fp32: tf32 wgmma
-    for name in ("row_inv_norm", "lse_merge", "stored_to_workspace", "project_weight_rows"):  # bandwidth kernels
+    for name in ("row_inv_norm", "lse_merge", "lse_merge_combine", "stored_to_workspace", "project_weight_rows",
+                 "target_terms", "target_backward"):  # bandwidth and per-row kernels: no MMA, no spill
         info = results[f"bf16 {name}"]
         assert not info["wgmma"] and info.get("stack", 0) == 0, (name, info)
     for name in ("lse_partials", "scores", "dx_gemm_atomic", "dw_gemm"):  # IEEE fp32: FMAs, inside 227 KiB

@@ -2,7 +2,8 @@
 
 Protocol (``marginkit.backends``): ``lse_partials`` and ``grads_from_lse`` (passes.py: the
 non-target share over one weight), ``row_losses`` (ops.py: custom ops with autograd; the
-target column in float64). Also ``inverse_norms`` and ``tuning`` (launch overrides for tests
+target column in float64), and the optional ``target_rows`` (target_column.py: the label check
+and the target terms of a spec with an ``angle_form`` in one launch). Also ``inverse_norms`` and ``tuning`` (launch overrides for tests
 and benchmarks). Files: configs.py (autotuning tiles and pruning), launch.py (launcher,
 cached compiled handles, launch-shape rules), passes.py, ops.py; kernels in
 ``marginkit.triton_kernels``. fp32, fp16, bf16, and fp32 master weights with fp16/bf16
@@ -13,5 +14,9 @@ docs/triton_backend.md; measured numbers: notes/PERF.md.
 from marginkit.backends.triton.launch import INTERPRETED, WORKSPACE_BYTES, tuning
 from marginkit.backends.triton.ops import row_losses
 from marginkit.backends.triton.passes import grads_from_lse, inverse_norms, lse_partials
+from marginkit.backends.triton.target_column import target_rows
 
-__all__ = ["lse_partials", "grads_from_lse", "row_losses", "inverse_norms", "tuning", "INTERPRETED", "WORKSPACE_BYTES"]
+__all__ = [
+    "lse_partials", "grads_from_lse", "row_losses", "target_rows", "inverse_norms", "tuning", "INTERPRETED",
+    "WORKSPACE_BYTES",
+]

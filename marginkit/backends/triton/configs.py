@@ -19,7 +19,7 @@ import triton
 
 __all__ = [
     "FWD_CONFIGS", "FWD_STORE_CONFIGS", "SCORES_CONFIGS", "GEMM_CONFIGS", "DW_CONFIGS", "STORED_CONFIGS",
-    "PROJECT_CONFIGS",
+    "PROJECT_CONFIGS", "ROW_CONFIGS",
     "FMA_FWD_CONFIGS", "FMA_SCORES_CONFIGS", "FMA_GEMM_CONFIGS",
     "INTERPRETER_META", "pow2_at_least", "pruner", "shared_memory_limit",
 ]
@@ -68,6 +68,9 @@ DW_CONFIGS = [c for c in GEMM_CONFIGS if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N
 # through the launcher's cached handles; no autotuning).
 STORED_CONFIGS = [_cfg(4, 1, BLOCK_B=32, BLOCK_C=128)]
 PROJECT_CONFIGS = [_cfg(4, 1)]  # whole rows: BLOCK_M, BLOCK_D from D (passes.project_tile)
+#: Per-row kernels (norms, lse merge, the target column): tiles from the call site, one config,
+#: launched pinned so that they too go through cached handles.
+ROW_CONFIGS = [_cfg(4, 1)]
 
 # fp32 with torch's default (no TF32): tl.dot runs as FMAs, where big tiles buy nothing and
 # take ptxas 5-17 s each to compile (vs 1-3 s for these; measured for sm_90 on the CPU).

@@ -3,8 +3,9 @@ autograd formula, so ``torch.compile(fullgraph=True)`` traces through the Triton
 and ``torch.library.opcheck`` passes.
 
 The kernels give the non-target share; the target column's share is combined per row in
-float64 (``common.combine_partials`` in the forward; ``common.target_gradient`` and
-``common.apply_target_gradients`` in the backward), so a 1e-7 loss is not rounded away.
+float64 (the merge kernel's COMBINE in the forward, ``target_column.apply_target_column`` in
+the backward: the kernel twins of ``common.combine_partials`` and ``common.apply_target_gradients``),
+so a 1e-7 loss is not rounded away.
 A ``NegativeModulation`` crosses the op boundary as (threshold (B,), quadratic, linear).
 """
 
@@ -14,16 +15,11 @@ from typing import Optional
 
 import torch
 
-from marginkit.backends.common import (
-    apply_target_gradients,
-    combine_partials,
-    compute_dtype,
-    target_classes,
-    target_gradient,
-)
+from marginkit.backends.common import as_float64, compute_dtype
 from marginkit.backends.triton.budget import STORE_GROUP, store_scale, stored_classes
 from marginkit.backends.triton.launch import cdiv
 from marginkit.backends.triton.passes import backward, check_inputs, compute_operands, forward, inverse_norms
+from marginkit.backends.triton.target_column import apply_target_column
 from marginkit.modulation import NegativeModulation
 
 __all__ = ["row_losses"]
@@ -47,23 +43,26 @@ def _margin_ce_rows(
     threshold: Optional[torch.Tensor] = None,
     quadratic: float = 0.0,
     linear: float = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(losses (B,) f64, lse (B,) f64, w_inv (C,) f32, stored (B, n_stored), tile_max
-    (B, ⌈n_stored/32⌉) f32); losses are 0 on rows not owned. stored/tile_max: the memory-budget
-    mode's exp-scaled logits of classes [0, n_stored) (empty for n_stored = 0)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(losses (B,) in the compute dtype, the same float64, lse (B,) f64, x_inv (B,) f32, w_inv (C,) f32,
+    stored (B, n_stored), tile_max (B, ⌈n_stored/32⌉) f32); losses are 0 on rows not owned. stored/tile_max:
+    the memory-budget mode's exp-scaled logits of classes [0, n_stored) (empty for n_stored = 0).
+    The merge kernel forms the float64 loss from the partials and ψ (no torch op per row)."""
     check_inputs(embeddings, weight)
     x, w = compute_operands(embeddings, weight)
-    w_inv = inverse_norms(w, normalize)
+    x_inv, w_inv = inverse_norms(x, normalize), inverse_norms(w, normalize)
     modulation = _modulation(threshold, quadratic, linear)
     stored, tile_max = _stored_buffers(x, n_stored)
     sigma = store_scale(x.dtype, modulation.max_slope if modulation is not None else 1.0)
-    row_max, row_sumexp = forward(
-        x, w, inverse_norms(x, normalize), w_inv, labels_local, scale, deterministic, modulation,
-        store=(stored, tile_max, sigma),
+    num_rows = embeddings.shape[0]
+    losses_out = embeddings.new_empty((num_rows,), dtype=compute_dtype(embeddings))
+    losses = embeddings.new_empty((num_rows,), dtype=torch.float64)
+    lse = embeddings.new_empty((num_rows,), dtype=torch.float64)
+    forward(
+        x, w, x_inv, w_inv, labels_local, scale, deterministic, modulation,
+        store=(stored, tile_max, sigma), combine=(as_float64(target_logit), losses, losses_out, lse),
     )
-    losses, lse = combine_partials(row_max, row_sumexp, target_logit, scale)
-    _, owned = target_classes(labels_local, weight.shape[0])
-    return torch.where(owned, losses, torch.zeros_like(losses)), lse, w_inv, stored, tile_max
+    return losses_out, losses, lse, x_inv, w_inv, stored, tile_max
 
 
 def _stored_buffers(x: torch.Tensor, n_stored: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,8 +82,10 @@ def _margin_ce_rows_fake(
     num_rows, num_classes = embeddings.shape[0], weight.shape[0]
     compute = embeddings.new_empty((0, 0), dtype=torch.float32 if embeddings.dtype == torch.float64 else None)
     return (
+        embeddings.new_empty((num_rows,), dtype=compute_dtype(embeddings)),
         embeddings.new_empty((num_rows,), dtype=torch.float64),
         embeddings.new_empty((num_rows,), dtype=torch.float64),
+        embeddings.new_empty((num_rows,), dtype=torch.float32),
         weight.new_empty((num_classes,), dtype=torch.float32),
         compute.new_empty((num_rows, n_stored)),
         compute.new_empty((num_rows, cdiv(n_stored, STORE_GROUP)), dtype=torch.float32),
@@ -99,6 +100,7 @@ def _margin_ce_rows_backward(
     dtarget: torch.Tensor,
     losses: torch.Tensor,
     lse: torch.Tensor,
+    x_inv: torch.Tensor,
     w_inv: torch.Tensor,
     stored: torch.Tensor,
     tile_max: torch.Tensor,
@@ -114,29 +116,30 @@ def _margin_ce_rows_backward(
     """(grad_embeddings in embeddings.dtype, grad_weight in weight.dtype) of Σ grad_rows·losses;
     grad_weight is (0, D) without ``need_weight_grad`` (frozen weights, IR-Softmax's centers: no dW GEMM).
 
-    Kernels: the non-target share (the chunks in ``stored`` without recompute). Then the
-    target column's share per row in float64 (g·s·(p_y − 1)·dψ, p_y − 1 = expm1(−loss)),
-    added to the distinct target rows of dW.
+    Kernels: the non-target share (the chunks in ``stored`` without recompute). Then one kernel
+    finishes dX and adds the target column's share per row in float64 (g·s·(p_y − 1)·dψ,
+    p_y − 1 = expm1(−loss)) to both gradients (``target_column.apply_target_column``).
     """
     x, w = compute_operands(embeddings, weight)
     modulation = _modulation(threshold, quadratic, linear)
     sigma = store_scale(x.dtype, modulation.max_slope if modulation is not None else 1.0)
-    grad_x, grad_w = backward(
-        x, w, inverse_norms(x, normalize), w_inv, labels_local, lse, grad_rows, scale, normalize, deterministic,
-        modulation, need_weight_grad=need_weight_grad, store=(stored, tile_max, sigma),
+    grad_raw, grad_w, kappa = backward(
+        x, w, x_inv, w_inv, labels_local, lse, grad_rows, scale, normalize, deterministic,
+        modulation, need_weight_grad=need_weight_grad, store=(stored, tile_max, sigma), finish_grad_x=False,
     )
-    grad_w = grad_w.to(weight.dtype) if need_weight_grad else None
-    target_grad = target_gradient(losses, dtarget, grad_rows, scale)
-    grad_x = apply_target_gradients(
-        grad_x, grad_w, embeddings, weight, labels_local, target_grad, normalize, embeddings.dtype
+    if grad_w is not None and grad_w.dtype != weight.dtype:  # float64 inputs ran in float32 kernels
+        grad_w = grad_w.to(weight.dtype)
+    grad_x = apply_target_column(
+        grad_raw, kappa, grad_w, embeddings, weight, labels_local, losses, dtarget, grad_rows, scale, normalize,
+        embeddings.dtype,
     )
     return grad_x, (grad_w if need_weight_grad else weight.new_empty((0, weight.shape[1])))
 
 
 @_margin_ce_rows_backward.register_fake
 def _margin_ce_rows_backward_fake(
-    embeddings, weight, labels_local, dtarget, losses, lse, w_inv, stored, tile_max, grad_rows, scale, normalize,
-    deterministic, need_weight_grad,
+    embeddings, weight, labels_local, dtarget, losses, lse, x_inv, w_inv, stored, tile_max, grad_rows, scale,
+    normalize, deterministic, need_weight_grad,
     threshold=None, quadratic=0.0, linear=0.0,
 ):
     grad_w = torch.empty_like(weight) if need_weight_grad else weight.new_empty((0, weight.shape[1]))
@@ -145,25 +148,24 @@ def _margin_ce_rows_backward_fake(
 
 def _setup_context(ctx, inputs, output):
     embeddings, weight, labels_local, target_logit, dtarget, scale, normalize, deterministic, _, *modulation = inputs
-    losses, lse, w_inv, stored, tile_max = output
-    ctx.save_for_backward(embeddings, weight, labels_local, dtarget, losses, lse, w_inv, stored, tile_max)
+    _, losses, lse, x_inv, w_inv, stored, tile_max = output
+    ctx.save_for_backward(embeddings, weight, labels_local, dtarget, losses, lse, x_inv, w_inv, stored, tile_max)
     # no zero (B, C) gradient is ever made for the store (autograd would materialise one)
-    ctx.mark_non_differentiable(lse, w_inv, stored, tile_max)
+    ctx.mark_non_differentiable(losses, lse, x_inv, w_inv, stored, tile_max)
     ctx.set_materialize_grads(False)
     ctx.scale, ctx.normalize, ctx.deterministic = scale, normalize, deterministic
     ctx.modulation = modulation  # [threshold, quadratic, linear] when given
 
 
-def _autograd_backward(ctx, grad_losses, grad_lse, grad_w_inv, grad_stored, grad_tile_max):
-    # lse, w_inv and the stored logits are saved auxiliaries of the loss layer, not differentiated through.
-    embeddings, weight, labels_local, dtarget, losses, lse, w_inv, stored, tile_max = ctx.saved_tensors
+def _autograd_backward(ctx, grad_losses, *_auxiliaries):
+    # the float64 losses, lse, the norms and the stored logits are saved auxiliaries, not differentiated through.
+    embeddings, weight, labels_local, dtarget, losses, lse, x_inv, w_inv, stored, tile_max = ctx.saved_tensors
     if grad_losses is None:
-        grad_losses = torch.zeros_like(losses)
-    _, owned = target_classes(labels_local, weight.shape[0])
-    grad_rows = torch.where(owned, grad_losses.to(torch.float32), torch.zeros_like(losses, dtype=torch.float32))
+        grad_losses = torch.zeros_like(losses, dtype=torch.float32)
+    grad_rows = torch.where(labels_local >= 0, grad_losses, 0.0)  # labels_local is −1 or in [0, C)
     need_weight_grad = ctx.needs_input_grad[1]
     grad_x, grad_w = _margin_ce_rows_backward(
-        embeddings, weight, labels_local, dtarget, losses, lse, w_inv, stored, tile_max, grad_rows,
+        embeddings, weight, labels_local, dtarget, losses, lse, x_inv, w_inv, stored, tile_max, grad_rows,
         ctx.scale, ctx.normalize, ctx.deterministic, need_weight_grad, *ctx.modulation,
     )
     return (grad_x, grad_w if need_weight_grad else None) + (None,) * (7 + len(ctx.modulation))
@@ -205,7 +207,12 @@ def row_losses(
     compute_size = 4 if embeddings.dtype == torch.float64 else embeddings.element_size()
     n_stored = stored_classes(embeddings.shape[0], weight.shape[0], compute_size, memory_budget)
     losses, *_ = torch.ops.marginkit.triton_margin_ce_rows(
-        embeddings, weight, labels_local, target_logit.detach(), dtarget.detach(),
+        embeddings, weight, labels_local, _constant(target_logit), _constant(dtarget),
         float(scale), bool(normalize), bool(deterministic), n_stored, *extra,
     )
-    return losses.to(compute_dtype(embeddings))
+    return losses
+
+
+def _constant(t: torch.Tensor) -> torch.Tensor:
+    """t without autograd history (detach only when it has some: each op is host work on CUDA)."""
+    return t.detach() if t.requires_grad else t

@@ -10,6 +10,7 @@ float64 inputs are computed in float32 kernels (see ``check_inputs``).
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -26,6 +27,7 @@ from marginkit.backends.triton.configs import (
     GEMM_CONFIGS,
     INTERPRETER_META,
     PROJECT_CONFIGS,
+    ROW_CONFIGS,
     SCORES_CONFIGS,
     STORED_CONFIGS,
     pow2_at_least,
@@ -94,6 +96,11 @@ PROJECT = KernelLauncher(
     project_weight_rows_kernel, PROJECT_CONFIGS, PROJECT_CONFIGS, key=[], interp_meta=INTERPRETER_META["project"],
     tiles=("BLOCK_M", "BLOCK_D", "BLOCK_D"),
 )
+#: The per-row kernels: one config, tiles from the call site (cached-handle launches).
+ROW_NORMS = KernelLauncher(
+    row_inv_norm_kernel, ROW_CONFIGS, ROW_CONFIGS, key=[], interp_meta={}, tiles=("BLOCK_N", "BLOCK_N", "BLOCK_D")
+)
+MERGE = KernelLauncher(lse_merge_kernel, ROW_CONFIGS, ROW_CONFIGS, key=[], interp_meta={}, tiles=("BLOCK", "BLOCK", "BLOCK"))
 DW = KernelLauncher(
     dw_gemm_kernel, DW_CONFIGS, FMA_GEMM_CONFIGS,
     key=["D", "B_BUCKET", "NORMALIZE"],
@@ -172,55 +179,79 @@ def inverse_norms(rows: torch.Tensor, normalize: bool) -> torch.Tensor:
     block_n = 16 if INTERPRETED else 32
     block_d = min(pow2_at_least(rows.shape[1]), 64 if INTERPRETED else 128)
     with device_guard(rows):
-        row_inv_norm_kernel[(cdiv(num, block_n),)](
-            rows, out, num, rows.shape[1], rows.stride(0), rows.stride(1), NORM_EPS,
-            BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4,
+        ROW_NORMS(
+            (cdiv(num, block_n),), rows, out, num, rows.shape[1], rows.stride(0), rows.stride(1), NORM_EPS,
+            BLOCK_N=block_n, BLOCK_D=block_d, pinned=True,
         )
     return out
 
 
-def forward(x, w, x_inv, w_inv, labels_local, scale, deterministic=False, modulation=None, store=None):
+def forward(x, w, x_inv, w_inv, labels_local, scale, deterministic=False, modulation=None, store=None, combine=None):
     """(row_max, row_sumexp) (B,) fp32 over the non-target classes of w; x, w as the kernels take them.
 
     ``store`` (memory-budget mode): (stored (B, n) in x's dtype, tile_max (B, ⌈n/STORE_GROUP⌉)
     fp32, σ) filled for the classes [0, n) (see ``budget.py``); None stores nothing.
+    ``combine`` (the single-shard loss): (ψ (B,) float64, losses (B,) float64, losses_out (B,),
+    lse (B,) float64) that the merge fills with the loss instead (``lse_merge_kernel``'s COMBINE);
+    returns None then.
     """
     num_rows, dim = x.shape
     num_classes = w.shape[0]
     device = x.device
-    row_max = torch.full((num_rows,), float("-inf"), dtype=torch.float32, device=device)
-    row_sumexp = torch.zeros(num_rows, dtype=torch.float32, device=device)
-    if num_rows == 0 or num_classes == 0:
-        return row_max, row_sumexp
-    labels = labels_local.to(torch.int64).contiguous()
-    n_splits, per_split = launch.class_splits(num_rows, num_classes, device)
-    part_max = torch.empty((n_splits, num_rows), dtype=torch.float32, device=device)
-    part_sum = torch.empty((n_splits, num_rows), dtype=torch.float32, device=device)
+    if combine is None:
+        row_max = torch.full((num_rows,), float("-inf"), dtype=torch.float32, device=device)
+        row_sumexp = torch.zeros(num_rows, dtype=torch.float32, device=device)
+        if num_rows == 0 or num_classes == 0:
+            return row_max, row_sumexp
+    elif num_rows == 0:
+        return None
+    labels = _int64_contiguous(labels_local)
+    n_splits, per_split = launch.class_splits(num_rows, num_classes, device) if num_classes else (0, 1)
+    part_max = torch.empty((max(n_splits, 1), num_rows), dtype=torch.float32, device=device)
+    part_sum = torch.empty((max(n_splits, 1), num_rows), dtype=torch.float32, device=device)
     mod = modulation_args(modulation, x_inv)
     storing = store is not None and store[0].shape[1] > 0
     stored, tile_max, sigma = store if storing else (x_inv, x_inv, 1.0)  # unused placeholders
     with device_guard(x):
-        (FWD_STORE if storing else FWD)(
-            lambda meta: (cdiv(num_rows, meta["BLOCK_B"]), n_splits),
-            x, w, x_inv, w_inv, labels, part_max, part_sum, mod["threshold"], stored, tile_max,
-            num_rows, num_classes, dim, per_split, stored.shape[1] if storing else 0,
-            x.stride(0), x.stride(1), w.stride(0), w.stride(1), stored.stride(0) if storing else 0,
-            tile_max.stride(0) if storing else 0,
-            float(scale), mod["quadratic"], mod["linear"], float(sigma), launch.b_bucket(num_rows),
-            MODULATE=mod["MODULATE"], STORE=storing, STORE_GROUP=STORE_GROUP,
-            **launch.dot_meta(x.dtype), pinned=deterministic,
+        if n_splits:
+            (FWD_STORE if storing else FWD)(
+                lambda meta: (cdiv(num_rows, meta["BLOCK_B"]), n_splits),
+                x, w, x_inv, w_inv, labels, part_max, part_sum, mod["threshold"], stored, tile_max,
+                num_rows, num_classes, dim, per_split, stored.shape[1] if storing else 0,
+                x.stride(0), x.stride(1), w.stride(0), w.stride(1), stored.stride(0) if storing else 0,
+                tile_max.stride(0) if storing else 0,
+                float(scale), mod["quadratic"], mod["linear"], float(sigma), launch.b_bucket(num_rows),
+                MODULATE=mod["MODULATE"], STORE=storing, STORE_GROUP=STORE_GROUP,
+                **launch.dot_meta(x.dtype), pinned=deterministic,
+            )
+        if combine is None:
+            outputs = (row_max, row_sumexp, x_inv, labels, x_inv, x_inv, x_inv)  # the COMBINE pointers unused
+        else:
+            psi, losses, losses_out, lse = combine
+            outputs = (x_inv, x_inv, psi, labels, losses, losses_out, lse)
+        MERGE(
+            (cdiv(num_rows, MERGE_BLOCK_ROWS),), part_max, part_sum, *outputs, num_rows, n_splits, float(scale),
+            BLOCK=MERGE_BLOCK_ROWS, COMBINE=combine is not None, pinned=True,
         )
-        lse_merge_kernel[(cdiv(num_rows, MERGE_BLOCK_ROWS),)](
-            part_max, part_sum, row_max, row_sumexp, num_rows, n_splits, BLOCK=MERGE_BLOCK_ROWS
-        )
-    return row_max, row_sumexp
+    return None if combine is not None else (row_max, row_sumexp)
+
+
+def _int64_contiguous(labels: torch.Tensor) -> torch.Tensor:
+    """labels as the kernels read them; no op when they already are (each op is host work on CUDA)."""
+    return labels if labels.dtype == torch.int64 and labels.is_contiguous() else labels.to(torch.int64).contiguous()
+
+
+@functools.lru_cache(maxsize=None)
+def _unit_scale(device: torch.device) -> torch.Tensor:
+    """A (1,) fp32 one per device, read only: κ = 1 without an allocation per step."""
+    return torch.ones(1, dtype=torch.float32, device=device)
 
 
 def workspace_scale(dtype, grad_scaled, x_inv, w_inv, slope_bound: float = 1.0) -> torch.Tensor:
     """Power-of-two scale κ (1,) of the workspace: 1, except for fp16 (largest |E| → 2^14)."""
     device = x_inv.device
     if dtype != torch.float16 or grad_scaled.numel() == 0 or w_inv.numel() == 0:
-        return torch.ones(1, dtype=torch.float32, device=device)
+        return _unit_scale(device)
     # |dS| ≤ |g|·s·max|dN/dcos| since p ≤ 1
     row_bound = (grad_scaled.abs() * x_inv).amax() * slope_bound
     bound = (row_bound.double() * w_inv.amax().double()).reshape(1)
@@ -231,7 +262,7 @@ def workspace_scale(dtype, grad_scaled, x_inv, w_inv, slope_bound: float = 1.0) 
 
 def backward(
     x, w, x_inv, w_inv, labels_local, lse, grad_rows, scale, normalize, deterministic,
-    modulation=None, need_weight_grad=True, store=None, deferred_dw=None,
+    modulation=None, need_weight_grad=True, store=None, deferred_dw=None, finish_grad_x=True,
 ):
     """Non-target share: (grad_x fp32 (B, D), grad_w (C, D) in w's dtype or None).
 
@@ -240,6 +271,8 @@ def backward(
     ``deferred_dw``: a list that receives, instead of running them, the dW work of the stored
     chunks (their dS written over their own columns of ``stored``: the store is spent) and of
     the last chunk; the caller runs them after grad_x is final (``grads_from_lse``).
+    ``finish_grad_x=False``: returns (G, grad_w, κ) with G the raw κ-scaled (B, D) fp32 sum, before
+    1/κ and the chain rule of x̂ (``target_backward_kernel`` applies both with the target share).
     """
     num_rows, dim = x.shape
     num_classes = w.shape[0]
@@ -247,11 +280,12 @@ def backward(
     grad_x = torch.zeros((num_rows, dim), dtype=torch.float32, device=device)
     grad_w = torch.empty((num_classes, dim), dtype=w.dtype, device=device) if need_weight_grad else None
     if num_classes == 0 or dim == 0 or num_rows == 0:
-        return grad_x, (grad_w.zero_() if need_weight_grad else None)
+        empty = (grad_x, (grad_w.zero_() if need_weight_grad else None))
+        return empty if finish_grad_x else (*empty, torch.ones(1, dtype=torch.float32, device=device))
 
-    labels = labels_local.to(torch.int64).contiguous()
-    lse32 = lse.to(torch.float32).contiguous()
-    grad_scaled = (grad_rows.to(torch.float32) * scale).contiguous()
+    labels = _int64_contiguous(labels_local)
+    lse32 = lse.contiguous()  # float32 or float64: the kernels cast on load (no (B,) copy, no host op)
+    grad_scaled = (grad_rows if grad_rows.dtype == torch.float32 else grad_rows.to(torch.float32)) * scale
     mod = modulation_args(modulation, x_inv)
     slope_bound = modulation.max_slope if modulation is not None else 1.0
     kappa = workspace_scale(x.dtype, grad_scaled, x_inv, w_inv, slope_bound)
@@ -271,8 +305,9 @@ def backward(
     use_atomics = (not deterministic) and splits > 1
     if deterministic and splits > 1:
         dx_acc = torch.zeros((splits, num_rows, dim), dtype=torch.float32, device=device)
-    else:
-        dx_acc = grad_x.unsqueeze(0)
+        dx_strides = (dx_acc.stride(1), dx_acc.stride(2), dx_acc.stride(0))
+    else:  # every split adds into grad_x (split stride 0)
+        dx_acc, dx_strides = grad_x, (grad_x.stride(0), grad_x.stride(1), 0)
 
     with device_guard(x):
         for start in range(0, num_classes, chunk):
@@ -309,7 +344,7 @@ def backward(
                 ws, w, dx_acc,
                 num_rows, dim, start, n_chunk, k_per_split,
                 ws.stride(0), w.stride(0), w.stride(1),
-                dx_acc.stride(1), dx_acc.stride(2), dx_acc.stride(0),
+                *dx_strides,
                 bucket,
                 USE_ATOMICS=use_atomics, **dot_meta, pinned=deterministic,
             )
@@ -339,6 +374,8 @@ def backward(
         grad_x = dx_acc[0].clone()
         for s in range(1, splits):  # fixed order
             grad_x += dx_acc[s]
+    if not finish_grad_x:  # the caller's target kernel applies 1/κ and the chain rule (ops.py)
+        return grad_x, grad_w, kappa
     grad_x.mul_(1.0 / kappa)  # κ is a power of two: exact
     if normalize:  # dx = G − x̂ (x̂·G): the chain rule of x̂ = x/‖x‖ (G already carries 1/‖x‖)
         x_unit = x.to(torch.float32) * x_inv[:, None]
