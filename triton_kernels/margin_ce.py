@@ -321,7 +321,7 @@ def scores_kernel(
     w_inv_ptr,
     labels_ptr,
     lse_ptr,
-    grad_scaled_ptr,
+    grad_ptr,
     kappa_ptr,
     ws_ptr,
     q_ptr,
@@ -353,7 +353,7 @@ def scores_kernel(
     Writes ws[i, j − chunk_start] = κ·dS_ij·x_inv_i·w_inv_j in ws's dtype and, with
     NORMALIZE, q[pid_b, j − chunk_start] = Σ_{i in block} dS_ij·cos_ij (fp32).
     dS_ij = g_i·scale·exp(logit_ij − lse_i)·dN/dcos_ij (slope 1 without MODULATE), 0 at the
-    target column; grad_scaled = g_i·scale (0 on rows that contribute nothing). Computed as
+    target column; g_i from grad_ptr (fp32 or fp64; 0 on rows that contribute nothing). Computed as
     exp2 of logits in log2 units, as the forward. No probability filter: every class's
     exp(logit − lse) enters, however small.
     """
@@ -376,7 +376,7 @@ def scores_kernel(
     w_inv = tl.load(w_inv_ptr + cols, mask=col_mask, other=0.0)
     label = tl.load(labels_ptr + rows, mask=row_mask, other=-1)
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)  # float32 or float64 lse
-    grad_scaled = tl.load(grad_scaled_ptr + rows, mask=row_mask, other=0.0)
+    grad_scaled = tl.load(grad_ptr + rows, mask=row_mask, other=0.0).to(tl.float32) * scale  # g_i·scale
     kappa = tl.load(kappa_ptr)
 
     # Per-row factors first, so each element takes the forward's two multiplies, one exp2 and

@@ -56,7 +56,7 @@ def stored_to_workspace_kernel(
     stored_ptr,
     tile_max_ptr,
     lse_ptr,
-    grad_scaled_ptr,
+    grad_ptr,
     x_inv_ptr,
     w_inv_ptr,
     kappa_ptr,
@@ -67,14 +67,15 @@ def stored_to_workspace_kernel(
     stride_stored,
     stride_tile_max,
     stride_ws,
-    inv_store_scale,
+    scale_over_sigma,
     STORE_GROUP: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     """ws[i, j − chunk_start] = E_ij for the chunk's classes (fp32 maths, stored in ws's dtype).
 
-    Rows with grad_scaled = g_i·scale = 0 (ignored, not owned) write 0 whatever they stored.
+    g_i from grad_ptr (fp32 or fp64); scale_over_sigma = scale / σ (the store's power-of-two scale).
+    Rows with g_i = 0 (ignored, not owned) write 0 whatever they stored.
     """
     pid_b = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -88,15 +89,15 @@ def stored_to_workspace_kernel(
     s = tl.load(stored_ptr + rows[:, None] * stride_stored + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     m = tl.load(tile_max_ptr + rows[:, None] * stride_tile_max + (cols // STORE_GROUP)[None, :], mask=mask, other=0.0)
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)  # float32 or float64 lse
-    grad_scaled = tl.load(grad_scaled_ptr + rows, mask=row_mask, other=0.0)
+    grad = tl.load(grad_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
     x_inv = tl.load(x_inv_ptr + rows, mask=row_mask, other=0.0)
     w_inv = tl.load(w_inv_ptr + cols, mask=col_mask, other=0.0)
     kappa = tl.load(kappa_ptr)
 
-    row_factor = grad_scaled * x_inv * (kappa * inv_store_scale)
+    row_factor = grad * x_inv * (kappa * scale_over_sigma)
     # m is in log2 units (the forward's z = logit·log2(e))
     e = s * tl.exp2(m - lse[:, None] * 1.4426950408889634) * row_factor[:, None] * w_inv[None, :]
-    e = tl.where((grad_scaled != 0.0)[:, None], e, 0.0)
+    e = tl.where((grad != 0.0)[:, None], e, 0.0)
     tl.store(ws_ptr + rows[:, None] * stride_ws + lcols[None, :], e.to(ws_ptr.dtype.element_ty), mask=mask)
 
 

@@ -127,7 +127,7 @@ def _types(kind, dt, w_dt=None):
     return {
         "fwd": dict(vectors, x_ptr=p, w_ptr=wp, labels_ptr="*i64", part_max_ptr=F, part_sum_ptr=F, stored_ptr=p,
                     tile_max_ptr=F, store_scale="fp32"),
-        "scores": dict(vectors, x_ptr=p, w_ptr=wp, labels_ptr="*i64", lse_ptr=F, grad_scaled_ptr=F, kappa_ptr=F,
+        "scores": dict(vectors, x_ptr=p, w_ptr=wp, labels_ptr="*i64", lse_ptr=F, grad_ptr=F, kappa_ptr=F,
                        ws_ptr=p, q_ptr=F),
         "dx": dict(ws_ptr=p, w_ptr=wp, out_ptr=F),
         "dw": dict(ws_ptr=p, x_ptr=p, w_ptr=wp, w_inv_ptr=F, q_ptr=F, kappa_ptr=F, dw_ptr=wp),
@@ -212,8 +212,8 @@ def coverage_jobs():
         consts=dict(BLOCK_D=512, NORMALIZE=True, WEIGHT_GRAD=True), warps=4, stages=1, tile=[1, 512])
     jobs["bf16 stored_to_workspace"] = dict(
         kernel="stored_to_workspace_kernel",
-        types=dict(stored_ptr="*bf16", tile_max_ptr=F, lse_ptr=F, grad_scaled_ptr=F, x_inv_ptr=F, w_inv_ptr=F,
-                   kappa_ptr=F, ws_ptr="*bf16", inv_store_scale="fp32"),
+        types=dict(stored_ptr="*bf16", tile_max_ptr=F, lse_ptr=F, grad_ptr=F, x_inv_ptr=F, w_inv_ptr=F,
+                   kappa_ptr=F, ws_ptr="*bf16", scale_over_sigma="fp32"),
         consts=dict(STORE_GROUP=32, BLOCK_B=128, BLOCK_C=128), warps=4, stages=1, tile=[128, 128])
     jobs["bf16 project_weight_rows"] = dict(
         kernel="project_weight_rows_kernel", types=dict(r_ptr=F, w_ptr="*bf16", w_inv_ptr=F, out_ptr="*bf16"),

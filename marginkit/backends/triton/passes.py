@@ -247,13 +247,13 @@ def _unit_scale(device: torch.device) -> torch.Tensor:
     return torch.ones(1, dtype=torch.float32, device=device)
 
 
-def workspace_scale(dtype, grad_scaled, x_inv, w_inv, slope_bound: float = 1.0) -> torch.Tensor:
+def workspace_scale(dtype, grad_rows, scale, x_inv, w_inv, slope_bound: float = 1.0) -> torch.Tensor:
     """Power-of-two scale κ (1,) of the workspace: 1, except for fp16 (largest |E| → 2^14)."""
     device = x_inv.device
-    if dtype != torch.float16 or grad_scaled.numel() == 0 or w_inv.numel() == 0:
+    if dtype != torch.float16 or grad_rows.numel() == 0 or w_inv.numel() == 0:
         return _unit_scale(device)
     # |dS| ≤ |g|·s·max|dN/dcos| since p ≤ 1
-    row_bound = (grad_scaled.abs() * x_inv).amax() * slope_bound
+    row_bound = (grad_rows.float().abs() * scale * x_inv).amax() * slope_bound
     bound = (row_bound.double() * w_inv.amax().double()).reshape(1)
     kappa = torch.exp2(torch.floor(torch.log2(FP16_TARGET_MAX / bound)))
     kappa = torch.nan_to_num(kappa, nan=1.0, posinf=2.0**60).clamp(2.0**-60, 2.0**60)
@@ -285,10 +285,10 @@ def backward(
 
     labels = _int64_contiguous(labels_local)
     lse32 = lse.contiguous()  # float32 or float64: the kernels cast on load (no (B,) copy, no host op)
-    grad_scaled = (grad_rows if grad_rows.dtype == torch.float32 else grad_rows.to(torch.float32)) * scale
+    grad = grad_rows.contiguous()  # fp32 or fp64: the kernels cast on load and multiply by scale
     mod = modulation_args(modulation, x_inv)
     slope_bound = modulation.max_slope if modulation is not None else 1.0
-    kappa = workspace_scale(x.dtype, grad_scaled, x_inv, w_inv, slope_bound)
+    kappa = workspace_scale(x.dtype, grad, scale, x_inv, w_inv, slope_bound)
     dot_meta = launch.dot_meta(x.dtype)
     bucket = launch.b_bucket(num_rows)
     n_stored = store[0].shape[1] if store is not None else 0
@@ -324,14 +324,14 @@ def backward(
                 stored, tile_max, sigma = store
                 STORED(
                     lambda meta: (cdiv(num_rows, meta["BLOCK_B"]), cdiv(n_chunk, meta["BLOCK_C"])),
-                    stored, tile_max, lse32, grad_scaled, x_inv, w_inv, kappa, ws,
+                    stored, tile_max, lse32, grad, x_inv, w_inv, kappa, ws,
                     num_rows, start, n_chunk, stored.stride(0), tile_max.stride(0), ws.stride(0),
-                    1.0 / sigma, STORE_GROUP=STORE_GROUP, pinned=True,
+                    float(scale) / sigma, STORE_GROUP=STORE_GROUP, pinned=True,
                 )
             else:
                 SCORES(
                     lambda meta: (row_blocks, cdiv(n_chunk, meta["BLOCK_C"])),
-                    x, w, x_inv, w_inv, labels, lse32, grad_scaled, kappa,
+                    x, w, x_inv, w_inv, labels, lse32, grad, kappa,
                     workspace, colsum, mod["threshold"],
                     num_rows, dim, start, n_chunk,
                     x.stride(0), x.stride(1), w.stride(0), w.stride(1), workspace.stride(0), colsum.stride(0),

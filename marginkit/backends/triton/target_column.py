@@ -111,10 +111,11 @@ def target_rows(
     over ignore_index and the out-of-range labels (both ignore_index when none is), else
     [ignore_index, ignore_index].
     """
-    return torch.ops.marginkit.triton_target_rows(
-        embeddings, weight, labels, row_margins, int(ignore_index), bool(normalize), form.m2, form.m3, form.angle,
-        form.fallback, form.row_margin_slot, form.straight_through, bool(check_labels),
-    )
+    with torch.no_grad():  # constants of the loss (dψ enters the backward by hand): no autograd record
+        return torch.ops.marginkit.triton_target_rows(
+            embeddings, weight, labels, row_margins, int(ignore_index), bool(normalize), form.m2, form.m3, form.angle,
+            form.fallback, form.row_margin_slot, form.straight_through, bool(check_labels),
+        )
 
 
 def apply_target_column(
