@@ -76,7 +76,7 @@ fi
 $PY -c "import marginkit, sys; print('marginkit from', marginkit.__file__)" 2>&1 | tee -a "$LOG"
 $PY -c "import marginkit._C as C; print(C.build_info())" 2>&1 | tee -a "$LOG"
 
-# 3. GPU correctness first: every test marked `gpu` (Triton on CUDA vs float64 and the textbook,
+# 3. GPU correctness first: every test marked `gpu` or `cuda_twin` (Triton on CUDA vs float64 and the textbook,
 # C = 4M; csrc CUDA ops vs their CPU twins; NCCL world size 1; no host sync under
 # torch.cuda.set_sync_debug_mode("error"); autocast and master weights on CUDA)
 TESTS=skipped
@@ -84,7 +84,7 @@ if [ "$TESTS_S" -gt 0 ]; then
   phase "gpu tests: pytest -m gpu (at most ${TESTS_S} s)"
   PER_TEST=""
   $PY -c "import pytest_timeout" 2>/dev/null && PER_TEST="--timeout 60"
-  timeout "$TESTS_S" $PY -m pytest -m gpu -q -rs --durations=15 -p no:cacheprovider $PER_TEST tests \
+  timeout "$TESTS_S" $PY -m pytest -m "gpu or cuda_twin" -q -rs --durations=15 -p no:cacheprovider $PER_TEST tests \
     > "$OUTDIR/gpu-tests.log" 2>&1
   TESTS=$?
   tail -n 30 "$OUTDIR/gpu-tests.log"

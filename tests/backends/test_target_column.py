@@ -29,6 +29,7 @@ from tests.helpers import SPECS, rel_err, spec_id, with_gradient  # noqa: E402
 IGNORE = -100
 #: The kernels run on CUDA where there is one, else under the interpreter (the CPU twin).
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.cuda_twin  # benchmarks/gpu_run.sh runs this module on the GPU too
 #: Every spec with an additive-angle form, in both gradient modes (insightface's ArcFace port too).
 FUSED_SPECS = [s for s in SPECS if s.angle_form() is not None] + [
     mk.CombinedMargin(1.0, 0.3, 0.2),
