@@ -340,7 +340,9 @@ class PartitionedMarginSoftmax(nn.Module):
             self._agreed_input_dtype = x.dtype
         if problem[1] != OK:  # declared M, after the first call: send poison, then raise here
             self._run_rejected_step(problem)
-        plan = self._plan(sizes, config, x.shape[0])
+        # nothing to keep for a backward that will not run (no_grad, inference, everything frozen)
+        backward_runs = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+        plan = self._plan(sizes, config, x.shape[0], memory_budget=self.memory_budget if backward_runs else 0)
         with no_autocast(self.weight.device):
             losses, live, sampled, record = PartitionedMarginCE.apply(x, self.weight, labels, self._seed(), plan)
         self._after_step(losses, sampled if plan.sampling else None, record, plan)
@@ -352,7 +354,10 @@ class PartitionedMarginSoftmax(nn.Module):
         base = base - (1 << 64) if base >= 1 << 63 else base
         return self.sample_step + base
 
-    def _plan(self, sizes: Optional[list], config: dict, local_rows: int, pad_label: Optional[int] = None) -> StepPlan:
+    def _plan(
+        self, sizes: Optional[list], config: dict, local_rows: int, pad_label: Optional[int] = None,
+        memory_budget: Optional[float] = 0,
+    ) -> StepPlan:
         declared = self.max_local_batch is not None
         sampling = None
         if self.sampling:
@@ -369,7 +374,7 @@ class PartitionedMarginSoftmax(nn.Module):
             num_sample=self.num_sample,
             sample_size=fixed_sample_size(self.num_local, self.num_sample, self.world_size * (self.max_local_batch or 0)),
             digest=config_digest(config, FLOAT_DIGEST_BITS) if declared else None,
-            memory_budget=self.memory_budget,
+            memory_budget=memory_budget,
         )
 
     def _after_step(self, losses, sampled, record, plan: StepPlan) -> None:

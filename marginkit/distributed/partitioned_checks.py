@@ -24,7 +24,7 @@ import torch
 from marginkit.distributed import collectives as coll
 from marginkit.distributed.agreement import check_agreement
 from marginkit.distributed.partitioned_step import POISON, RECORD_FIELDS
-from marginkit.errors import MarginKitTypeError
+from marginkit.errors import MarginKitTypeError, check_real
 from marginkit.validation import HALF_DTYPES, label_error, out_of_range
 
 __all__ = ["local_problem", "exchange_sizes", "DeferredRecord", "raise_kind", "raise_recorded", "POISON"]
@@ -37,7 +37,8 @@ def raise_kind(kind: int, message: str):
 
 
 def local_problem(head, x, labels, input_dtype: Optional[torch.dtype]) -> tuple[int, int, str]:
-    """(local batch size, error kind, message) from shapes, dtypes and devices only (no values).
+    """(local batch size, error kind, message) from shapes, dtypes and devices only (no values),
+    and the head's ``memory_budget`` (settable after construction; ranks may differ in it).
 
     ``input_dtype``: the embeddings' dtype the ranks agreed on at the first call (None before).
     """
@@ -77,6 +78,11 @@ def local_problem(head, x, labels, input_dtype: Optional[torch.dtype]) -> tuple[
             f"local batch of {b} rows exceeds max_local_batch = {head.max_local_batch}; raise max_local_batch "
             f"or split the batch"
         )
+    try:
+        if head.memory_budget is not None:
+            check_real("memory_budget", head.memory_budget, low=0.0)
+    except (TypeError, ValueError) as err:  # MarginKitTypeError is both: TypeError first
+        return b, TYPE_ERROR if isinstance(err, TypeError) else VALUE_ERROR, str(err)
     return b, OK, ""
 
 

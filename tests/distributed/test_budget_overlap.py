@@ -313,3 +313,67 @@ def test_a_store_that_does_not_fit_the_inputs_is_refused():
     lse = torch.zeros(6, dtype=torch.float64)
     with pytest.raises(ValueError, match=r"store holds \(12, 70\)"):
         tb.grads_from_lse(x[:6], w, labels[:6], lse, grad_rows[:6], 30.0, True, store=store)
+
+
+def test_the_store_row_stride_is_a_multiple_of_16_for_an_odd_class_count():
+    """The deferred GEMMs read the store as their dS operand: its row stride is padded (70 classes
+    -> 80), the view is still (B, 70), and the padding counts against a budget."""
+    from marginkit.backends import triton as tb
+    from marginkit.backends.triton.budget import stored_bytes
+
+    x, w, labels, grad_rows = _protocol_inputs()
+    with tb.tuning(chunk_classes=CHUNK):
+        row_max, row_sumexp = tb.lse_partials(x, w, labels, 30.0, True)
+        lse = (row_max + row_sumexp.log()).double() + 0.25
+        plain = tb.grads_from_lse(x, w, labels, lse, grad_rows, 30.0, True)
+        for budget, width, stride in ((None, 70, 80), (stored_bytes(12, 70, 4), 64, 64)):
+            store = []
+            tb.lse_partials(x, w, labels, 30.0, True, memory_budget=budget, store=store)
+            assert store[0].shape == (12, width) and store[0].stride() == (stride, 1)
+            assert budget is None or stored_bytes(12, stride, 4) <= budget  # all 70 fit, 80 padded do not
+            got = tb.grads_from_lse(x, w, labels, lse, grad_rows, 30.0, True, store=store, grad_x_ready=lambda g: None)
+            assert rel_err(got[0], plain[0]) < 1e-6 and rel_err(got[1], plain[1]) < 1e-6
+
+
+@pytest.mark.parametrize("max_local_batch", [None, 32])
+def test_memory_budget_set_after_construction_is_checked_in_forward(max_local_batch):
+    x, labels = global_batch(1)
+    head = make_head("cosface", max_local_batch=max_local_batch)
+    head(x, labels)  # a good first call (with max_local_batch the later errors take the poison path)
+    for bad, error in ((-1, ValueError), (float("nan"), ValueError), ("64MiB", TypeError), (True, TypeError)):
+        head.memory_budget = bad
+        with pytest.raises(error, match="memory_budget") as err:
+            head(x, labels)
+        assert repr(bad) in str(err.value) or str(bad) in str(err.value)
+        head.memory_budget, head._pending = 0, type(head._pending)()  # forget the poisoned step's record
+
+
+class LsePartialsSpy:
+    """Wraps the Triton backend's lse_partials: how many tensors each forward stored."""
+
+    def __init__(self, original):
+        self.original, self.stored = original, []
+
+    def __call__(self, *args, **kwargs):
+        out = self.original(*args, **kwargs)
+        self.stored.append(len(kwargs.get("store") or []))
+        return out
+
+
+def test_nothing_is_stored_when_no_backward_will_run(monkeypatch):
+    from marginkit.backends import triton as tb
+
+    spy = LsePartialsSpy(tb.lse_partials)
+    monkeypatch.setattr(tb, "lse_partials", spy)
+    x, labels = global_batch(1)
+    head = _triton_head(memory_budget=None)
+    trained = head(x.clone().requires_grad_(True), labels)
+    with torch.no_grad():
+        no_grad = head(x, labels)
+    with torch.inference_mode():
+        inference = head(x, labels)
+    head.eval().requires_grad_(False)
+    frozen = head(x, labels)  # grad enabled, but neither the input nor the weight needs a gradient
+    assert spy.stored == [2, 0, 0, 0]  # the training step stored (S, tile maxima); the others nothing
+    for loss in (no_grad, inference, frozen):
+        assert rel_err(loss, trained.detach()) < 1e-6

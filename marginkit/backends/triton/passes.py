@@ -45,7 +45,7 @@ from marginkit.triton_kernels import (
     scores_kernel,
     stored_to_workspace_kernel,
 )
-from marginkit.backends.triton.budget import STORE_GROUP, store_scale, stored_classes
+from marginkit.backends.triton.budget import STORE_GROUP, store_scale, stored_bytes, stored_classes
 
 __all__ = ["lse_partials", "grads_from_lse", "inverse_norms", "check_inputs", "compute_operands"]
 
@@ -453,15 +453,19 @@ def lse_partials(
     The memory-budget mode: with ``store`` (a list) and ``memory_budget`` (bytes; 0 keeps
     nothing, None: no limit), the exp-scaled logits of as many whole backward chunks of this
     weight as fit (``budget.stored_classes``) are appended to ``store`` as two tensors,
-    (B, n) in the compute dtype and their (B, ⌈n/32⌉) float32 tile maxima (this call's local
+    (B, n) in the compute dtype (a view whose row stride is padded to a multiple of 16
+    elements, ``store_width``) and their (B, ⌈n/32⌉) float32 tile maxima (this call's local
     maxima: the backward converts them with the global lse). Hand them to ``grads_from_lse``.
     """
     check_inputs(embeddings, weight)
     x, w = compute_operands(embeddings, weight)
     kept = None
-    n_stored = stored_classes(x.shape[0], w.shape[0], x.element_size(), memory_budget) if store is not None else 0
+    n_stored, row_stride = (0, 0) if store is None else store_width(
+        x.shape[0], w.shape[0], x.element_size(), memory_budget
+    )
     if n_stored:
-        stored = x.new_empty((x.shape[0], n_stored))
+        # a view of (B, row_stride): the deferred GEMMs read it as their dS operand (aligned loads)
+        stored = x.new_empty((x.shape[0], row_stride))[:, :n_stored]
         tile_max = x.new_empty((x.shape[0], cdiv(n_stored, STORE_GROUP)), dtype=torch.float32)
         kept = (stored, tile_max, _store_scale(x, modulation))
         store.extend((stored, tile_max))
@@ -469,6 +473,26 @@ def lse_partials(
         x, w, inverse_norms(x, normalize), inverse_norms(w, normalize), labels_local, scale, deterministic, modulation,
         store=kept,
     )
+
+
+#: Store row stride multiple: Triton specialises it as divisible by 16, so the deferred GEMMs load
+#: the stored dS with cp.async, not scalar 2-byte loads (sm_90: 24-32 KiB less pipelined smem).
+STORE_ROW_ALIGN = 16
+
+
+def store_width(num_rows: int, num_classes: int, element_size: int, memory_budget: Optional[float]) -> tuple[int, int]:
+    """(classes stored, row stride of the store in elements, a multiple of ``STORE_ROW_ALIGN``).
+
+    The padding counts against the budget: when all C classes fit but not their padded rows,
+    the store falls back to whole chunks (multiples of the chunk granule: no padding then).
+    """
+    n_stored = stored_classes(num_rows, num_classes, element_size, memory_budget)
+    padded = cdiv(n_stored, STORE_ROW_ALIGN) * STORE_ROW_ALIGN
+    if memory_budget is not None and padded != n_stored and stored_bytes(num_rows, padded, element_size) > memory_budget:
+        whole_chunks_only = stored_bytes(num_rows, num_classes, element_size) - 1  # all C no longer fits
+        n_stored = stored_classes(num_rows, num_classes, element_size, whole_chunks_only)
+        padded = cdiv(n_stored, STORE_ROW_ALIGN) * STORE_ROW_ALIGN
+    return n_stored, padded
 
 
 def _store_scale(x: torch.Tensor, modulation: Optional[NegativeModulation]) -> float:
