@@ -223,10 +223,11 @@ def test_every_budget_matches_the_float64_reference_and_one_process(runs, case, 
 
 def test_the_reduce_scatter_is_issued_before_the_deferred_dw_launches(runs):
     expected = {
-        # chunks 0-2 recomputed, their dW in the loop (one workspace); the last chunk's dW deferred
+        # chunk 3 (4 classes) then 0-1 recomputed, their dW in the loop (one workspace); chunk 2's deferred
         "zero": ["scores", "dx", "dw"] * 3 + ["scores", "dx", "reduce_scatter", "dw"],
-        # chunks 0-1 stored (dS in place, dW + projection deferred), chunk 2 in the loop, chunk 3 deferred
-        "two_chunks": ["stored", "dx"] * 2 + ["scores", "dx", "dw", "scores", "dx", "reduce_scatter"]
+        # leftover chunk 3 first (its dW in the loop), chunks 0-1 stored (dS in place, dW + projection
+        # deferred), then chunk 2, a full one, left live and deferred
+        "two_chunks": ["scores", "dx", "dw"] + ["stored", "dx"] * 2 + ["scores", "dx", "reduce_scatter"]
         + ["dw", "project"] * 2 + ["dw"],
         "unlimited": ["stored", "dx"] * 4 + ["reduce_scatter"] + ["dw", "project"] * 4,
     }
@@ -377,3 +378,30 @@ def test_nothing_is_stored_when_no_backward_will_run(monkeypatch):
     assert spy.stored == [2, 0, 0, 0]  # the training step stored (S, tile maxima); the others nothing
     for loss in (no_grad, inference, frozen):
         assert rel_err(loss, trained.detach()) < 1e-6
+
+
+def test_the_chunk_left_for_deferral_is_a_full_one_and_the_plain_order_is_unchanged(monkeypatch):
+    """70 classes in chunks of 32: with grad_x_ready the leftover [64, 70) goes first and the full
+    [32, 64) is deferred past the hook; without it the order stays 0, 32, 64."""
+    from marginkit.backends import triton as tb
+    from marginkit.backends.triton import passes
+
+    x, w, labels, grad_rows = _protocol_inputs()
+    events = []
+    original_dw = passes.DW
+
+    def dw(grid, ws, x_, w_, w_inv, colsum, kappa, grad_w, num_rows, dim, start, n_chunk, *args, **kwargs):
+        events.append((start, n_chunk))
+        return original_dw(grid, ws, x_, w_, w_inv, colsum, kappa, grad_w, num_rows, dim, start, n_chunk,
+                           *args, **kwargs)
+
+    monkeypatch.setattr(passes, "DW", dw)
+    with tb.tuning(chunk_classes=CHUNK):
+        row_max, row_sumexp = tb.lse_partials(x, w, labels, 30.0, True)
+        lse = (row_max + row_sumexp.log()).double() + 0.25
+        plain = tb.grads_from_lse(x, w, labels, lse, grad_rows, 30.0, True)
+        assert events == [(0, 32), (32, 32), (64, 6)]
+        events.clear()
+        got = tb.grads_from_lse(x, w, labels, lse, grad_rows, 30.0, True, grad_x_ready=lambda g: events.append("ready"))
+    assert events == [(64, 6), (0, 32), "ready", (32, 32)]
+    assert rel_err(got[0], plain[0]) < 1e-6 and rel_err(got[1], plain[1]) < 1e-6

@@ -270,7 +270,8 @@ def backward(
     covers skip the recompute (``stored_to_workspace_kernel`` fills the workspace instead).
     ``deferred_dw``: a list that receives, instead of running them, the dW work of the stored
     chunks (their dS written over their own columns of ``stored``: the store is spent) and of
-    the last chunk; the caller runs them after grad_x is final (``grads_from_lse``).
+    the last chunk processed (a full one: the leftover chunk, if any, is processed first); the
+    caller runs them after grad_x is final (``grads_from_lse``).
     ``finish_grad_x=False``: returns (G, grad_w, κ) with G the raw κ-scaled (B, D) fp32 sum, before
     1/κ and the chain rule of x̂ (``target_backward_kernel`` applies both with the target share).
     """
@@ -309,8 +310,11 @@ def backward(
     else:  # every split adds into grad_x (split stride 0)
         dx_acc, dx_strides = grad_x, (grad_x.stride(0), grad_x.stride(1), 0)
 
+    starts = list(range(0, num_classes, chunk))
+    if deferred_dw is not None and num_classes % chunk and len(starts) > 1:
+        starts = starts[-1:] + starts[:-1]  # the leftover chunk first: the one left live for deferral is full
     with device_guard(x):
-        for start in range(0, num_classes, chunk):
+        for start in starts:
             n_chunk = min(chunk, num_classes - start)
             n_splits_here = cdiv(n_chunk, k_per_split)
             from_store = start + n_chunk <= n_stored
@@ -365,7 +369,7 @@ def backward(
                     NORMALIZE=bool(normalize), **dot_meta, pinned=deterministic,
                 )
 
-            if deferred_dw is not None and (from_store or start + n_chunk >= num_classes):
+            if deferred_dw is not None and (from_store or start == starts[-1]):
                 deferred_dw.append(chunk_weight_grad)
             else:
                 chunk_weight_grad()
@@ -527,8 +531,9 @@ def grads_from_lse(
 
     ``store``: what ``lse_partials(..., store=[...])`` appended; its chunks skip the recompute.
     ``grad_x_ready``: called once with grad_embeddings as soon as it is final, before the dW
-    GEMMs of the stored chunks and of the last chunk, which run after it returns (a
-    collective started there runs behind them). With both, the stored logits are overwritten
+    GEMMs of the stored chunks and of the last chunk processed (a full one when C has more
+    than one chunk: the leftover goes first), which run after it returns (a collective started
+    there runs behind them). With both, the stored logits are overwritten
     by the gradient in place: a store serves one such backward only.
     """
     check_inputs(embeddings, weight)
