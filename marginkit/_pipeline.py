@@ -146,6 +146,13 @@ def _deferred_margin_check(
     """The margins' value check on the device, for the rows that take part: returns (B,) bool, the
     valid rows whose margin is usable (finite, >= 0, below the spec's limit). Rows with a bad margin
     are left out like ignored ones; the ``ValueError`` naming ``name`` is raised by the next call."""
+    usable, info, error = _margin_flag(row_margins, valid, margin, name)
+    _defer(info, error)
+    return usable
+
+
+def _margin_flag(row_margins, valid, margin: MarginSpec, name: str):
+    """(usable rows (B,) bool, the device flag (2,) float64, its reader) of the margins' value check."""
     limit = float("inf") if margin.margin_limit is None else margin.margin_limit
     bad = valid & ~(torch.isfinite(row_margins) & (row_margins >= 0) & (row_margins < limit))
     first_bad = row_margins.to(torch.float64).gather(0, bad.to(torch.int32).argmax().reshape(1)).reshape(())
@@ -158,8 +165,7 @@ def _deferred_margin_check(
         return ValueError(f"{name} contains {flag[1]} (used by a row of an earlier batch); {type(margin).__name__} "
                           f"margins must be {bound}")
 
-    _defer(info, error)
-    return valid & ~bad
+    return valid & ~bad, info, error
 
 
 def valid_rows(labels: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
@@ -307,14 +313,18 @@ def _fused_target_terms(
     checking = not skip_value_checks() and labels.numel() > 0
     if checking and not deferred:
         check_labels(labels, num_classes, ignore_index)
+    margin_check = None
     if checking and deferred and row_margins is not None:  # rows with a bad margin go in as ignored ones
-        usable = _deferred_margin_check(row_margins, labels != ignore_index, margin, margin_name)
-        labels = torch.where(usable, labels, ignore_index)
+        in_range = (labels != ignore_index) & (labels.clamp(0, num_classes - 1) == labels)
+        usable, *margin_check = _margin_flag(row_margins, in_range, margin, margin_name)
+        labels = torch.where(usable | ~in_range, labels, ignore_index)  # bad labels stay: the kernel flags them
     labels_local, psi, dpsi, cos, flag = engine.target_rows(
         embeddings, weight, labels, ignore_index, form, row_margins, normalize, check_labels=checking and deferred
     )
-    if checking and deferred:
+    if checking and deferred:  # the label error first, as on the unfused path
         _defer(flag, _label_flag_error(num_classes, ignore_index))
+    if margin_check is not None:
+        _defer(*margin_check)
     return labels_local, psi, dpsi, cos
 
 

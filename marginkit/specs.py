@@ -135,8 +135,12 @@ class MarginSpec:
 
     def angle_form(self) -> Optional[AngleForm]:
         """The spec as ψ = cos(θ_y + m2) − m3 when it is one (a fused kernel then computes it), else None.
-        Must agree with ``target_terms`` (tests/core/test_specs.py checks every spec that has one)."""
-        return None
+
+        Only a class that defines ``_angle_form`` itself has one: a subclass of ArcFace that changes
+        the formula is computed by its own ``target_terms``, never by its parent's fused form.
+        tests/backends/test_target_column.py checks each form against ``target_terms``."""
+        own = type(self).__dict__.get("_angle_form")
+        return own(self) if own is not None else None
 
 
 @dataclass(frozen=True)
@@ -148,7 +152,7 @@ class NoMargin(MarginSpec):
     def psi(self, cos, m=None):
         return cos.clone()
 
-    def angle_form(self):
+    def _angle_form(self):
         return AngleForm()
 
     def dpsi_exact(self, cos, m=None):
@@ -173,7 +177,7 @@ class CosFace(MarginSpec):
     def psi(self, cos, m=None):
         return cos - self._m(m)
 
-    def angle_form(self):
+    def _angle_form(self):
         return AngleForm(m3=float(self.m), row_margin_slot=3, straight_through=self.gradient == "straight_through")
 
     def dpsi_exact(self, cos, m=None):
@@ -211,7 +215,7 @@ class ArcFace(MarginSpec):
                 "turns the margin into a bonus)"
             )
 
-    def angle_form(self):
+    def _angle_form(self):
         return AngleForm(m2=float(self.m), angle=True, fallback=2 if self.easy_margin else 1, row_margin_slot=2,
                          straight_through=self.gradient == "straight_through")
 
@@ -324,7 +328,7 @@ class CombinedMargin(MarginSpec):
     def default_margin(self):
         return float(self.m2)
 
-    def angle_form(self):
+    def _angle_form(self):
         if self.m1 != 1.0:  # cos(m1·θ + m2) needs θ itself
             return None
         return AngleForm(m2=float(self.m2), m3=float(self.m3), angle=True, row_margin_slot=2,

@@ -9,10 +9,10 @@ per row, in float64, in one launch each way instead of ~60 small torch ops:
                                 ψ = cos(θ_y + m2) − m3 = c·cos m2 − sin θ_y·sin m2 − m3
                             (ArcFace with its fallback past π or easy margin, CosFace, NoMargin,
                             insightface's (1, m2, m3)), written without arccos.
-    target_backward_kernel  backward, one program per class group (rows sorted by class): each
-                            row's dX finished (1/κ, the chain rule of x̂ = x/‖x‖) plus its target
-                            share, and the group's target share summed in float64 and added once
-                            to the class's dW row. No atomics: deterministic by construction.
+    target_backward_kernel  backward, one program per row (rows sorted by class): its dX finished
+                            (1/κ, the chain rule of x̂ = x/‖x‖) plus its target share; the program
+                            at the start of each class group sums the group's dW share in float64
+                            and adds it once to the class's row. No atomics: deterministic.
 
 The forward's combine (loss = softplus(max + log Σexp − s·ψ)) is margin_ce.lse_merge_kernel's.
 """
@@ -165,6 +165,13 @@ def target_terms_kernel(
 
 
 @triton.jit
+def _target_coef(grad_rows_ptr, losses_ptr, dpsi_ptr, row, scale):
+    """d(output)/d cos θ_y of one row: g·s·expm1(−loss)·dψ (p_y − 1 = expm1(−loss)), float64."""
+    coef = tl.load(grad_rows_ptr + row).to(tl.float64) * scale
+    return coef * expm1_f64(-tl.load(losses_ptr + row)) * tl.load(dpsi_ptr + row)
+
+
+@triton.jit
 def target_backward_kernel(
     x_ptr,
     w_ptr,
@@ -193,53 +200,58 @@ def target_backward_kernel(
     NORMALIZE: tl.constexpr,
     WEIGHT_GRAD: tl.constexpr,
 ):
-    """Program p owns the group of rows whose class (``sorted_ptr``: labels_local sorted, −1 first;
-    ``order_ptr``: their row indices) starts at position p; other programs return at once.
-
-    For each row i of the group, in sorted order (whole rows of D: BLOCK_D >= D):
+    """Program p owns row i = order[p] (``sorted_ptr``: labels_local sorted, −1 first; ``order_ptr``:
+    their row indices), whole rows of D (BLOCK_D >= D):
         G_i = g_i / κ, then G_i − x̂_i (x̂_i · G_i) with NORMALIZE (g: the kernels' raw (B, D) fp32 dX);
-        coef_i = grad_rows_i · scale · expm1(−loss_i) · dψ_i      (d/d cos θ_y; p_y − 1 = expm1(−loss))
-        dx_i = G_i + coef_i (ŵ − x̂_i cos_i) / ‖x_i‖, rounded once to dx's dtype;
-    and dW_y += Σ_i coef_i (x̂_i − ŵ cos_i) / ‖w_y‖, summed in float64, rounded once (WEIGHT_GRAD).
-    Without NORMALIZE the shares are coef·w_y and coef·x_i. Rows of class −1 (or >= C) get G_i only.
+        coef_i = grad_rows_i · scale · expm1(−loss_i) · dψ_i      (d/d cos θ_y)
+        dx_i = G_i + coef_i (ŵ − x̂_i cos_i) / ‖x_i‖, rounded once to dx's dtype.
+    The program at the start of a class group also sums, in sorted order and float64, the group's
+    coef_i (x̂_i − ŵ cos_i) / ‖w_y‖ and adds it to the class's dW row once (WEIGHT_GRAD). Without
+    NORMALIZE the shares are coef·w_y and coef·x_i. Rows of class −1 (or >= C) get G_i only. Rows
+    are independent (an ignored half of a batch is not a serial loop); only a class's own rows
+    are walked in sequence, for its dW sum: deterministic, no atomics.
     """
     p = tl.program_id(0).to(tl.int64)
     cls = tl.load(sorted_ptr + p)
+    owned = (cls >= 0) & (cls < C)
+    ds = tl.arange(0, BLOCK_D)
+    d_in = ds < D
+    wv = tl.load(w_ptr + tl.maximum(cls, 0) * stride_wc + ds * stride_wd, mask=ds < tl.where(owned, D, 0), other=0.0)
+    wv = wv.to(tl.float64)
+    w_norm = tl.maximum(tl.sqrt(tl.sum(wv * wv, axis=0)), eps)
+    w_unit = wv / w_norm
+
+    row = tl.load(order_ptr + p)
+    xv = tl.load(x_ptr + row * stride_xb + ds * stride_xd, mask=d_in, other=0.0).to(tl.float64)
+    grad = tl.load(g_ptr + row * stride_gb + ds, mask=d_in, other=0.0).to(tl.float64) / tl.load(kappa_ptr).to(tl.float64)
+    x_norm = tl.maximum(tl.sqrt(tl.sum(xv * xv, axis=0)), eps)
+    x_unit = xv / x_norm
+    if NORMALIZE:
+        grad -= x_unit * tl.sum(x_unit * grad, axis=0)
+    if owned:
+        coef = _target_coef(grad_rows_ptr, losses_ptr, dpsi_ptr, row, scale)
+        if NORMALIZE:
+            grad += coef * (w_unit - x_unit * tl.sum(x_unit * w_unit, axis=0)) / x_norm
+        else:
+            grad += coef * wv
+    tl.store(dx_ptr + row * stride_dxb + ds, rounded(grad, dx_ptr.dtype.element_ty), mask=d_in)
+
     prev = tl.load(sorted_ptr + p - 1, mask=p > 0, other=END_OF_GROUPS)
-    if cls != prev:
-        ds = tl.arange(0, BLOCK_D)
-        d_in = ds < D
-        inv_kappa = 1.0 / tl.load(kappa_ptr).to(tl.float64)
-        owned = (cls >= 0) & (cls < C)
-        wv = tl.load(w_ptr + tl.maximum(cls, 0) * stride_wc + ds * stride_wd, mask=ds < tl.where(owned, D, 0), other=0.0)
-        wv = wv.to(tl.float64)
-        w_norm = tl.maximum(tl.sqrt(tl.sum(wv * wv, axis=0)), eps)
-        w_unit = wv / w_norm
+    if WEIGHT_GRAD and owned and cls != prev:
         dw_sum = tl.zeros([BLOCK_D], dtype=tl.float64)
         q = p
         current = cls
         while current == cls:
-            row = tl.load(order_ptr + q)
-            xv = tl.load(x_ptr + row * stride_xb + ds * stride_xd, mask=d_in, other=0.0).to(tl.float64)
-            grad = tl.load(g_ptr + row * stride_gb + ds, mask=d_in, other=0.0).to(tl.float64) * inv_kappa
-            x_norm = tl.maximum(tl.sqrt(tl.sum(xv * xv, axis=0)), eps)
-            x_unit = xv / x_norm
+            member = tl.load(order_ptr + q)
+            mv = tl.load(x_ptr + member * stride_xb + ds * stride_xd, mask=d_in, other=0.0).to(tl.float64)
+            coef = _target_coef(grad_rows_ptr, losses_ptr, dpsi_ptr, member, scale)
             if NORMALIZE:
-                grad -= x_unit * tl.sum(x_unit * grad, axis=0)
-            if owned:
-                coef = tl.load(grad_rows_ptr + row).to(tl.float64) * scale
-                coef = coef * expm1_f64(-tl.load(losses_ptr + row)) * tl.load(dpsi_ptr + row)
-                if NORMALIZE:
-                    cos = tl.sum(x_unit * w_unit, axis=0)
-                    grad += coef * (w_unit - x_unit * cos) / x_norm
-                    dw_sum += coef * (x_unit - w_unit * cos) / w_norm
-                else:
-                    grad += coef * wv
-                    dw_sum += coef * xv
-            tl.store(dx_ptr + row * stride_dxb + ds, rounded(grad, dx_ptr.dtype.element_ty), mask=d_in)
+                m_unit = mv / tl.maximum(tl.sqrt(tl.sum(mv * mv, axis=0)), eps)
+                dw_sum += coef * (m_unit - w_unit * tl.sum(m_unit * w_unit, axis=0)) / w_norm
+            else:
+                dw_sum += coef * mv
             q += 1
             current = tl.load(sorted_ptr + q, mask=q < B, other=END_OF_GROUPS)
-        if WEIGHT_GRAD and owned:
-            dw_row = dw_ptr + cls * stride_dwc + ds
-            updated = tl.load(dw_row, mask=d_in, other=0.0).to(tl.float64) + dw_sum
-            tl.store(dw_row, rounded(updated, dw_ptr.dtype.element_ty), mask=d_in)
+        dw_row = dw_ptr + cls * stride_dwc + ds
+        updated = tl.load(dw_row, mask=d_in, other=0.0).to(tl.float64) + dw_sum
+        tl.store(dw_row, rounded(updated, dw_ptr.dtype.element_ty), mask=d_in)

@@ -173,7 +173,8 @@ def test_backward_share_equals_the_torch_path(normalize, dtypes, weight_grad):
     if weight_grad:
         assert ours_w.dtype == w_dtype
         assert rel_err(ours_w - start_w, ref_w - start_w) < 1e-6
-        assert torch.equal(ours_w[8], start_w[8]) or (labels_local == 8).any()  # untouched classes stay
+        absent = [c for c in range(w.shape[0]) if not bool((labels_local == c).any())]
+        assert absent and all(torch.equal(ours_w[c], start_w[c]) for c in absent)  # untouched classes stay
 
 
 def test_backward_share_is_bitwise_reproducible():
@@ -210,3 +211,72 @@ def test_the_pipeline_takes_the_fused_path_and_matches_the_reference(spec, monke
     ref.backward()
     assert abs(float(loss.detach()) - float(ref.detach())) / float(ref.detach()) < 1e-6
     assert rel_err(xs.grad, xr.grad) < 1e-5 and rel_err(ws.grad, wr.grad) < 1e-5
+
+
+def test_strided_labels_and_margins_are_read_as_the_values_they_hold():
+    """A column of a (B, 2) label tensor, a column of per-row margins: the fused path equals the torch one."""
+    x, w, y = inputs(B=10, C=40, D=16, dtype=torch.float32, seed=9)
+    labels = torch.stack([torch.zeros_like(y), y], dim=1)[:, 1]
+    margins = torch.stack([torch.full((10,), 3.0), torch.linspace(0.1, 0.6, 10)], dim=1).to(DEVICE)[:, 1]
+    assert labels.stride(0) == 2 and margins.stride(0) == 2
+    got = [mk.margin_cross_entropy(x, w, labels, mk.ArcFace(0.5), 16.0, sample_margins=margins, backend=b,
+                                   reduction="none") for b in ("triton", "torch")]
+    assert rel_err(got[0], got[1]) < 1e-6
+
+
+class ShiftedArcFace(mk.ArcFace):
+    """A user's variant: ArcFace's ψ lowered by 0.2 (its own target_terms, not ArcFace's fused form)."""
+
+    def target_terms(self, cos, m=None):
+        psi, dpsi = super().target_terms(cos, m)
+        return psi - 0.2, dpsi
+
+
+def test_a_subclass_that_changes_the_formula_is_not_fused():
+    spec = ShiftedArcFace(0.5)
+    assert spec.angle_form() is None and mk.ArcFace(0.5).angle_form() is not None
+    x, w, y = inputs(B=10, C=40, D=16, dtype=torch.float32, seed=10)
+    got = [mk.margin_cross_entropy(x, w, y, spec, 16.0, backend=b) for b in ("triton", "torch")]
+    assert abs(float(got[0]) - float(got[1])) < 1e-5 * abs(float(got[1]))
+
+
+def test_the_target_terms_are_constants_for_autograd():
+    x, w, y = inputs(B=8, C=9, D=8, dtype=torch.float32, seed=11)
+    x.requires_grad_(True)
+    outputs = target_rows(x, w, y, IGNORE, mk.ArcFace(0.5).angle_form(), None, True, False)
+    assert not any(t.requires_grad for t in outputs)
+
+
+def test_a_bad_label_is_reported_before_a_bad_margin_as_on_the_unfused_path(monkeypatch):
+    """The deferred checks (the CUDA path, run here on the CPU): with a bad label and a bad class margin
+    in one batch, both paths raise the label's error first."""
+    from marginkit import _pipeline
+
+    monkeypatch.setattr(_pipeline, "DEFERRED_LABEL_CHECK_DEVICES", (DEVICE,))
+    x, w, y = inputs(B=8, C=9, D=8, dtype=torch.float32, seed=12)
+    y[2] = 9  # out of range
+    class_margins = torch.full((9,), 0.3, device=DEVICE)
+    class_margins[int(y[4])] = float("nan")
+    messages = []
+    for backend in ("triton", "torch"):
+        _pipeline._pending.clear()
+        mk.margin_cross_entropy(x, w, y, mk.ArcFace(0.5), 16.0, class_margins=class_margins, backend=backend)
+        with pytest.raises(ValueError) as raised:
+            mk.functional.check_pending_labels(wait=True)
+        messages.append(str(raised.value))
+    assert "labels contains 9" in messages[0] and messages[0] == messages[1]
+
+
+def test_margin_cross_entropy_on_triton_traces_under_torch_compile():
+    """fullgraph: the fused target terms, the row-loss op and the reduction in one graph (aot_eager)."""
+    x, w, y = inputs(B=8, C=40, D=16, dtype=torch.float32, seed=13)
+
+    def step(x, w):
+        return mk.margin_cross_entropy(x, w, y, mk.ArcFace(0.5), 16.0, backend="triton")
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    xs, ws = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    xe, we = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    compiled(xs, ws).backward()
+    step(xe, we).backward()
+    assert torch.allclose(xs.grad, xe.grad, rtol=1e-6, atol=1e-7) and torch.allclose(ws.grad, we.grad, rtol=1e-6, atol=1e-7)

@@ -68,10 +68,12 @@ def _target_rows(
     if num_rows == 0:
         return labels_local, psi, dpsi, cos, flag
     slot = row_margin_slot if row_margins is not None else 0
+    labels = labels.contiguous()  # the kernel reads (B,) vectors at unit stride (no op when they are)
+    row_margins = row_margins.contiguous() if slot else psi
     with device_guard(embeddings):
         TERMS(
             (cdiv(num_rows, TERMS_BLOCK_ROWS),),
-            embeddings, weight, labels, row_margins if slot else psi, labels_local, psi, dpsi, cos, flag,
+            embeddings, weight, labels, row_margins, labels_local, psi, dpsi, cos, flag,
             num_rows, weight.shape[0], dim, ignore_index,
             embeddings.stride(0), embeddings.stride(1), weight.stride(0), weight.stride(1),
             _constants(device, float(m2), float(m3)),
