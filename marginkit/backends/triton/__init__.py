@@ -5,7 +5,8 @@ non-target share over one weight), ``row_losses`` (ops.py: custom ops with autog
 target column in float64), and the optional ``target_rows`` (target_column.py: the label check
 and the target terms of a spec with an ``angle_form`` in one launch). Also ``inverse_norms`` and ``tuning`` (launch overrides for tests
 and benchmarks). Files: configs.py (autotuning tiles and pruning), launch.py (launcher,
-cached compiled handles, launch-shape rules), passes.py, ops.py; kernels in
+cached compiled handles, launch-shape rules), launchers.py (each kernel with its configs), passes.py,
+target_column.py, budget.py, ops.py; kernels in
 ``marginkit.triton_kernels``. fp32, fp16, bf16, and fp32 master weights with fp16/bf16
 embeddings; float64 inputs are computed in float32 kernels. The design and its trade-offs:
 docs/triton_backend.md; measured numbers: notes/PERF.md.

@@ -18,7 +18,7 @@ import torch
 
 from marginkit.backends.triton.launch import cdiv, chunk_classes
 
-__all__ = ["STORE_GROUP", "stored_classes", "stored_bytes", "store_scale"]
+__all__ = ["STORE_GROUP", "STORE_ROW_ALIGN", "stored_classes", "stored_bytes", "store_width", "store_scale"]
 
 #: Classes per stored tile max: the smallest class tile of any config (interpreter: 32).
 STORE_GROUP = 32
@@ -49,3 +49,23 @@ def store_scale(dtype: torch.dtype, slope_bound: float) -> float:
     if dtype != torch.float16:
         return 1.0
     return 2.0 ** (math.log2(FP16_STORE_MAX) - math.ceil(math.log2(max(slope_bound, 1.0))))
+
+
+#: Store row stride multiple: Triton specialises it as divisible by 16, so the deferred GEMMs load
+#: the stored dS with cp.async, not scalar 2-byte loads (sm_90: 24-32 KiB less pipelined smem).
+STORE_ROW_ALIGN = 16
+
+
+def store_width(num_rows: int, num_classes: int, element_size: int, memory_budget: Optional[float]) -> tuple[int, int]:
+    """(classes stored, row stride of the store in elements, a multiple of ``STORE_ROW_ALIGN``).
+
+    The padding counts against the budget: when all C classes fit but not their padded rows,
+    the store falls back to whole chunks (multiples of the chunk granule: no padding then).
+    """
+    n_stored = stored_classes(num_rows, num_classes, element_size, memory_budget)
+    padded = cdiv(n_stored, STORE_ROW_ALIGN) * STORE_ROW_ALIGN
+    if memory_budget is not None and padded != n_stored and stored_bytes(num_rows, padded, element_size) > memory_budget:
+        whole_chunks_only = stored_bytes(num_rows, num_classes, element_size) - 1  # all C no longer fits
+        n_stored = stored_classes(num_rows, num_classes, element_size, whole_chunks_only)
+        padded = cdiv(n_stored, STORE_ROW_ALIGN) * STORE_ROW_ALIGN
+    return n_stored, padded

@@ -17,35 +17,12 @@ import torch
 
 from marginkit.backends.common import NORM_EPS
 from marginkit.backends.triton import launch
-from marginkit.backends.triton.configs import (
-    FMA_FWD_CONFIGS,
-    FMA_GEMM_CONFIGS,
-    FMA_SCORES_CONFIGS,
-    DW_CONFIGS,
-    FWD_CONFIGS,
-    FWD_STORE_CONFIGS,
-    GEMM_CONFIGS,
-    INTERPRETER_META,
-    PROJECT_CONFIGS,
-    ROW_CONFIGS,
-    SCORES_CONFIGS,
-    STORED_CONFIGS,
-    pow2_at_least,
-)
-from marginkit.backends.triton.launch import INTERPRETED, KernelLauncher, cdiv, device_guard
+from marginkit.backends.triton.configs import pow2_at_least
+from marginkit.backends.triton.launch import INTERPRETED, cdiv, device_guard
+from marginkit.backends.triton.launchers import DW, DX, FWD, FWD_STORE, MERGE, PROJECT, ROW_NORMS, SCORES, STORED
 from marginkit.errors import MarginKitTypeError
 from marginkit.modulation import NegativeModulation
-from marginkit.triton_kernels import (
-    dw_gemm_kernel,
-    dx_gemm_kernel,
-    lse_merge_kernel,
-    lse_partials_kernel,
-    row_inv_norm_kernel,
-    project_weight_rows_kernel,
-    scores_kernel,
-    stored_to_workspace_kernel,
-)
-from marginkit.backends.triton.budget import STORE_GROUP, store_scale, stored_bytes, stored_classes
+from marginkit.backends.triton.budget import STORE_GROUP, store_scale, store_width
 
 __all__ = ["lse_partials", "grads_from_lse", "inverse_norms", "check_inputs", "compute_operands"]
 
@@ -61,54 +38,6 @@ STORED_DW_BYTES = launch.WORKSPACE_BYTES
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 SUPPORTED_DTYPES = (torch.float32, *HALF_DTYPES, torch.float64)
-
-_FWD_SHAPE = dict(
-    interp_meta=INTERPRETER_META["fwd"],
-    tiles=("BLOCK_B", "BLOCK_C", "BLOCK_K"),
-    limits={"BLOCK_B": lambda a: a["B"], "BLOCK_K": lambda a: a["D"]},
-)
-FWD = KernelLauncher(lse_partials_kernel, FWD_CONFIGS, FMA_FWD_CONFIGS, key=["D", "B_BUCKET", "MODULATE"], **_FWD_SHAPE)
-#: The same kernel with STORE=True (memory-budget mode): its own tile set and tuning.
-FWD_STORE = KernelLauncher(
-    lse_partials_kernel, FWD_STORE_CONFIGS, FMA_FWD_CONFIGS, key=["D", "B_BUCKET", "MODULATE", "STORE"], **_FWD_SHAPE
-)
-SCORES = KernelLauncher(
-    scores_kernel, SCORES_CONFIGS, FMA_SCORES_CONFIGS,
-    key=["D", "B_BUCKET", "MODULATE", "NORMALIZE"],
-    interp_meta=INTERPRETER_META["scores"],
-    tiles=("BLOCK_B", "BLOCK_C", "BLOCK_K"),
-    limits={"BLOCK_K": lambda a: a["D"]},
-)
-DX = KernelLauncher(
-    dx_gemm_kernel, GEMM_CONFIGS, FMA_GEMM_CONFIGS,
-    key=["D", "B_BUCKET", "USE_ATOMICS"],
-    interp_meta=INTERPRETER_META["dx"],
-    tiles=("BLOCK_M", "BLOCK_N", "BLOCK_K"),
-    limits={"BLOCK_M": lambda a: a["B"], "BLOCK_N": lambda a: a["D"]},
-    restore_value=["out_ptr"],  # accumulates across chunks: tuning runs must not add
-)
-# The memory-budget mode's bandwidth kernels: one config each, always launched pinned.
-STORED = KernelLauncher(
-    stored_to_workspace_kernel, STORED_CONFIGS, STORED_CONFIGS, key=[], interp_meta=INTERPRETER_META["stored"],
-    tiles=("BLOCK_B", "BLOCK_C", "BLOCK_C"),
-)
-PROJECT = KernelLauncher(
-    project_weight_rows_kernel, PROJECT_CONFIGS, PROJECT_CONFIGS, key=[], interp_meta=INTERPRETER_META["project"],
-    tiles=("BLOCK_M", "BLOCK_D", "BLOCK_D"),
-)
-#: The per-row kernels: one config, tiles from the call site (cached-handle launches).
-ROW_NORMS = KernelLauncher(
-    row_inv_norm_kernel, ROW_CONFIGS, ROW_CONFIGS, key=[], interp_meta={}, tiles=("BLOCK_N", "BLOCK_N", "BLOCK_D")
-)
-MERGE = KernelLauncher(lse_merge_kernel, ROW_CONFIGS, ROW_CONFIGS, key=[], interp_meta={}, tiles=("BLOCK", "BLOCK", "BLOCK"))
-DW = KernelLauncher(
-    dw_gemm_kernel, DW_CONFIGS, FMA_GEMM_CONFIGS,
-    key=["D", "B_BUCKET", "NORMALIZE"],
-    interp_meta=INTERPRETER_META["dw"],
-    tiles=("BLOCK_M", "BLOCK_N", "BLOCK_K"),
-    limits={"BLOCK_K": lambda a: a["B"], "BLOCK_N": lambda a: a["D"]},
-)
-
 
 # ----------------------------------------------------------------------------------------
 # Input rules
@@ -477,26 +406,6 @@ def lse_partials(
         x, w, inverse_norms(x, normalize), inverse_norms(w, normalize), labels_local, scale, deterministic, modulation,
         store=kept,
     )
-
-
-#: Store row stride multiple: Triton specialises it as divisible by 16, so the deferred GEMMs load
-#: the stored dS with cp.async, not scalar 2-byte loads (sm_90: 24-32 KiB less pipelined smem).
-STORE_ROW_ALIGN = 16
-
-
-def store_width(num_rows: int, num_classes: int, element_size: int, memory_budget: Optional[float]) -> tuple[int, int]:
-    """(classes stored, row stride of the store in elements, a multiple of ``STORE_ROW_ALIGN``).
-
-    The padding counts against the budget: when all C classes fit but not their padded rows,
-    the store falls back to whole chunks (multiples of the chunk granule: no padding then).
-    """
-    n_stored = stored_classes(num_rows, num_classes, element_size, memory_budget)
-    padded = cdiv(n_stored, STORE_ROW_ALIGN) * STORE_ROW_ALIGN
-    if memory_budget is not None and padded != n_stored and stored_bytes(num_rows, padded, element_size) > memory_budget:
-        whole_chunks_only = stored_bytes(num_rows, num_classes, element_size) - 1  # all C no longer fits
-        n_stored = stored_classes(num_rows, num_classes, element_size, whole_chunks_only)
-        padded = cdiv(n_stored, STORE_ROW_ALIGN) * STORE_ROW_ALIGN
-    return n_stored, padded
 
 
 def _store_scale(x: torch.Tensor, modulation: Optional[NegativeModulation]) -> float:

@@ -17,23 +17,15 @@ from typing import Optional
 import torch
 
 from marginkit.backends.common import NORM_EPS
-from marginkit.backends.triton.configs import ROW_CONFIGS, pow2_at_least
-from marginkit.backends.triton.launch import INTERPRETED, KernelLauncher, cdiv, device_guard
+from marginkit.backends.triton.configs import pow2_at_least
+from marginkit.backends.triton.launch import INTERPRETED, cdiv, device_guard
+from marginkit.backends.triton.launchers import TARGET_BACKWARD, TARGET_TERMS
 from marginkit.specs import COS_CLAMP, AngleForm
-from marginkit.triton_kernels import target_backward_kernel, target_terms_kernel
 
 __all__ = ["target_rows", "apply_target_column"]
 
 #: Rows per program of the forward kernel (a gather-dot of BLOCK_B × D in float64).
 TERMS_BLOCK_ROWS = 16
-
-TERMS = KernelLauncher(
-    target_terms_kernel, ROW_CONFIGS, ROW_CONFIGS, key=[], interp_meta={}, tiles=("BLOCK_B", "BLOCK_B", "BLOCK_D")
-)
-BACKWARD = KernelLauncher(
-    target_backward_kernel, ROW_CONFIGS, ROW_CONFIGS, key=[], interp_meta={}, tiles=("BLOCK_D", "BLOCK_D", "BLOCK_D")
-)
-
 
 @functools.lru_cache(maxsize=64)
 def _constants(device: torch.device, m2: float, m3: float) -> torch.Tensor:
@@ -71,7 +63,7 @@ def _target_rows(
     labels = labels.contiguous()  # the kernel reads (B,) vectors at unit stride (no op when they are)
     row_margins = row_margins.contiguous() if slot else psi
     with device_guard(embeddings):
-        TERMS(
+        TARGET_TERMS(
             (cdiv(num_rows, TERMS_BLOCK_ROWS),),
             embeddings, weight, labels, row_margins, labels_local, psi, dpsi, cos, flag,
             num_rows, weight.shape[0], dim, ignore_index,
@@ -149,7 +141,7 @@ def apply_target_column(
     classes, order = torch.sort(labels_local, stable=True)
     dw = grad_weight if grad_weight is not None else grad_x
     with device_guard(embeddings):
-        BACKWARD(
+        TARGET_BACKWARD(
             (num_rows,),
             embeddings, weight, grad_raw, kappa, classes, order, losses, dtarget, grad_rows, grad_x, dw,
             num_rows, weight.shape[0], dim, float(scale), NORM_EPS,

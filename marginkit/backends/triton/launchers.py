@@ -1,0 +1,93 @@
+"""Every Triton kernel bound to its launch settings: tile configs (GPU) or the interpreter's fixed
+meta, the autotuning key, the pruning limits. One ``KernelLauncher`` per kernel variant; the
+passes (passes.py, target_column.py) only call them.
+"""
+
+from __future__ import annotations
+
+from marginkit.backends.triton.configs import (
+    FMA_FWD_CONFIGS,
+    FMA_GEMM_CONFIGS,
+    FMA_SCORES_CONFIGS,
+    DW_CONFIGS,
+    FWD_CONFIGS,
+    FWD_STORE_CONFIGS,
+    GEMM_CONFIGS,
+    INTERPRETER_META,
+    PROJECT_CONFIGS,
+    ROW_CONFIGS,
+    SCORES_CONFIGS,
+    STORED_CONFIGS,
+)
+from marginkit.backends.triton.launch import KernelLauncher
+from marginkit.triton_kernels import (
+    dw_gemm_kernel,
+    dx_gemm_kernel,
+    lse_merge_kernel,
+    lse_partials_kernel,
+    project_weight_rows_kernel,
+    row_inv_norm_kernel,
+    scores_kernel,
+    stored_to_workspace_kernel,
+    target_backward_kernel,
+    target_terms_kernel,
+)
+
+__all__ = [
+    "FWD", "FWD_STORE", "SCORES", "DX", "DW", "STORED", "PROJECT", "ROW_NORMS", "MERGE", "TARGET_TERMS",
+    "TARGET_BACKWARD",
+]
+
+_FWD_SHAPE = dict(
+    interp_meta=INTERPRETER_META["fwd"],
+    tiles=("BLOCK_B", "BLOCK_C", "BLOCK_K"),
+    limits={"BLOCK_B": lambda a: a["B"], "BLOCK_K": lambda a: a["D"]},
+)
+FWD = KernelLauncher(lse_partials_kernel, FWD_CONFIGS, FMA_FWD_CONFIGS, key=["D", "B_BUCKET", "MODULATE"], **_FWD_SHAPE)
+#: The same kernel with STORE=True (memory-budget mode): its own tile set and tuning.
+FWD_STORE = KernelLauncher(
+    lse_partials_kernel, FWD_STORE_CONFIGS, FMA_FWD_CONFIGS, key=["D", "B_BUCKET", "MODULATE", "STORE"], **_FWD_SHAPE
+)
+SCORES = KernelLauncher(
+    scores_kernel, SCORES_CONFIGS, FMA_SCORES_CONFIGS,
+    key=["D", "B_BUCKET", "MODULATE", "NORMALIZE"],
+    interp_meta=INTERPRETER_META["scores"],
+    tiles=("BLOCK_B", "BLOCK_C", "BLOCK_K"),
+    limits={"BLOCK_K": lambda a: a["D"]},
+)
+DX = KernelLauncher(
+    dx_gemm_kernel, GEMM_CONFIGS, FMA_GEMM_CONFIGS,
+    key=["D", "B_BUCKET", "USE_ATOMICS"],
+    interp_meta=INTERPRETER_META["dx"],
+    tiles=("BLOCK_M", "BLOCK_N", "BLOCK_K"),
+    limits={"BLOCK_M": lambda a: a["B"], "BLOCK_N": lambda a: a["D"]},
+    restore_value=["out_ptr"],  # accumulates across chunks: tuning runs must not add
+)
+# The memory-budget mode's bandwidth kernels: one config each, always launched pinned.
+STORED = KernelLauncher(
+    stored_to_workspace_kernel, STORED_CONFIGS, STORED_CONFIGS, key=[], interp_meta=INTERPRETER_META["stored"],
+    tiles=("BLOCK_B", "BLOCK_C", "BLOCK_C"),
+)
+PROJECT = KernelLauncher(
+    project_weight_rows_kernel, PROJECT_CONFIGS, PROJECT_CONFIGS, key=[], interp_meta=INTERPRETER_META["project"],
+    tiles=("BLOCK_M", "BLOCK_D", "BLOCK_D"),
+)
+#: The per-row kernels: one config, tiles from the call site (cached-handle launches).
+ROW_NORMS = KernelLauncher(
+    row_inv_norm_kernel, ROW_CONFIGS, ROW_CONFIGS, key=[], interp_meta={}, tiles=("BLOCK_N", "BLOCK_N", "BLOCK_D")
+)
+MERGE = KernelLauncher(lse_merge_kernel, ROW_CONFIGS, ROW_CONFIGS, key=[], interp_meta={}, tiles=("BLOCK", "BLOCK", "BLOCK"))
+DW = KernelLauncher(
+    dw_gemm_kernel, DW_CONFIGS, FMA_GEMM_CONFIGS,
+    key=["D", "B_BUCKET", "NORMALIZE"],
+    interp_meta=INTERPRETER_META["dw"],
+    tiles=("BLOCK_M", "BLOCK_N", "BLOCK_K"),
+    limits={"BLOCK_K": lambda a: a["B"], "BLOCK_N": lambda a: a["D"]},
+)
+#: The target column's per-row kernels (target_column.py).
+TARGET_TERMS = KernelLauncher(
+    target_terms_kernel, ROW_CONFIGS, ROW_CONFIGS, key=[], interp_meta={}, tiles=("BLOCK_B", "BLOCK_B", "BLOCK_D")
+)
+TARGET_BACKWARD = KernelLauncher(
+    target_backward_kernel, ROW_CONFIGS, ROW_CONFIGS, key=[], interp_meta={}, tiles=("BLOCK_D", "BLOCK_D", "BLOCK_D")
+)
