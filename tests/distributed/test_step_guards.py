@@ -230,6 +230,15 @@ def _check_deferred(world, rank):
         out["poison_grad_w"] = head.weight.grad.clone()
     out["poison_next"] = _catch(lambda: head(xl, yl))
     out["weight_unchanged"] = torch.equal(weight_before, head.weight.detach())
+    # a frozen head (backbone still trained): the others' backward sends dX, the rejected rank joins it
+    head.weight.requires_grad_(False)
+    if rank == 1:
+        out["frozen_poison"] = _catch(lambda: head(xl.double(), yl))
+    else:
+        head(xl, yl).backward()
+        out["frozen_poison"] = None
+    out["frozen_next"] = _catch(lambda: head(xl, yl))
+    head.weight.requires_grad_(True)
     out["final"] = _step(head, world, rank)[0]
     return out
 
@@ -351,3 +360,5 @@ def test_deferred_errors_surface_at_the_next_call_on_every_rank(guard_runs):
     for r in runs:
         assert r["weight_unchanged"]
         assert torch.isfinite(r["final"])
+    assert runs[1]["frozen_poison"][0] == "MarginKitTypeError"  # and rank 0's backward did not hang
+    assert runs[0]["frozen_next"] == runs[1]["frozen_next"] and "rank 1 of 2 rejected" in runs[0]["frozen_next"][1]
