@@ -13,6 +13,7 @@ from .margin_ce import (
     scores_kernel,
 )
 from .stored_logits import project_weight_rows_kernel, stored_to_workspace_kernel
+from .row_reduction import masked_mean_backward_kernel, masked_mean_kernel
 from .target_column import target_backward_kernel, target_terms_kernel
 
 __all__ = [
@@ -26,4 +27,6 @@ __all__ = [
     "project_weight_rows_kernel",
     "target_terms_kernel",
     "target_backward_kernel",
+    "masked_mean_kernel",
+    "masked_mean_backward_kernel",
 ]

@@ -427,7 +427,8 @@ def test_fast_step_on_the_cuda_launch_path(tmp_path):
     rows = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT"))[len("RESULT"):])
     chunks = 3  # 40000 classes in chunks of 16384
     common = {"row_inv_norm_kernel": 2, "lse_partials_kernel": 1, "lse_merge_kernel": 1, "dx_gemm_kernel": chunks,
-              "dw_gemm_kernel": chunks, "target_terms_kernel": 1, "target_backward_kernel": 1}
+              "dw_gemm_kernel": chunks, "target_terms_kernel": 1, "target_backward_kernel": 1,
+              "masked_mean_kernel": 1, "masked_mean_backward_kernel": 1}
     assert rows["fast"]["launches"] == dict(common, stored_to_workspace_kernel=chunks,
                                             project_weight_rows_kernel=chunks)
     assert rows["default"]["launches"] == dict(common, scores_kernel=chunks)

@@ -210,6 +210,11 @@ def coverage_jobs():
                    losses_ptr="*fp64", dpsi_ptr="*fp64", grad_rows_ptr=F, dx_ptr="*bf16", dw_ptr=F,
                    scale="fp32", eps="fp32"),
         consts=dict(BLOCK_D=512, NORMALIZE=True, WEIGHT_GRAD=True), warps=4, stages=1, tile=[1, 512])
+    jobs["bf16 masked_mean"] = dict(kernel="masked_mean_kernel", types=dict(losses_ptr=F, labels_ptr="*i64", out_ptr=F),
+                                    consts=dict(BLOCK=1024), warps=4, stages=1, tile=[1024, 1])
+    jobs["bf16 masked_mean_backward"] = dict(
+        kernel="masked_mean_backward_kernel", types=dict(grad_ptr=F, labels_ptr="*i64", grad_rows_ptr=F),
+        consts=dict(BLOCK=1024), warps=4, stages=1, tile=[1024, 1])
     jobs["bf16 stored_to_workspace"] = dict(
         kernel="stored_to_workspace_kernel",
         types=dict(stored_ptr="*bf16", tile_max_ptr=F, lse_ptr=F, grad_ptr=F, x_inv_ptr=F, w_inv_ptr=F,
@@ -309,7 +314,7 @@ def test_kernels_compile_for_hopper_as_pipelined_wgmma(compiled):
             assert info["smem"] >= 2 * 128 * 64 * 2, f"{dtype} {name}: fewer than 2 pipeline stages ({info})"
             assert info["wgmma"], f"{dtype} {name}: not lowered to wgmma ({info})"  # fp32: tf32 wgmma
     for name in ("row_inv_norm", "lse_merge", "lse_merge_combine", "stored_to_workspace", "project_weight_rows",
-                 "target_terms", "target_backward"):  # bandwidth and per-row kernels: no MMA, no spill
+                 "target_terms", "target_backward", "masked_mean", "masked_mean_backward"):  # no MMA, no spill
         info = results[f"bf16 {name}"]
         assert not info["wgmma"] and info.get("stack", 0) == 0, (name, info)
     for name in ("lse_partials", "scores", "dx_gemm_atomic", "dw_gemm"):  # IEEE fp32: FMAs, inside 227 KiB

@@ -3,7 +3,8 @@
 Protocol (``marginkit.backends``): ``lse_partials`` and ``grads_from_lse`` (passes.py: the
 non-target share over one weight), ``row_losses`` (ops.py: custom ops with autograd; the
 target column in float64), and the optional ``target_rows`` (target_column.py: the label check
-and the target terms of a spec with an ``angle_form`` in one launch). Also ``inverse_norms`` and ``tuning`` (launch overrides for tests
+and the target terms of a spec with an ``angle_form`` in one launch), and the optional ``mean_loss``
+(reduction.py: reduction='mean' over the rows that take part, one launch each way). Also ``inverse_norms`` and ``tuning`` (launch overrides for tests
 and benchmarks). Files: configs.py (autotuning tiles and pruning), launch.py (launcher,
 cached compiled handles, launch-shape rules), launchers.py (each kernel with its configs), passes.py,
 target_column.py, budget.py, ops.py; kernels in
@@ -15,9 +16,10 @@ docs/triton_backend.md; measured numbers: notes/PERF.md.
 from marginkit.backends.triton.launch import INTERPRETED, WORKSPACE_BYTES, tuning
 from marginkit.backends.triton.ops import row_losses
 from marginkit.backends.triton.passes import grads_from_lse, inverse_norms, lse_partials
+from marginkit.backends.triton.reduction import mean_loss
 from marginkit.backends.triton.target_column import target_rows
 
 __all__ = [
-    "lse_partials", "grads_from_lse", "row_losses", "target_rows", "inverse_norms", "tuning", "INTERPRETED",
+    "lse_partials", "grads_from_lse", "row_losses", "target_rows", "mean_loss", "inverse_norms", "tuning", "INTERPRETED",
     "WORKSPACE_BYTES",
 ]

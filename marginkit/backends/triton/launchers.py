@@ -25,6 +25,8 @@ from marginkit.triton_kernels import (
     dx_gemm_kernel,
     lse_merge_kernel,
     lse_partials_kernel,
+    masked_mean_backward_kernel,
+    masked_mean_kernel,
     project_weight_rows_kernel,
     row_inv_norm_kernel,
     scores_kernel,
@@ -35,7 +37,7 @@ from marginkit.triton_kernels import (
 
 __all__ = [
     "FWD", "FWD_STORE", "SCORES", "DX", "DW", "STORED", "PROJECT", "ROW_NORMS", "MERGE", "TARGET_TERMS",
-    "TARGET_BACKWARD",
+    "TARGET_BACKWARD", "MASKED_MEAN", "MASKED_MEAN_BACKWARD",
 ]
 
 _FWD_SHAPE = dict(
@@ -90,4 +92,11 @@ TARGET_TERMS = KernelLauncher(
 )
 TARGET_BACKWARD = KernelLauncher(
     target_backward_kernel, ROW_CONFIGS, ROW_CONFIGS, key=[], interp_meta={}, tiles=("BLOCK_D", "BLOCK_D", "BLOCK_D")
+)
+#: The 'mean' reduction over the rows that take part (reduction.py): one program each.
+MASKED_MEAN = KernelLauncher(
+    masked_mean_kernel, ROW_CONFIGS, ROW_CONFIGS, key=[], interp_meta={}, tiles=("BLOCK", "BLOCK", "BLOCK")
+)
+MASKED_MEAN_BACKWARD = KernelLauncher(
+    masked_mean_backward_kernel, ROW_CONFIGS, ROW_CONFIGS, key=[], interp_meta={}, tiles=("BLOCK", "BLOCK", "BLOCK")
 )
