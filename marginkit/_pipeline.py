@@ -291,7 +291,8 @@ def margin_loss(
             psi, dpsi, cos, rows = target_terms(
                 embeddings, weight, labels_local, margin, row_margins, normalize, sub_centers=sub_centers,
             )
-        if valid is None and (negatives is not None or not (reduction == "mean" and hasattr(engine, "mean_loss"))):
+        fused_mean = reduction == "mean" and hasattr(engine, "mean_loss")  # one launch each way, not ~7 small ops
+        if valid is None and (negatives is not None or reduction == "mean" and not fused_mean):
             valid = labels_local >= 0
         modulation = negatives(psi, cos, valid) if negatives is not None else None
         options = {"modulation": modulation, "deterministic": deterministic}
@@ -303,7 +304,7 @@ def margin_loss(
             losses = _norm_scaled_row_losses(engine, embeddings, weight, labels_local, psi, dpsi, cos, scale, options)
         else:
             losses = engine.row_losses(embeddings, weight, labels_local, psi, dpsi, float(scale), normalize, **options)
-        if reduction == "mean" and hasattr(engine, "mean_loss"):  # one launch each way instead of ~7 small ops
+        if fused_mean:
             return engine.mean_loss(losses, labels_local)
         return reduce_losses(losses, valid, reduction)
 

@@ -9,6 +9,13 @@ Every backend module offers the same three functions (the protocol):
 - ``row_losses(embeddings, weight, labels_local, target_logit, dtarget, scale, normalize, *,
   modulation=None, deterministic=False) -> losses (B,)``, differentiable in both inputs.
 
+Optional (``_pipeline`` uses them where a backend has them; the Triton backend does):
+
+- ``target_rows(embeddings, weight, labels, ignore_index, form, row_margins, normalize,
+  check_labels) -> (labels_local, ψ, dψ/dcos, cos θ_y, label flag)``: the label check and the
+  target terms of a spec with an ``angle_form``, in one launch;
+- ``mean_loss(losses, labels_local) -> ()``: reduction='mean' over the rows with labels_local >= 0.
+
 ``labels_local`` (B,) int64 is the column of each row's target in this weight, -1 when it is
 not here. The two phases also take the memory-budget mode and the overlap hook (keywords):
 ``lse_partials(..., memory_budget=0, store=None)`` appends to the list ``store`` the tensors

@@ -219,6 +219,9 @@ class PartitionedMarginSoftmax(nn.Module):
         self._all_rows_updated = False
         self.last_sampled: Optional[torch.Tensor] = None
         self._agreed_input_dtype: Optional[torch.dtype] = None  # set by the first forward
+        # whether the last accepted step's embeddings needed a gradient (every rank's did alike): a rank
+        # that rejects its input joins the backward by this, not by the input it rejected
+        self._input_needed_grad = False
         self._pending = DeferredRecord()
         self.reset_parameters()
 
@@ -339,7 +342,8 @@ class PartitionedMarginSoftmax(nn.Module):
             sizes = exchange_sizes(self, x, labels, problem, config_digest(config), config)
             self._agreed_input_dtype = x.dtype
         if problem[1] != OK:  # declared M, after the first call: send poison, then raise here
-            self._run_rejected_step(problem, input_needs_grad=isinstance(x, torch.Tensor) and x.requires_grad)
+            self._run_rejected_step(problem)
+        self._input_needed_grad = x.requires_grad
         # nothing to keep for a backward that will not run (no_grad, inference, everything frozen)
         backward_runs = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
         plan = self._plan(sizes, config, x.shape[0], memory_budget=self.memory_budget if backward_runs else 0)
@@ -387,15 +391,16 @@ class PartitionedMarginSoftmax(nn.Module):
         if losses.grad_fn is not None:  # mark the rows the backward reaches, when it runs
             losses.grad_fn.register_hook(lambda grad_inputs, grad_outputs: self._note_updated_rows(sampled))
 
-    def _run_rejected_step(self, problem, input_needs_grad: bool) -> None:
+    def _run_rejected_step(self, problem) -> None:
         """This rank rejected its input (declared M, after the first call): it still runs the
         step's collectives with poison rows, so no rank waits, then raises its error. It joins the
-        backward's reduce-scatter when the other ranks will run one: the same rule as theirs (grad
-        enabled, and the embeddings or the weight need a gradient; a frozen head still sends dX)."""
+        backward's reduce-scatter when the other ranks will run one: grad enabled, and the weight or
+        the embeddings need a gradient, the latter as at the last accepted step (the rejected input
+        itself may be detached, an integer tensor or no tensor; a frozen head still sends dX)."""
         b, kind, message = problem
         dtype = self._agreed_input_dtype
         x = torch.zeros((0, self.embedding_dim), dtype=dtype, device=self.weight.device)
-        backward = torch.is_grad_enabled() and (input_needs_grad or self.weight.requires_grad)
+        backward = torch.is_grad_enabled() and (self._input_needed_grad or self.weight.requires_grad)
         x.requires_grad_(backward)
         labels = torch.zeros(0, dtype=torch.int64, device=self.weight.device)
         plan = self._plan(None, self.config(), 0, pad_label=POISON + kind)

@@ -43,6 +43,17 @@ def test_mean_and_its_gradient_equal_the_torch_reduction(dtype, B, ignored):
     assert torch.allclose(ours_in.grad, expected, rtol=1e-6, atol=0.0)
 
 
+def test_strided_inputs_are_read_as_the_values_they_hold_and_bad_shapes_are_refused():
+    losses, labels = rows(12, ignored=(5,))
+    wide_losses = torch.stack([losses, losses * 0 + 100.0], dim=1)[:, 0]
+    wide_labels = torch.stack([labels, labels * 0 - 1], dim=1)[:, 0]
+    assert wide_losses.stride(0) == 2 and wide_labels.stride(0) == 2
+    ref = reduce_losses(losses, labels >= 0, "mean")
+    assert abs(float(mean_loss(wide_losses, wide_labels)) - float(ref)) <= 1e-6 * float(ref)
+    with pytest.raises(ValueError, match="labels_local"):
+        mean_loss(losses, labels[:-1])
+
+
 def test_a_nan_loss_makes_the_mean_nan():
     losses, labels = rows(6, ignored=(2,))
     losses[4] = float("nan")

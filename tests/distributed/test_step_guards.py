@@ -231,9 +231,10 @@ def _check_deferred(world, rank):
     out["poison_next"] = _catch(lambda: head(xl, yl))
     out["weight_unchanged"] = torch.equal(weight_before, head.weight.detach())
     # a frozen head (backbone still trained): the others' backward sends dX, the rejected rank joins it
+    # (the rejected input itself needs no gradient: an integer tensor)
     head.weight.requires_grad_(False)
     if rank == 1:
-        out["frozen_poison"] = _catch(lambda: head(xl.double(), yl))
+        out["frozen_poison"] = _catch(lambda: head(xl.detach().long(), yl))
     else:
         head(xl, yl).backward()
         out["frozen_poison"] = None

@@ -66,4 +66,9 @@ def mean_loss(losses: torch.Tensor, labels_local: torch.Tensor) -> torch.Tensor:
     losses (B,) (differentiable), labels_local (B,) int64 (−1: the row takes no part; its loss is
     left out and gets a zero gradient). The pipeline's reduction='mean' on the Triton backend.
     """
-    return torch.ops.marginkit.triton_mean_loss(losses, labels_local)
+    if losses.dim() != 1 or labels_local.shape != losses.shape:
+        raise ValueError(
+            f"losses and labels_local must both be (B,); got {tuple(losses.shape)} and {tuple(labels_local.shape)}"
+        )
+    # the kernels read both at unit stride (no op when they already are)
+    return torch.ops.marginkit.triton_mean_loss(losses.contiguous(), labels_local.contiguous())
