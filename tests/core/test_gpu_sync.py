@@ -49,6 +49,18 @@ def test_default_cuda_training_step_has_no_host_sync(per_class):
     assert torch.isfinite(loss).item() and torch.isfinite(w.grad).all().item()
 
 
+def test_a_margin_schedule_adds_no_host_sync():
+    """A new ArcFace margin every step (warm-up schedules): its float64 constants reach the fused
+    target kernel by a non-blocking copy from pinned memory."""
+    x, w, y = _batch(C=1000)
+    mk.margin_cross_entropy(x, w, y, mk.ArcFace(0.2), 64.0).backward()
+    torch.cuda.synchronize()
+    with syncs_are_errors():
+        for step in range(3):
+            mk.margin_cross_entropy(x, w, y, mk.ArcFace(0.3 + 0.01 * step), 64.0).backward()
+    assert torch.isfinite(w.grad).all().item()
+
+
 def test_bad_label_on_cuda_raises_at_the_next_call_and_changes_no_weight():
     x, w, y = _batch(C=1000)
     bad = y.clone()

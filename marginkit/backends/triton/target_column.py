@@ -29,9 +29,12 @@ TERMS_BLOCK_ROWS = 16
 
 @functools.lru_cache(maxsize=64)
 def _constants(device: torch.device, m2: float, m3: float) -> torch.Tensor:
-    """The kernel's float64 constants (6,), made once per device and margin, read only."""
+    """The kernel's float64 constants (6,), made once per device and margin, read only. On CUDA the
+    copy leaves pinned memory without blocking: a margin schedule (a new m every step) adds no sync."""
     values = [m2, math.cos(m2), math.sin(m2), m3, 1.0 - COS_CLAMP, NORM_EPS]
-    return torch.tensor(values, dtype=torch.float64, device=device)
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=torch.float64, device=device)
+    return torch.tensor(values, dtype=torch.float64, pin_memory=True).to(device, non_blocking=True)
 
 
 @torch.library.custom_op("marginkit::triton_target_rows", mutates_args=())
