@@ -8,7 +8,9 @@ in ``marginkit.nn``); the partitioned head uses the same steps around its collec
 extension points and no others: the margin spec (the target column) and a
 ``NegativeModulation`` (the non-target columns). The float64 target-column math lives in
 ``marginkit.backends.common``; the (B, C) work in the backend ``marginkit.backends.resolve``
-picks.
+picks. A backend may also offer ``target_rows`` (label check + target terms of a spec with an
+``angle_form``, in one launch) and ``mean_loss`` (reduction='mean'): the Triton backend does, so
+a CUDA step is a few launches rather than ~100 small ops on the host.
 """
 
 from __future__ import annotations
