@@ -3,7 +3,8 @@
 The CPU path and the fallback everywhere (and the engine of sub-center heads). Same
 algorithm as the Triton kernels: the forward keeps an online log-sum-exp per row, the
 backward recomputes each chunk of logits. The largest temporaries are one chunk's
-(B, n) logits and (n, D) unit weights, with n·(B·K + D) ≤ ``CHUNK_ELEMENTS``.
+(B, n) logits and (n, D) unit weights, with n·(B·K + D) ≤ ``CHUNK_ELEMENTS`` (``CUDA_CHUNK_ELEMENTS``
+on CUDA, where per-chunk host work would otherwise bound the step).
 When every class fits one chunk (small B·C), ``row_losses`` takes the dense path instead:
 the forward keeps its (B, C) logits and (C, D) unit weights for the backward, which then
 skips the recomputation (one GEMM, the weight normalisation, the target mask).
@@ -32,6 +33,17 @@ from marginkit.modulation import NegativeModulation
 
 # Element budget of one chunk's temporaries (logits + unit weights): 2^21 floats = 8 MiB in fp32.
 CHUNK_ELEMENTS = 1 << 21
+#: On CUDA, 2^24 (64 MiB of fp32 per temporary, a few hundred MiB in flight): each chunk costs ~20
+#: small ops of host time, so GPU-sized tiles (B = 1024, D = 512: 10 922 classes, 92 chunks at
+#: C = 1M instead of 733) keep the GPU, not the host, the bound (notes/PERF.md, item 4).
+CUDA_CHUNK_ELEMENTS = 1 << 24
+
+
+def chunk_budget(device: torch.device, chunk_elements: Optional[int] = None) -> int:
+    """Elements per chunk: the caller's, else ``CUDA_CHUNK_ELEMENTS`` on CUDA, ``CHUNK_ELEMENTS`` elsewhere."""
+    if chunk_elements:
+        return chunk_elements
+    return CUDA_CHUNK_ELEMENTS if device.type == "cuda" else CHUNK_ELEMENTS
 
 
 def class_chunks(
@@ -105,7 +117,8 @@ def lse_partials(
     row_max = torch.full((num_rows,), float("-inf"), dtype=dtype, device=embeddings.device)
     row_sumexp = torch.zeros(num_rows, dtype=dtype, device=embeddings.device)
     num_classes = weight.shape[0] // sub_centers
-    for start, stop in class_chunks(num_rows, num_classes, dim, chunk_elements, sub_centers):
+    budget = chunk_budget(embeddings.device, chunk_elements)
+    for start, stop in class_chunks(num_rows, num_classes, dim, budget, sub_centers):
         logits, _, is_target, _, _ = _scaled_cos_chunk(
             x_unit, weight, w_inv_norm, start, stop, labels_local, scale, modulation, sub_centers
         )
@@ -149,7 +162,8 @@ def grads_from_lse(
     grad_x_unit = torch.zeros_like(x_unit)
     grad_weight = torch.empty_like(weight) if need_weight_grad else None
     num_classes = weight.shape[0] // sub_centers
-    for start, stop in class_chunks(num_rows, num_classes, dim, chunk_elements, sub_centers):
+    budget = chunk_budget(embeddings.device, chunk_elements)
+    for start, stop in class_chunks(num_rows, num_classes, dim, budget, sub_centers):
         logits, w_unit, is_target, slope, winner = _scaled_cos_chunk(
             x_unit, weight, w_inv_norm, start, stop, labels_local, scale, modulation, sub_centers
         )
@@ -228,7 +242,8 @@ class _ChunkedMarginCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, embeddings, weight, labels_local, target_rows, target_logit, dtarget, scale, normalize, options):
         ctx.dense = dense_fits(
-            embeddings.shape[0], weight.shape[0], embeddings.shape[1], options["sub_centers"], options["chunk_elements"]
+            embeddings.shape[0], weight.shape[0], embeddings.shape[1], options["sub_centers"],
+            chunk_budget(embeddings.device, options["chunk_elements"]),
         )
         dense_saved = ()
         if ctx.dense:

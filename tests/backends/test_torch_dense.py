@@ -122,3 +122,15 @@ def test_dense_path_skips_the_backwards_recomputation(chunk_elements, gemms):
     with MatmulCounter() as counter:
         rows_losses_and_grads(x, w, labels, mk.CosFace(), chunk_elements=chunk_elements)
     assert counter.gemms == gemms
+
+
+def test_chunks_are_gpu_sized_on_cuda_and_cpu_sized_elsewhere():
+    """B = 1024, D = 512 at C = 1M: 92 chunks of 10 922 classes on CUDA (each chunk costs ~20 ops of
+    host time), 733 of 1365 on the CPU; a caller's chunk_elements wins on both."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert torch_chunked.chunk_budget(cuda) == torch_chunked.CUDA_CHUNK_ELEMENTS == 1 << 24
+    assert torch_chunked.chunk_budget(cpu) == torch_chunked.CHUNK_ELEMENTS == 1 << 21
+    assert torch_chunked.chunk_budget(cuda, 4096) == torch_chunked.chunk_budget(cpu, 4096) == 4096
+    counts = {d: len(list(torch_chunked.class_chunks(1024, 1_000_000, 512, torch_chunked.chunk_budget(d))))
+              for d in (cuda, cpu)}
+    assert counts == {cuda: 92, cpu: 733}
