@@ -57,13 +57,7 @@ class RangeLoss(nn.Module):
             keep = labels != self.ignore_index
             if not bool(keep.all()):
                 embeddings, labels = embeddings[keep], labels[keep]
-        loss = range_loss(embeddings, labels, self.k, self.margin, self.alpha, self.beta)
-        # The selection of the k largest distances skips NaN comparisons, which would drop a NaN row
-        # silently. The factor is exactly 1 for finite input and NaN otherwise: NaN/inf propagate to
-        # the loss and every gradient like torch, without a host sync.
-        if isinstance(embeddings, torch.Tensor) and embeddings.is_floating_point() and embeddings.numel():
-            loss = loss * (1.0 + 0.0 * embeddings.sum().to(loss.dtype))
-        return loss
+        return range_loss(embeddings, labels, self.k, self.margin, self.alpha, self.beta)
 
     def extra_repr(self) -> str:
         return f"k={self.k}, margin={self.margin}, alpha={self.alpha}, beta={self.beta}"

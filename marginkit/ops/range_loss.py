@@ -185,6 +185,13 @@ def range_loss(
     Identical rows: if a selected distance is exactly 0, that class's term is its limit, 0,
     with zero gradient (no inf/NaN). The hinge has zero gradient when inactive (margin <= min
     distance); ties between equally close pairs of means: the first pair in label order.
-    Backward flows through the selected distances and the closest pair of means.
+    Backward flows through the selected distances and the closest pair of means. A NaN or inf in
+    ``embeddings`` makes the loss and every gradient NaN, as torch's losses do.
     """
-    return _range_loss_forward_op(embeddings, labels, k, margin, alpha, beta)[0]
+    loss = _range_loss_forward_op(embeddings, labels, k, margin, alpha, beta)[0]
+    # The selection of the k largest distances skips NaN comparisons, which would drop a NaN row
+    # silently. The factor is exactly 1 for finite input and NaN otherwise: NaN/inf propagate to
+    # the loss and every gradient, without a host sync.
+    if isinstance(embeddings, Tensor) and embeddings.is_floating_point() and embeddings.numel():
+        loss = loss * (1.0 + 0.0 * embeddings.sum().to(loss.dtype))
+    return loss

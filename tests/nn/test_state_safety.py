@@ -185,3 +185,14 @@ def test_range_loss_propagates_nan_row():
     loss.backward()
     assert torch.isnan(loss)
     assert bool(torch.isnan(x.grad[:2]).any())
+
+
+def test_the_range_loss_op_called_directly_propagates_nan_too():
+    """marginkit.ops.range_loss (no module in between) does not drop a NaN row either."""
+    x, y = batch(11)
+    y = torch.arange(B) // 2
+    clean = mk.ops.range_loss(x, y)
+    assert torch.isfinite(clean)
+    for bad in (float("nan"), float("inf")):  # the raw op gave a finite 13.07 for the NaN row, inf for inf
+        x[3, 1] = bad
+        assert torch.isnan(mk.ops.range_loss(x, y))
