@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["NegativeModulation", "curricular", "interclass_filter"]
+__all__ = ["NegativeModulation", "curricular", "interclass_filter", "slope_bound"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,11 @@ class NegativeModulation:
     def max_slope(self) -> float:
         """An upper bound of |dN/dcos| over cos ∈ [−1, 1] (scales the backward's workspace)."""
         return max(1.0, 2.0 * abs(self.quadratic) + abs(self.linear))
+
+
+def slope_bound(modulation: "NegativeModulation | None") -> float:
+    """An upper bound of |dN/dcos|: the modulation's ``max_slope``, 1 without one (N(cos) = cos)."""
+    return modulation.max_slope if modulation is not None else 1.0
 
 
 def curricular(target_logit: torch.Tensor, t: float) -> NegativeModulation:

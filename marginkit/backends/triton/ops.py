@@ -20,7 +20,7 @@ from marginkit.backends.triton.budget import STORE_GROUP, store_scale, stored_cl
 from marginkit.backends.triton.launch import cdiv
 from marginkit.backends.triton.passes import backward, check_inputs, compute_operands, forward, inverse_norms
 from marginkit.backends.triton.target_column import apply_target_column
-from marginkit.modulation import NegativeModulation
+from marginkit.modulation import NegativeModulation, slope_bound
 
 __all__ = ["row_losses"]
 
@@ -53,7 +53,7 @@ def _margin_ce_rows(
     x_inv, w_inv = inverse_norms(x, normalize), inverse_norms(w, normalize)
     modulation = _modulation(threshold, quadratic, linear)
     stored, tile_max = _stored_buffers(x, n_stored)
-    sigma = store_scale(x.dtype, modulation.max_slope if modulation is not None else 1.0)
+    sigma = store_scale(x.dtype, slope_bound(modulation))
     num_rows = embeddings.shape[0]
     losses_out = embeddings.new_empty((num_rows,), dtype=compute_dtype(embeddings))
     losses = embeddings.new_empty((num_rows,), dtype=torch.float64)
@@ -122,7 +122,7 @@ def _margin_ce_rows_backward(
     """
     x, w = compute_operands(embeddings, weight)
     modulation = _modulation(threshold, quadratic, linear)
-    sigma = store_scale(x.dtype, modulation.max_slope if modulation is not None else 1.0)
+    sigma = store_scale(x.dtype, slope_bound(modulation))
     grad_raw, grad_w, kappa = backward(
         x, w, x_inv, w_inv, labels_local, lse, grad_rows, scale, normalize, deterministic,
         modulation, need_weight_grad=need_weight_grad, store=(stored, tile_max, sigma), finish_grad_x=False,

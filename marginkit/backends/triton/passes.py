@@ -21,7 +21,7 @@ from marginkit.backends.triton.configs import pow2_at_least
 from marginkit.backends.triton.launch import INTERPRETED, cdiv, device_guard
 from marginkit.backends.triton.launchers import DW, DX, FWD, FWD_STORE, MERGE, PROJECT, ROW_NORMS, SCORES, STORED
 from marginkit.errors import MarginKitTypeError
-from marginkit.modulation import NegativeModulation
+from marginkit.modulation import NegativeModulation, slope_bound
 from marginkit.backends.triton.budget import STORE_GROUP, store_scale, store_width
 
 __all__ = ["lse_partials", "grads_from_lse", "inverse_norms", "check_inputs", "compute_operands"]
@@ -176,13 +176,13 @@ def _unit_scale(device: torch.device) -> torch.Tensor:
     return torch.ones(1, dtype=torch.float32, device=device)
 
 
-def workspace_scale(dtype, grad_rows, scale, x_inv, w_inv, slope_bound: float = 1.0) -> torch.Tensor:
+def workspace_scale(dtype, grad_rows, scale, x_inv, w_inv, max_slope: float = 1.0) -> torch.Tensor:
     """Power-of-two scale κ (1,) of the workspace: 1, except for fp16 (largest |E| → 2^14)."""
     device = x_inv.device
     if dtype != torch.float16 or grad_rows.numel() == 0 or w_inv.numel() == 0:
         return _unit_scale(device)
     # |dS| ≤ |g|·s·max|dN/dcos| since p ≤ 1
-    row_bound = (grad_rows.float().abs() * scale * x_inv).amax() * slope_bound
+    row_bound = (grad_rows.float().abs() * scale * x_inv).amax() * max_slope
     bound = (row_bound.double() * w_inv.amax().double()).reshape(1)
     kappa = torch.exp2(torch.floor(torch.log2(FP16_TARGET_MAX / bound)))
     kappa = torch.nan_to_num(kappa, nan=1.0, posinf=2.0**60).clamp(2.0**-60, 2.0**60)
@@ -217,8 +217,7 @@ def backward(
     lse32 = lse.contiguous()  # float32 or float64: the kernels cast on load (no (B,) copy, no host op)
     grad = grad_rows.contiguous()  # fp32 or fp64: the kernels cast on load and multiply by scale
     mod = modulation_args(modulation, x_inv)
-    slope_bound = modulation.max_slope if modulation is not None else 1.0
-    kappa = workspace_scale(x.dtype, grad, scale, x_inv, w_inv, slope_bound)
+    kappa = workspace_scale(x.dtype, grad, scale, x_inv, w_inv, slope_bound(modulation))
     dot_meta = launch.dot_meta(x.dtype)
     bucket = launch.b_bucket(num_rows)
     n_stored = store[0].shape[1] if store is not None else 0
@@ -400,16 +399,12 @@ def lse_partials(
         # a view of (B, row_stride): the deferred GEMMs read it as their dS operand (aligned loads)
         stored = x.new_empty((x.shape[0], row_stride))[:, :n_stored]
         tile_max = x.new_empty((x.shape[0], cdiv(n_stored, STORE_GROUP)), dtype=torch.float32)
-        kept = (stored, tile_max, _store_scale(x, modulation))
+        kept = (stored, tile_max, store_scale(x.dtype, slope_bound(modulation)))
         store.extend((stored, tile_max))
     return forward(
         x, w, inverse_norms(x, normalize), inverse_norms(w, normalize), labels_local, scale, deterministic, modulation,
         store=kept,
     )
-
-
-def _store_scale(x: torch.Tensor, modulation: Optional[NegativeModulation]) -> float:
-    return store_scale(x.dtype, modulation.max_slope if modulation is not None else 1.0)
 
 
 @torch.no_grad()
@@ -455,7 +450,7 @@ def grads_from_lse(
                 f"store holds {tuple(stored.shape)} {stored.dtype} logits; this backward needs ({x.shape[0]}, ≤ "
                 f"{w.shape[0]}) in {x.dtype}: pass what lse_partials stored for these inputs"
             )
-        kept = (stored, tile_max, _store_scale(x, modulation))
+        kept = (stored, tile_max, store_scale(x.dtype, slope_bound(modulation)))
     deferred = [] if grad_x_ready is not None else None
     grad_x, grad_w = backward(
         x, w, inverse_norms(x, normalize), inverse_norms(w, normalize), labels_local,
