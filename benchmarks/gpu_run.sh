@@ -2,7 +2,8 @@
 # Prepared run for a GPU machine (one H100/H200), in one call and in the order issue 13 asks:
 # install carried wheels, build marginkit, the GPU correctness tests first (`pytest -m gpu`, each
 # test time-boxed), then the benchmark (C = 100K, 1M: marginkit, marginkit-fast, torch-compile,
-# floor-3gemm), the profile, and the host-overhead A/B (cached launch handles on/off).
+# floor-3gemm), the profile, the CUDA-graph A/B (eager vs replay) and the host-overhead A/B (cached
+# launch handles on/off).
 #
 #   bash benchmarks/gpu_run.sh OUTDIR
 #
@@ -14,12 +15,13 @@
 # The defaults end in about 8 minutes on an H200: run it with the device tool's timeout_s=600.
 # Every phase is time-boxed: wheels ~10 s, build <= 150 s, tests <= MK_TESTS_S (each test <= 60 s
 # where pytest-timeout is installed), sweep <= MK_BENCH_LIMIT_S (no new run starts after it; hard
-# stop 60 s later), profile <= 90 s per C, A/B <= 60 s.
+# stop 60 s later), profile <= 90 s per C, graph A/B <= 45 s per C, launch A/B <= 60 s.
 # Peers that are not in the image travel as wheels in .whl/ (benchmarks/fetch_wheels.sh makes them).
 # Knobs: MK_SKIP_BUILD=1 (use the tree as it is), MK_BENCH_ARGS (default: C = 100K,1M with marginkit,
 # marginkit-fast, torch-compile, floor-3gemm; "--device cuda" alone runs every provider at 100K-10M),
-# MK_BENCH_LIMIT_S (default 200), MK_PROFILE_C (C values for benchmarks/profile_step.py, default 1M;
-# empty skips), MK_TESTS_S (default 150; 0 skips the tests), MK_AB_C (C of the launch A/B, default
+# MK_BENCH_LIMIT_S (default 170), MK_PROFILE_C (C values for benchmarks/profile_step.py, default 1M;
+# empty skips), MK_GRAPH_C (C values of the CUDA-graph A/B, default 100K,1M; empty skips), MK_TESTS_S
+# (default 150; 0 skips the tests), MK_AB_C (C of the launch A/B, default
 # 100K; empty skips), MARGINKIT_CUDA_ARCHS (e.g. "90a-real" builds for Hopper only, in half the time), PYTHON.
 set -uo pipefail
 
@@ -29,7 +31,7 @@ OUTDIR=$(cd "$OUTDIR" && pwd)
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
-LIMIT=${MK_BENCH_LIMIT_S:-200}
+LIMIT=${MK_BENCH_LIMIT_S:-170}
 TESTS_S=${MK_TESTS_S:-150}
 BENCH_ARGS=${MK_BENCH_ARGS:---device cuda --C 100K,1M --providers marginkit,marginkit-fast,torch-compile,floor-3gemm}
 LOG="$OUTDIR/setup.log"
@@ -110,7 +112,14 @@ for C in $(echo "${MK_PROFILE_C-1M}" | tr ',' ' '); do
   grep "ms/step" "$OUTDIR/profile.txt" | tail -n 1
 done
 
-# 6. host-overhead A/B: cached CompiledKernel handles (default) vs JITFunction.run per launch
+# 6. does a CUDA graph pay? the step eager vs captured and replayed (issue 13 item 3), per C in MK_GRAPH_C
+for C in $(echo "${MK_GRAPH_C-100K,1M}" | tr ',' ' '); do
+  phase "CUDA-graph A/B at C=$C"
+  timeout 45 $PY benchmarks/cuda_graph_ab.py --C "$C" --providers marginkit,marginkit-fast >> "$OUTDIR/profile.txt" 2>&1
+  tail -n 3 "$OUTDIR/profile.txt"
+done
+
+# 7. host-overhead A/B: cached CompiledKernel handles (default) vs JITFunction.run per launch
 for C in $(echo "${MK_AB_C-100K}" | tr ',' ' '); do
   phase "launch A/B at C=$C"
   timeout 60 $PY benchmarks/tune_sweep.py --device cuda --C "$C" --compiled-launch 1,0 >> "$OUTDIR/profile.txt" 2>&1

@@ -22,6 +22,7 @@ import torch
 
 from marginkit import backends
 from marginkit.backends.common import NORM_EPS, compute_dtype, sub_center_target, target_cosine
+from marginkit.cuda_graphs import capturing
 from marginkit.errors import check_bool, check_real
 from marginkit.modulation import NegativeModulation, interclass_filter
 from marginkit.specs import MarginSpec
@@ -99,8 +100,11 @@ def check_pending_labels(wait: bool = False) -> None:
     earlier call on CUDA found on the device.
 
     Every call of the loss runs this first without waiting; ``wait=True`` (e.g. at the end of an
-    epoch, or in tests) waits for the flags still in flight.
+    epoch, or in tests) waits for the flags still in flight. Nothing is read during CUDA-graph
+    capture (an event query is not allowed there): the next eager call reads it.
     """
+    if _pending and capturing():
+        return
     while _pending:
         check = _pending[0]
         if check.event is not None and not (wait or check.event.query()):
@@ -173,8 +177,10 @@ def _margin_flag(row_margins, valid, margin: MarginSpec, name: str):
 def valid_rows(labels: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
     """(B,) bool rows that take part in the loss, after the label range check."""
     valid = labels != ignore_index
-    if skip_value_checks() or not labels.numel():
+    if not labels.numel():
         return valid
+    if skip_value_checks():  # no host read: rows with a bad label are left out, without an error
+        return valid & (labels.clamp(0, num_classes - 1) == labels)
     if labels.device.type in DEFERRED_LABEL_CHECK_DEVICES:
         return _deferred_label_check(labels, valid, num_classes, ignore_index)
     check_labels(labels, num_classes, ignore_index)

@@ -3,7 +3,8 @@
 Shapes, dtypes, devices and options are checked on the host without reading tensor
 values. Checks of *values* (labels in range, finite margins) need the values: on the CPU
 they run here; on CUDA the pipeline checks labels on the device instead of stalling the
-host (``marginkit._pipeline``). Under ``torch.compile`` value checks are skipped.
+host (``marginkit._pipeline``). Under ``torch.compile`` and CUDA-graph capture value checks are
+skipped (``skip_value_checks``).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from marginkit.backends import BACKENDS
+from marginkit.cuda_graphs import capturing
 from marginkit.errors import MarginKitTypeError, check_bool, check_choice, check_positive_ints, check_real
 from marginkit.specs import MarginSpec
 
@@ -23,8 +25,9 @@ REDUCTIONS = ("mean", "sum", "none")
 
 
 def skip_value_checks() -> bool:
-    """Value checks need a host sync, which would break a torch.compile(fullgraph=True) graph."""
-    return torch.compiler.is_compiling()
+    """Value checks read the host: skipped while torch.compile traces (a sync would break a
+    fullgraph graph) and while a CUDA graph is captured (a replay runs no host code)."""
+    return torch.compiler.is_compiling() or capturing()
 
 
 def check_tensor(name: str, value, ndim: int, shape_hint: str) -> None:

@@ -10,6 +10,7 @@ from torch import nn
 
 from marginkit._pipeline import margin_loss
 from marginkit.backends import BACKENDS
+from marginkit.cuda_graphs import refuse_stateful_capture
 from marginkit.errors import MarginKitTypeError, check_bool, check_choice, check_real
 from marginkit.specs import MarginSpec, NoMargin
 from marginkit.validation import REDUCTIONS, check_head_arguments, check_labels, validate_inputs
@@ -95,7 +96,9 @@ class ClassWeightHead(KeepBufferDtypes):
     def check_batch(self, embeddings, labels, *, refuse_non_finite: bool = False) -> None:
         """Every check of (embeddings, labels) before any state changes: shapes, dtypes, label
         range (one host sync), and with ``refuse_non_finite`` finite embeddings, so that a bad
-        batch is refused with the state untouched."""
+        batch is refused with the state untouched. A CUDA-graph capture is refused: a replay
+        would skip these checks."""
+        refuse_stateful_capture(self)
         weight = self.weight[:: self.weight.shape[0] // self.num_classes]
         validate_inputs(
             embeddings, weight, labels, self.margin or NoMargin(), 1.0, None, None,

@@ -288,3 +288,14 @@ def test_tune_sweep_times_every_variant():
     assert [line[:40].strip() for line in lines] == [
         "launcher's choice", "dx_splits=2", "chunk_classes=256", "chunk_classes=256, dx_splits=2"]
     assert all(math.isfinite(float(line[40:].split()[0])) for line in lines)
+
+
+def test_cuda_graph_ab_imports_and_says_it_needs_cuda():
+    """benchmarks/cuda_graph_ab.py runs only on a GPU session: here its imports and flags must work and it
+    must stop with a message, not a traceback."""
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: gpu_run.sh runs the script itself")
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "cuda_graph_ab.py"
+    proc = subprocess.run([sys.executable, str(script), "--C", "100K", "--providers", "marginkit,marginkit-fast"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stderr.strip() == "cuda_graph_ab.py needs a CUDA device", proc.stderr[-2000:]

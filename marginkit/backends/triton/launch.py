@@ -19,6 +19,7 @@ import torch
 import triton
 
 from marginkit.backends.triton.configs import pow2_at_least, pruner
+from marginkit.cuda_graphs import refuse_cold_capture
 from marginkit.triton_kernels import lse_partials_kernel
 
 __all__ = ["INTERPRETED", "KernelLauncher", "tuning", "cdiv", "specialization_key"]
@@ -150,6 +151,7 @@ class KernelLauncher:
         else:
             config = self.picked.get(key) if _overrides.get("direct_launch", True) else None
             if config is None:
+                refuse_cold_capture(f"Autotuning {self.fn.__name__}")  # it times every config: syncs
                 tuner = self.tuned[fma]
                 tuner[grid](*args, **kwargs)
                 self.picked[key] = tuner.best_config

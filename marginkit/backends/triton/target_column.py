@@ -20,6 +20,7 @@ from marginkit.backends.common import NORM_EPS
 from marginkit.backends.triton.configs import pow2_at_least
 from marginkit.backends.triton.launch import INTERPRETED, cdiv, device_guard
 from marginkit.backends.triton.launchers import TARGET_BACKWARD, TARGET_TERMS
+from marginkit.cuda_graphs import refuse_cold_capture
 from marginkit.specs import COS_CLAMP, AngleForm
 
 __all__ = ["target_rows", "apply_target_column"]
@@ -31,6 +32,7 @@ TERMS_BLOCK_ROWS = 16
 def _constants(device: torch.device, m2: float, m3: float) -> torch.Tensor:
     """The kernel's float64 constants (6,), made once per device and margin, read only. On CUDA the
     copy leaves pinned memory without blocking: a margin schedule (a new m every step) adds no sync."""
+    refuse_cold_capture("Making the target column's float64 margin constants")  # a pinned copy: not capturable
     values = [m2, math.cos(m2), math.sin(m2), m3, 1.0 - COS_CLAMP, NORM_EPS]
     if device.type != "cuda":
         return torch.tensor(values, dtype=torch.float64, device=device)

@@ -1,0 +1,47 @@
+"""What the loss does while a CUDA graph is being captured (``torch.cuda.graph``,
+``torch.cuda.make_graphed_callables``, ``torch.compile(mode="reduce-overhead")``).
+
+A replay runs no Python, so nothing the host would do per step can happen in it:
+- the label and margin value checks are skipped, as under ``torch.compile``: a row with an
+  out-of-range label is still left out on the device, but no error is ever raised for it;
+- what is made once per shape or margin on the first eager call (the autotuner's pick, the
+  target column's float64 constants) cannot be made during capture: a capture that would need
+  it raises :class:`CudaGraphWarmupError` instead of failing inside CUDA;
+- heads with running state (CurricularFace, AdaCos, MagFace, AdaFace, online LDAM) read each
+  batch on the host before they change their state: they refuse to be captured.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["capturing", "CudaGraphWarmupError", "refuse_cold_capture", "refuse_stateful_capture"]
+
+
+class CudaGraphWarmupError(RuntimeError):
+    """A CUDA-graph capture reached work that runs once, on the first eager call of a shape."""
+
+
+def capturing() -> bool:
+    """True while the current CUDA stream is being captured into a graph."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def refuse_cold_capture(what: str) -> None:
+    """Raise :class:`CudaGraphWarmupError` if a capture reached ``what`` (first-call work)."""
+    if capturing():
+        raise CudaGraphWarmupError(
+            f"{what} runs on the first eager call with these shapes and margins, not during CUDA-graph "
+            "capture: run the step eagerly once (on a side stream, as torch.cuda.graph's docs warm up) "
+            "before capturing it"
+        )
+
+
+def refuse_stateful_capture(head: torch.nn.Module) -> None:
+    """Raise ``RuntimeError`` if ``head`` (a head with running state) is called during capture."""
+    if capturing():
+        raise RuntimeError(
+            f"{type(head).__name__} keeps running state and checks each batch on the host before changing "
+            "it, which a CUDA-graph replay cannot do: run it eagerly, or capture a stateless loss "
+            "(mk.margin_cross_entropy, MarginSoftmax)"
+        )
