@@ -7,15 +7,16 @@ A replay runs no Python, so nothing the host would do per step can happen in it:
 - what is made once per shape or margin on the first eager call (the autotuner's pick, the
   target column's float64 constants) cannot be made during capture: a capture that would need
   it raises :class:`CudaGraphWarmupError` instead of failing inside CUDA;
-- heads with running state (CurricularFace, AdaCos, MagFace, AdaFace, online LDAM) read each
-  batch on the host before they change their state: they refuse to be captured.
+- what reads the host every step refuses to be captured: the heads with running state
+  (CurricularFace, AdaCos, MagFace, AdaFace, online LDAM check each batch before they change their
+  state) and the partitioned head (every rank's input is checked alike on the host).
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["capturing", "CudaGraphWarmupError", "refuse_cold_capture", "refuse_stateful_capture"]
+__all__ = ["capturing", "CudaGraphWarmupError", "refuse_cold_capture", "refuse_capture"]
 
 
 class CudaGraphWarmupError(RuntimeError):
@@ -37,11 +38,10 @@ def refuse_cold_capture(what: str) -> None:
         )
 
 
-def refuse_stateful_capture(head: torch.nn.Module) -> None:
-    """Raise ``RuntimeError`` if ``head`` (a head with running state) is called during capture."""
+def refuse_capture(module: torch.nn.Module, why: str, instead: str = "") -> None:
+    """Raise ``RuntimeError`` if ``module``, which needs the host every step (``why``), is called
+    during capture."""
     if capturing():
         raise RuntimeError(
-            f"{type(head).__name__} keeps running state and checks each batch on the host before changing "
-            "it, which a CUDA-graph replay cannot do: run it eagerly, or capture a stateless loss "
-            "(mk.margin_cross_entropy, MarginSoftmax)"
+            f"{type(module).__name__} {why}, which a CUDA-graph replay cannot do: run it eagerly{instead}"
         )

@@ -10,7 +10,7 @@ from torch import nn
 
 from marginkit._pipeline import margin_loss
 from marginkit.backends import BACKENDS
-from marginkit.cuda_graphs import refuse_stateful_capture
+from marginkit.cuda_graphs import refuse_capture
 from marginkit.errors import MarginKitTypeError, check_bool, check_choice, check_real
 from marginkit.specs import MarginSpec, NoMargin
 from marginkit.validation import REDUCTIONS, check_head_arguments, check_labels, validate_inputs
@@ -98,7 +98,8 @@ class ClassWeightHead(KeepBufferDtypes):
         range (one host sync), and with ``refuse_non_finite`` finite embeddings, so that a bad
         batch is refused with the state untouched. A CUDA-graph capture is refused: a replay
         would skip these checks."""
-        refuse_stateful_capture(self)
+        refuse_capture(self, "keeps running state and checks each batch on the host before changing it",
+                       " (or capture a stateless loss: mk.margin_cross_entropy, MarginSoftmax)")
         weight = self.weight[:: self.weight.shape[0] // self.num_classes]
         validate_inputs(
             embeddings, weight, labels, self.margin or NoMargin(), 1.0, None, None,

@@ -5,7 +5,7 @@ copied into the static labels is left out, and first-call work (a new margin's c
 untuned shape) refuses capture with ``CudaGraphWarmupError``. The CPU twins pretend a capture is
 under way (torch.cuda's two capture queries patched) and check what the pipeline does then: no
 host check and no deferred flag, bad rows left out on both backends and both target-column
-paths, cold constants refused, stateful heads refused.
+paths, cold constants refused, heads that read the host every step refused.
 """
 
 import os
@@ -20,6 +20,7 @@ import pytest  # noqa: E402
 import marginkit as mk  # noqa: E402
 from marginkit import _pipeline  # noqa: E402
 from marginkit.cuda_graphs import CudaGraphWarmupError  # noqa: E402
+from marginkit.distributed import PartitionedMarginSoftmax  # noqa: E402
 
 IGNORE = -100
 gpu = pytest.mark.gpu
@@ -82,14 +83,17 @@ def test_a_capture_refuses_a_margin_whose_constants_were_never_made(pretend_capt
     assert torch.equal(got, want)
 
 
-def test_a_capture_refuses_heads_with_running_state_and_leaves_their_state(pretend_capture):
+def test_a_capture_refuses_heads_that_read_the_host_each_step_and_leaves_their_state(pretend_capture):
     x, _, y = cpu_inputs(seed=2)
     head = mk.nn.CurricularFace(13, 16)
     t_before = head.t.clone()
+    partitioned = PartitionedMarginSoftmax(13, 16, mk.ArcFace(0.5), 16.0)  # one process: no group
     pretend_capture["on"] = True
     with pytest.raises(RuntimeError, match="CurricularFace keeps running state.*CUDA-graph replay"):
         head(x, y)
     assert torch.equal(head.t, t_before)
+    with pytest.raises(RuntimeError, match="PartitionedMarginSoftmax checks every rank's input.*CUDA-graph"):
+        partitioned(x, y)
     stateless = mk.nn.MarginSoftmax(13, 16, mk.ArcFace(0.5), 16.0, backend="torch")
     assert torch.isfinite(stateless(x, y))  # a stateless head captures like the function
 
