@@ -1,5 +1,4 @@
-"""What the loss does while a CUDA graph is being captured (``torch.cuda.graph``,
-``torch.cuda.make_graphed_callables``, ``torch.compile(mode="reduce-overhead")``).
+"""What the loss does while a CUDA graph is being captured (``torch.cuda.graph``).
 
 A replay runs no Python, so nothing the host would do per step can happen in it:
 - the label and margin value checks are skipped, as under ``torch.compile``: a row with an

@@ -151,7 +151,7 @@ class KernelLauncher:
         else:
             config = self.picked.get(key) if _overrides.get("direct_launch", True) else None
             if config is None:
-                refuse_cold_capture(f"Autotuning {self.fn.__name__}")  # it times every config: syncs
+                refuse_cold_capture("Autotuning")  # it times every config: syncs
                 tuner = self.tuned[fma]
                 tuner[grid](*args, **kwargs)
                 self.picked[key] = tuner.best_config
