@@ -11,18 +11,19 @@
 #   <gpu-slug>-<date>.csv   rows in API.md's schema (written row by row: a cut-short sweep keeps its rows)
 #   <gpu-slug>-<date>.png   time and peak extra memory against C (redrawn from the CSV if the sweep was cut)
 #   <gpu-slug>-<date>.json  versions, timer, first-call/compile times, notes, OOM/error details
-#   setup.log gpu-tests.log bench.log profile.txt (the profile, then the launch A/B)
+#   setup.log gpu-tests.log bench.log profile.txt (the profile, then the graph and launch A/Bs)
 # The defaults end in about 8 minutes on an H200: run it with the device tool's timeout_s=600.
 # Every phase is time-boxed: wheels ~10 s, build <= 150 s, tests <= MK_TESTS_S (each test <= 60 s
-# where pytest-timeout is installed), sweep <= MK_BENCH_LIMIT_S (no new run starts after it; hard
-# stop 60 s later), profile <= 90 s per C, graph A/B <= 45 s per C, launch A/B <= 60 s.
+# where pytest-timeout is installed, MK_TEST_WORKERS xdist workers, default 4, where pytest-xdist is),
+# sweep <= MK_BENCH_LIMIT_S (no new run starts after it; hard stop 60 s later), profile <= 90 s per C,
+# graph A/B <= 45 s per C, launch A/B <= 60 s.
 # Peers that are not in the image travel as wheels in .whl/ (benchmarks/fetch_wheels.sh makes them).
 # Knobs: MK_SKIP_BUILD=1 (use the tree as it is), MK_BENCH_ARGS (default: C = 100K,1M with marginkit,
 # marginkit-fast, torch-compile, floor-3gemm; "--device cuda" alone runs every provider at 100K-10M),
 # MK_BENCH_LIMIT_S (default 170), MK_PROFILE_C (C values for benchmarks/profile_step.py, default 1M;
 # empty skips), MK_GRAPH_C (C values of the CUDA-graph A/B, default 100K,1M; empty skips), MK_TESTS_S
-# (default 150; 0 skips the tests), MK_AB_C (C of the launch A/B, default
-# 100K; empty skips), MARGINKIT_CUDA_ARCHS (e.g. "90a-real" builds for Hopper only, in half the time), PYTHON.
+# (default 150; 0 skips the tests), MK_TEST_WORKERS, MK_AB_C (C of the launch A/B, default 100K; empty
+# skips), MARGINKIT_CUDA_ARCHS (e.g. "90a-real" builds for Hopper only, in half the time), PYTHON.
 set -uo pipefail
 
 OUTDIR=${1:?usage: bash benchmarks/gpu_run.sh OUTDIR}
@@ -86,9 +87,20 @@ if [ "$TESTS_S" -gt 0 ]; then
   phase "gpu tests: pytest -m gpu (at most ${TESTS_S} s)"
   PER_TEST=""
   $PY -c "import pytest_timeout" 2>/dev/null && PER_TEST="--timeout 60"
-  timeout "$TESTS_S" $PY -m pytest -m "gpu or cuda_twin" -q -rs --durations=15 -p no:cacheprovider $PER_TEST tests \
-    > "$OUTDIR/gpu-tests.log" 2>&1
+  # Workers compile Triton kernels (ptxas: CPU-bound) in parallel; the GPU image has pytest-xdist.
+  WORKERS=""
+  $PY -c "import xdist" 2>/dev/null && WORKERS="-n ${MK_TEST_WORKERS:-4}"
+  T_TESTS=$(date +%s)
+  timeout "$TESTS_S" $PY -m pytest -m "gpu or cuda_twin" -q -rs --durations=15 -p no:cacheprovider $PER_TEST $WORKERS \
+    tests > "$OUTDIR/gpu-tests.log" 2>&1
   TESTS=$?
+  LEFT=$(( TESTS_S - ($(date +%s) - T_TESTS) ))
+  if [ -n "$WORKERS" ] && { [ "$TESTS" = 3 ] || [ "$TESTS" = 4 ]; } && [ "$LEFT" -gt 30 ]; then
+    echo "pytest with $WORKERS ended with rc=$TESTS (internal/usage error): again in one process (${LEFT} s)"
+    timeout "$LEFT" $PY -m pytest -m "gpu or cuda_twin" -q -rs --durations=15 -p no:cacheprovider $PER_TEST tests \
+      >> "$OUTDIR/gpu-tests.log" 2>&1
+    TESTS=$?
+  fi
   tail -n 30 "$OUTDIR/gpu-tests.log"
 fi
 # 4. the sweep (B=1024, D=512, bf16, arcface; each marginkit row checked against float64 before it is timed).
