@@ -57,26 +57,34 @@ def main(argv=None) -> None:
     print(f"B={cfg.B} D={cfg.D} C={cfg.C} {cfg.dtype} {cfg.margin} on {torch.cuda.get_device_name()}")
     print(f"{'provider':<16} {'eager ms':>9} {'replay ms':>10} {'host share':>11} {'pool MiB':>9} {'grad rel diff':>14}")
     for name in (n.strip() for n in args.providers.split(",") if n.strip()):
-        provider = get_provider(name)
-        case = provider.build(inputs, make_spec(provider.row_margin(cfg.margin)))
-        eager = measure(case, "cuda")
-        for param in case.params:
-            param.grad = None
-        case.step()
-        want = [param.grad.clone() for param in case.params]
-        reserved = torch.cuda.memory_reserved()
-        graph = capture(case)
-        pool_mib = (torch.cuda.memory_reserved() - reserved) / _MIB
-        graph.replay()
-        diff = max_rel_diff([param.grad for param in case.params], want)
-        replay_ms = do_bench(graph.replay, warmup=25, rep=100, quantiles=[0.5])
-        replay_ms = replay_ms[0] if isinstance(replay_ms, (list, tuple)) else replay_ms
-        share = 1.0 - replay_ms / eager.ms_median
-        print(f"{name:<16} {eager.ms_median:>9.3f} {replay_ms:>10.3f} {share:>10.0%} {pool_mib:>9.0f} {diff:>14.2e}")
-        del graph, want
-        for param in case.params:
-            param.grad = None
+        try:
+            print(row(name, inputs, cfg))
+        except Exception as exc:  # one provider's failure (a capture error) must not hide the others' rows
+            print(f"{name:<16} error: {type(exc).__name__}: {str(exc)[:300]}")
+        torch.cuda.synchronize()
         torch.cuda.empty_cache()
+
+
+def row(name: str, inputs, cfg) -> str:
+    """One provider's line: eager and replay ms, the host share, the graph's pool, the replay's gradient error."""
+    provider = get_provider(name)
+    case = provider.build(inputs, make_spec(provider.row_margin(cfg.margin)))
+    eager = measure(case, "cuda")
+    for param in case.params:
+        param.grad = None
+    case.step()
+    want = [param.grad.clone() for param in case.params]
+    reserved = torch.cuda.memory_reserved()
+    graph = capture(case)
+    pool_mib = (torch.cuda.memory_reserved() - reserved) / _MIB
+    graph.replay()
+    diff = max_rel_diff([param.grad for param in case.params], want)
+    replay_ms = do_bench(graph.replay, warmup=25, rep=100, quantiles=[0.5])
+    replay_ms = replay_ms[0] if isinstance(replay_ms, (list, tuple)) else replay_ms
+    share = 1.0 - replay_ms / eager.ms_median
+    for param in case.params:
+        param.grad = None
+    return f"{name:<16} {eager.ms_median:>9.3f} {replay_ms:>10.3f} {share:>10.0%} {pool_mib:>9.0f} {diff:>14.2e}"
 
 
 if __name__ == "__main__":

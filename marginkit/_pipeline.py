@@ -84,7 +84,10 @@ _pending: list[_PendingCheck] = []
 
 
 def _defer(info: torch.Tensor, error: Callable[[list], Optional[ValueError]]) -> None:
-    """Copy a small device flag to the host without blocking; ``check_pending_labels`` reads it later."""
+    """Copy a small device flag to the host without blocking; ``check_pending_labels`` reads it later.
+    Not under torch.compile or CUDA-graph capture: the flagged rows are left out all the same, unreported."""
+    if skip_value_checks():
+        return
     if info.is_cuda:
         flag = torch.empty(info.shape, dtype=info.dtype, pin_memory=True)
         flag.copy_(info, non_blocking=True)
@@ -179,10 +182,10 @@ def valid_rows(labels: torch.Tensor, num_classes: int, ignore_index: int) -> tor
     valid = labels != ignore_index
     if not labels.numel():
         return valid
-    if skip_value_checks():  # no host read: rows with a bad label are left out, without an error
-        return valid & (labels.clamp(0, num_classes - 1) == labels)
     if labels.device.type in DEFERRED_LABEL_CHECK_DEVICES:
         return _deferred_label_check(labels, valid, num_classes, ignore_index)
+    if skip_value_checks():  # the eager check reads the host: rows with a bad label are left out, unreported
+        return valid & (labels.clamp(0, num_classes - 1) == labels)
     check_labels(labels, num_classes, ignore_index)
     return valid
 
@@ -293,7 +296,7 @@ def margin_loss(
             valid, rows = None, labels_local  # valid = labels_local >= 0, formed only where it is used
         else:
             valid = valid_rows(labels, num_classes, ignore_index)
-            if deferred and row_margins is not None and not skip_value_checks():
+            if deferred and row_margins is not None:
                 valid = _deferred_margin_check(row_margins, valid, margin, margin_name)
             labels_local = torch.where(valid, labels, -1)
             psi, dpsi, cos, rows = target_terms(
@@ -322,10 +325,11 @@ def _fused_target_terms(
     deferred,
 ):
     """(labels_local, ψ, dψ, cos θ_y) from the backend's one-launch ``target_rows``, with the label
-    check as on the unfused path: eager off CUDA, flagged on the device and deferred on CUDA."""
-    checking = not skip_value_checks() and labels.numel() > 0
+    check as on the unfused path: eager off CUDA, flagged on the device and deferred on CUDA (rows
+    with a bad label or margin left out even where nothing can be reported: compile, capture)."""
+    checking = labels.numel() > 0
     if checking and not deferred:
-        check_labels(labels, num_classes, ignore_index)
+        check_labels(labels, num_classes, ignore_index)  # skipped under torch.compile: the kernel leaves them out
     margin_check = None
     if checking and deferred and row_margins is not None:  # rows with a bad margin go in as ignored ones
         in_range = (labels != ignore_index) & (labels.clamp(0, num_classes - 1) == labels)

@@ -1,8 +1,8 @@
 """What the loss does while a CUDA graph is being captured (``torch.cuda.graph``).
 
 A replay runs no Python, so nothing the host would do per step can happen in it:
-- the label and margin value checks are skipped, as under ``torch.compile``: a row with an
-  out-of-range label is still left out on the device, but no error is ever raised for it;
+- nothing is reported, as under ``torch.compile``: a row with an out-of-range label or a bad
+  class/sample margin is still left out on the device, but no error is ever raised for it;
 - what is made once per shape or margin on the first eager call (the autotuner's pick, the
   target column's float64 constants) cannot be made during capture: a capture that would need
   it raises :class:`CudaGraphWarmupError` instead of failing inside CUDA;

@@ -52,17 +52,21 @@ def loss_and_grads(x, w, y, spec, **kw):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("spec", [mk.ArcFace(0.5), mk.SphereFace(2.0)], ids=["fused-target", "torch-target"])
+@pytest.mark.parametrize("spec", [mk.ArcFace(0.5), mk.CombinedMargin(1.2, 0.2, 0.1)], ids=["fused-target", "torch-target"])
 def test_a_capture_skips_the_host_checks_and_leaves_bad_rows_out(pretend_capture, backend, spec):
     x, w, y = cpu_inputs()
+    y[3] = 4
+    margins = torch.full((13,), 0.3)
     ignored = y.clone()
-    ignored[[2, 5]] = IGNORE
-    want = loss_and_grads(x, w, ignored, spec, backend=backend)  # eager: also the warm-up
-    mk.functional.check_pending_labels(wait=True)  # the eager call's flag, read
+    ignored[[2, 5, 3]] = IGNORE
+    want = loss_and_grads(x, w, ignored, spec, backend=backend, class_margins=margins)  # eager: also the warm-up
+    mk.functional.check_pending_labels(wait=True)  # the eager call's flags, read
     bad = y.clone()
     bad[2], bad[5] = 13, -7  # out of range on both sides
+    bad_margins = margins.clone()
+    bad_margins[4] = float("nan")  # row 3's class
     pretend_capture["on"] = True
-    got = loss_and_grads(x, w, bad, spec, backend=backend)
+    got = loss_and_grads(x, w, bad, spec, backend=backend, class_margins=bad_margins)
     assert not _pipeline._pending  # nothing for the host to read: a replay would never read it
     pretend_capture["on"] = False
     for a, b in zip(got, want):
