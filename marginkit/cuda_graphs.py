@@ -1,4 +1,5 @@
-"""What the loss does while a CUDA graph is being captured (``torch.cuda.graph``).
+"""What the loss does while a CUDA graph is being captured (``torch.cuda.graph``,
+``torch.compile(mode="reduce-overhead")``).
 
 A replay runs no Python, so nothing the host would do per step can happen in it:
 - nothing is reported, as under ``torch.compile``: a row with an out-of-range label or a bad

@@ -184,3 +184,22 @@ def test_gpu_a_capture_without_warm_up_raises_the_warm_up_error():
     with pytest.raises(CudaGraphWarmupError):
         with torch.cuda.graph(graph):
             mk.margin_cross_entropy(x, w, y, mk.ArcFace(0.4567), 64.0).backward()
+
+
+@gpu
+@needs_cuda
+def test_gpu_torch_compile_reduce_overhead_matches_eager():
+    """torch.compile's CUDA-graph mode: the first calls warm up and record, the later ones replay."""
+
+    def loss_fn(x, w, y):
+        return mk.margin_cross_entropy(x, w, y, mk.ArcFace(0.5), 64.0, deterministic=True)
+
+    compiled = torch.compile(loss_fn, mode="reduce-overhead")
+    for seed in (5, 6, 7, 8):
+        x, w, y = cuda_inputs(seed, 128, 20000, 64)
+        loss = compiled(x, w, y)
+        loss.backward()
+        want = eager_step(x, w, y, mk.ArcFace(0.5), deterministic=True)
+        torch.testing.assert_close(loss.detach().clone(), want[0], rtol=1e-5, atol=0)
+        torch.testing.assert_close(x.grad, want[1], rtol=2e-2, atol=1e-6)
+        torch.testing.assert_close(w.grad, want[2], rtol=2e-2, atol=1e-6)
