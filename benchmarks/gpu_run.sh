@@ -2,8 +2,8 @@
 # Prepared run for a GPU machine (one H100/H200), in one call and in the order issue 13 asks:
 # install carried wheels, build marginkit, the GPU correctness tests first (`pytest -m gpu`, each
 # test time-boxed), then the benchmark (C = 100K, 1M: marginkit, marginkit-fast, torch-compile,
-# floor-3gemm), the profile, the CUDA-graph A/B (eager vs replay) and the host-overhead A/B (cached
-# launch handles on/off).
+# floor-3gemm), the profile, the CUDA-graph A/B (eager vs replay), the column-sum A/B (tensor cores
+# or a row reduction) and the host-overhead A/B (cached launch handles on/off).
 #
 #   bash benchmarks/gpu_run.sh OUTDIR
 #
@@ -11,19 +11,20 @@
 #   <gpu-slug>-<date>.csv   rows in API.md's schema (written row by row: a cut-short sweep keeps its rows)
 #   <gpu-slug>-<date>.png   time and peak extra memory against C (redrawn from the CSV if the sweep was cut)
 #   <gpu-slug>-<date>.json  versions, timer, first-call/compile times, notes, OOM/error details
-#   setup.log gpu-tests.log bench.log profile.txt (the profile, then the graph and launch A/Bs)
-# The defaults end in about 8 minutes on an H200: run it with the device tool's timeout_s=600.
+#   setup.log gpu-tests.log bench.log profile.txt (the profile, then the A/Bs)
+# The defaults end in about 8-9 minutes on an H200: run it with the device tool's timeout_s=600. The phases
+# run in priority order, so a run cut short loses only the last A/Bs.
 # Every phase is time-boxed: wheels ~10 s, build <= 150 s, tests <= MK_TESTS_S (each test <= 60 s
 # where pytest-timeout is installed, MK_TEST_WORKERS xdist workers, default 4, where pytest-xdist is),
 # sweep <= MK_BENCH_LIMIT_S (no new run starts after it; hard stop 60 s later), profile <= 90 s per C,
-# graph A/B <= 45 s per C, launch A/B <= 60 s.
+# graph A/B <= 45 s per C, column-sum and launch A/Bs <= 60 s each.
 # Peers that are not in the image travel as wheels in .whl/ (benchmarks/fetch_wheels.sh makes them).
 # Knobs: MK_SKIP_BUILD=1 (use the tree as it is), MK_BENCH_ARGS (default: C = 100K,1M with marginkit,
 # marginkit-fast, torch-compile, floor-3gemm; "--device cuda" alone runs every provider at 100K-10M),
 # MK_BENCH_LIMIT_S (default 170), MK_PROFILE_C (C values for benchmarks/profile_step.py, default 1M;
 # empty skips), MK_GRAPH_C (C values of the CUDA-graph A/B, default 100K,1M; empty skips), MK_TESTS_S
 # (default 150; 0 skips the tests), MK_TEST_WORKERS, MK_AB_C (C of the launch A/B, default 100K; empty
-# skips), MARGINKIT_CUDA_ARCHS (e.g. "90a-real" builds for Hopper only, in half the time), PYTHON.
+# skips), MK_COLSUM_C (C of the column-sum A/B, default 1M; empty skips), MARGINKIT_CUDA_ARCHS (e.g. "90a-real" builds for Hopper only, in half the time), PYTHON.
 set -uo pipefail
 
 OUTDIR=${1:?usage: bash benchmarks/gpu_run.sh OUTDIR}
@@ -131,7 +132,14 @@ for C in $(echo "${MK_GRAPH_C-100K,1M}" | tr ',' ' '); do
   tail -n 3 "$OUTDIR/profile.txt"
 done
 
-# 7. host-overhead A/B: cached CompiledKernel handles (default) vs JITFunction.run per launch
+# 7. the scores kernel's bf16 column sums: tensor-core product (default) vs row reduction (issue 14)
+for C in $(echo "${MK_COLSUM_C-1M}" | tr ',' ' '); do
+  phase "column-sum A/B at C=$C"
+  timeout 60 $PY benchmarks/tune_sweep.py --device cuda --C "$C" --colsum-mma 1,0 >> "$OUTDIR/profile.txt" 2>&1
+  tail -n 3 "$OUTDIR/profile.txt"
+done
+
+# 8. host-overhead A/B: cached CompiledKernel handles (default) vs JITFunction.run per launch
 for C in $(echo "${MK_AB_C-100K}" | tr ',' ' '); do
   phase "launch A/B at C=$C"
   timeout 60 $PY benchmarks/tune_sweep.py --device cuda --C "$C" --compiled-launch 1,0 >> "$OUTDIR/profile.txt" 2>&1

@@ -347,11 +347,13 @@ def scores_kernel(
     BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
+    COLSUM_MMA: tl.constexpr,
 ):
     """Backward recompute of one (row block, class tile) of the chunk.
 
     Writes ws[i, j − chunk_start] = κ·dS_ij·x_inv_i·w_inv_j in ws's dtype and, with
-    NORMALIZE, q[pid_b, j − chunk_start] = Σ_{i in block} dS_ij·cos_ij (fp32).
+    NORMALIZE, q[pid_b, j − chunk_start] = Σ_{i in block} dS_ij·cos_ij (fp32 sums; with COLSUM_MMA,
+    for bf16 workspaces, of terms rounded to bf16 as E itself is, summed by one wgmma).
     dS_ij = g_i·scale·exp(logit_ij − lse_i)·dN/dcos_ij (slope 1 without MODULATE), 0 at the
     target column; g_i from grad_ptr (fp32 or fp64; 0 on rows that contribute nothing). Computed as
     exp2 of logits in log2 units, as the forward. No probability filter: every class's
@@ -411,9 +413,18 @@ def scores_kernel(
     )
     if NORMALIZE:
         if MODULATE:
-            qcol = tl.sum(ds * cos, axis=0)
+            terms = ds * cos
         else:  # Σ_i dS_ij·cos_ij = Σ_i E_ij·acc_ij / κ (E carries κ·x_inv·w_inv, acc = x_i·w_j)
-            qcol = tl.sum(e * acc, axis=0) * (1.0 / kappa)
+            terms = e * acc
+        if COLSUM_MMA:  # the row sum as termsᵀ·(one-hot column) on the tensor cores: ~5 SASS/element fewer
+            pick = tl.broadcast_to(tl.where(tl.arange(0, 16) == 0, 1.0, 0.0)[None, :], [BLOCK_B, 16])
+            sums = _mma(tl.trans(terms.to(tl.bfloat16)), pick.to(tl.bfloat16), tl.zeros([BLOCK_C, 16], tl.float32),
+                        "ieee", UPCAST)
+            qcol = tl.sum(sums, axis=1)  # column 0 plus exact zeros
+        else:
+            qcol = tl.sum(terms, axis=0)
+        if not MODULATE:
+            qcol = qcol * (1.0 / kappa)
         tl.store(q_ptr + pid_b.to(tl.int64) * stride_q + lcols, qcol, mask=col_mask)
 
 

@@ -661,6 +661,28 @@ def test_fp32_master_weights(dtype):
         assert rel(a, b) < floor, (name, rel(a, b))
 
 
+@pytest.mark.parametrize("modulated", [False, True], ids=["plain", "modulated"])
+def test_bf16_column_sums_on_the_tensor_cores_are_as_accurate_as_the_row_reduction(modulated):
+    """The scores kernel's per-class Σ_i dS_ij·cos_ij for bf16 (COLSUM_MMA: terms rounded to bf16, as E
+    itself is, then summed in fp32 by one tensor-core product) against the row reduction of fp32 terms
+    (tuning(colsum_mma=False)) and float64: dW, the only output they enter, no less accurate."""
+    x, w, y = make(B=40, C=300, D=48, seed=48, ignored=2)
+    x, w = x.bfloat16(), w.bfloat16()
+    spec = mk.ArcFace(0.5)
+    kw = {}
+    if modulated:  # a threshold below most cosines: the quadratic branch on many columns
+        kw["modulation"] = (torch.full((40,), -0.2, device=DEVICE), 1.0, 0.3)
+    with tb.tuning(**SMALL):
+        mma = run(triton_rows, x, w, y, spec, 64.0, **kw)
+        with tb.tuning(colsum_mma=False):
+            rows = run(triton_rows, x, w, y, spec, 64.0, **kw)
+    ref = run(reference_rows, x, w, y, spec, 64.0, modulation=kw.get("modulation"))
+    assert torch.equal(mma[0], rows[0]) and torch.equal(mma[1], rows[1])  # loss and dX do not use them
+    assert rel(mma[2], rows[2]) > 0  # the two paths differ (by the terms' bf16 rounding) ...
+    assert rel(mma[2], ref[2]) < 1.1 * rel(rows[2], ref[2]) + 1e-4  # ... no more than the bf16 pipeline's own error
+    assert rel(mma[2], ref[2]) < 1e-2
+
+
 def test_fp32_master_weights_two_phase_api():
     x, w32, y = make(B=10, C=90, D=24, seed=46)
     x = x.to(torch.bfloat16)

@@ -44,7 +44,7 @@ CPU_SM_COUNT = 4
 
 # Test/benchmark overrides of launcher choices (see ``tuning``).
 _overrides: dict = {}
-_TUNING_KEYS = {"class_splits", "chunk_classes", "dx_splits", "direct_launch", "compiled_launch"}
+_TUNING_KEYS = {"class_splits", "chunk_classes", "dx_splits", "direct_launch", "compiled_launch", "colsum_mma"}
 
 
 @contextlib.contextmanager
@@ -54,7 +54,9 @@ def tuning(**kwargs) -> Iterator[None]:
     Keys: ``class_splits`` (forward class splits), ``chunk_classes`` (backward chunk),
     ``dx_splits`` (split-K of the dX GEMM), ``direct_launch`` (False: every launch through
     Triton's autotuner), ``compiled_launch`` (False: no cached ``CompiledKernel`` handles,
-    every direct launch through ``JITFunction.run``); the last two are for A/B timing.
+    every direct launch through ``JITFunction.run``), ``colsum_mma`` (False: the scores kernel's
+    column sums as a row reduction, as before it used the tensor cores); the last three are for A/B
+    timing.
     """
     unknown = set(kwargs) - _TUNING_KEYS
     if unknown:
@@ -252,6 +254,12 @@ def dx_splits(num_rows: int, dim: int, chunk: int, deterministic: bool, device: 
 def split_k_size(chunk: int, splits: int) -> int:
     """Classes per dX split, a multiple of the granule."""
     return _round_up(cdiv(chunk, splits), GRANULE)
+
+
+def colsum_mma(workspace_dtype: torch.dtype) -> bool:
+    """Whether the scores kernel sums its column terms by a tensor-core product: for bf16 workspaces,
+    whose E is rounded to bf16 anyway (fp16 keeps its 3 extra mantissa bits through a row reduction)."""
+    return workspace_dtype == torch.bfloat16 and bool(_overrides.get("colsum_mma", True))
 
 
 def dot_meta(dtype: torch.dtype) -> dict:

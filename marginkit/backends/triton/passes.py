@@ -269,7 +269,7 @@ def backward(
                     x.stride(0), x.stride(1), w.stride(0), w.stride(1), workspace.stride(0), colsum.stride(0),
                     float(scale), mod["quadratic"], mod["linear"], bucket,
                     MODULATE=mod["MODULATE"], NORMALIZE=column_sums, BLOCK_B=block_b, **dot_meta,
-                    pinned=deterministic,
+                    COLSUM_MMA=column_sums and launch.colsum_mma(workspace.dtype), pinned=deterministic,
                 )
             DX(
                 lambda meta: (cdiv(num_rows, meta["BLOCK_M"]), cdiv(dim, meta["BLOCK_N"]), n_splits_here),
