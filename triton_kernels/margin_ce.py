@@ -347,7 +347,7 @@ def scores_kernel(
     BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
-    COLSUM_MMA: tl.constexpr,
+    COLSUM_MMA: tl.constexpr = False,
 ):
     """Backward recompute of one (row block, class tile) of the chunk.
 
@@ -495,6 +495,18 @@ def dx_gemm_kernel(
 
 
 @triton.jit
+def _dw_projection_operands(w_ptr, w_inv_ptr, q_ptr, cls, lcls, c_mask, dcols, out_mask, n_q, stride_q, stride_wc,
+                            stride_wd, BLOCK_M: tl.constexpr):
+    """(the W tile in W's dtype, w_inv²·Σ_r q[r, j] per class) of the dW epilogue's projection."""
+    u = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for r in range(0, n_q):
+        u += tl.load(q_ptr + r * stride_q + lcls, mask=c_mask, other=0.0)
+    w_inv = tl.load(w_inv_ptr + cls, mask=c_mask, other=0.0)
+    w = tl.load(w_ptr + cls[:, None] * stride_wc + dcols[None, :] * stride_wd, mask=out_mask, other=0.0)
+    return w, w_inv * w_inv * u
+
+
+@triton.jit
 def dw_gemm_kernel(
     ws_ptr,
     x_ptr,
@@ -523,6 +535,7 @@ def dw_gemm_kernel(
     BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
+    PREFETCH: tl.constexpr = False,
 ):
     """dW[chunk] = Eᵀ·X/κ (− w_inv²·(Σ_r q[r, j])·w_j with NORMALIZE), stored once in dW's dtype
     (W's: float32 for fp32 master weights)."""
@@ -534,6 +547,10 @@ def dw_gemm_kernel(
     dcols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     d_mask = dcols < D
 
+    out_mask = c_mask[:, None] & d_mask[None, :]
+    if NORMALIZE and PREFETCH:  # the projection's operands in flight during the K loop
+        w_pre, coef_pre = _dw_projection_operands(w_ptr, w_inv_ptr, q_ptr, cls, lcls, c_mask, dcols, out_mask,
+                                                  n_q, stride_q, stride_wc, stride_wd, BLOCK_M)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, B, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
@@ -552,16 +569,13 @@ def dw_gemm_kernel(
 
     kappa = tl.load(kappa_ptr)
     dw = acc * (1.0 / kappa)  # κ is a power of two: exact
-    out_mask = c_mask[:, None] & d_mask[None, :]
     if NORMALIZE:
-        u = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for r in range(0, n_q):
-            u += tl.load(q_ptr + r * stride_q + lcls, mask=c_mask, other=0.0)
-        w_inv = tl.load(w_inv_ptr + cls, mask=c_mask, other=0.0)
-        w = tl.load(
-            w_ptr + cls[:, None] * stride_wc + dcols[None, :] * stride_wd, mask=out_mask, other=0.0
-        ).to(tl.float32)
-        dw = dw - (w_inv * w_inv * u)[:, None] * w
+        if PREFETCH:
+            w, coef = w_pre, coef_pre
+        else:
+            w, coef = _dw_projection_operands(w_ptr, w_inv_ptr, q_ptr, cls, lcls, c_mask, dcols, out_mask,
+                                              n_q, stride_q, stride_wc, stride_wd, BLOCK_M)
+        dw = dw - coef[:, None] * w.to(tl.float32)
     tl.store(
         dw_ptr + cls[:, None] * stride_dwc + dcols[None, :] * stride_dwd,
         dw.to(dw_ptr.dtype.element_ty),

@@ -683,6 +683,25 @@ def test_bf16_column_sums_on_the_tensor_cores_are_as_accurate_as_the_row_reducti
     assert rel(mma[2], ref[2]) < 1e-2
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_dw_prefetch_variant_gives_the_same_bits(monkeypatch, dtype):
+    """The dW kernel's PREFETCH autotune variant (the projection's W tile and column sums loaded before
+    the K loop) computes exactly what the plain one does, and both match float64."""
+    if not launch.INTERPRETED:
+        pytest.skip("the interpreter's fixed config is the variant switch; on a GPU the autotuner picks")
+    from marginkit.backends.triton.configs import INTERPRETER_META
+
+    x, w, y = make(B=20, C=150, D=40, seed=49, ignored=2, dtype=dtype)
+    out = {}
+    for prefetch in (False, True):
+        monkeypatch.setitem(INTERPRETER_META["dw"], "PREFETCH", prefetch)
+        with tb.tuning(**SMALL):
+            out[prefetch] = run(triton_rows, x, w, y, mk.ArcFace(0.5), 64.0)
+    assert all(torch.equal(a, b) for a, b in zip(out[False], out[True]))
+    ref = run(reference_rows, x, w, y, mk.ArcFace(0.5), 64.0)
+    assert rel(out[True][2], ref[2]) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
 def test_fp32_master_weights_two_phase_api():
     x, w32, y = make(B=10, C=90, D=24, seed=46)
     x = x.to(torch.bfloat16)

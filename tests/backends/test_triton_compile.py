@@ -33,7 +33,7 @@ BUDGET_TRITON_VERSION = "3.9.0"
 
 SCRIPT = textwrap.dedent(
     r"""
-    import json, os, re, subprocess, sys, tempfile
+    import inspect, json, os, re, subprocess, sys, tempfile
     from concurrent.futures import ProcessPoolExecutor
 
     UNIT = {"stride_xd", "stride_wd", "stride_od", "stride_dwd", "stride_d"}
@@ -75,7 +75,9 @@ SCRIPT = textwrap.dedent(
         import marginkit.triton_kernels as K
 
         fn = getattr(K, job["kernel"])
-        consts = dict(job["consts"], **{n: 1 for n in fn.arg_names if n in UNIT})
+        defaults = {n: p.default for n, p in inspect.signature(fn.fn).parameters.items()
+                    if p.default is not inspect.Parameter.empty}  # as the launcher passes them
+        consts = dict(defaults, **job["consts"], **{n: 1 for n in fn.arg_names if n in UNIT})
         sig, attrs = {}, {}
         for i, name in enumerate(fn.arg_names):
             if name in consts:
@@ -163,7 +165,7 @@ def _cfg(warps, stages, **meta):
 
 def _name(kind, config, suffix=""):
     return f"{kind}{suffix} w{config.num_warps}s{config.num_stages} " + " ".join(
-        f"{k[6:]}{v}" for k, v in sorted(config.kwargs.items())
+        f"{k[6:]}{v}" if k.startswith("BLOCK_") else k.lower() for k, v in sorted(config.kwargs.items()) if v
     )
 
 
@@ -187,6 +189,7 @@ def coverage_jobs():
     jobs["bf16 scores_master"] = job("scores", _cfg(8, 3, BLOCK_C=128, BLOCK_K=64), "bf16", w_dt="fp32")
     jobs["bf16 dx_gemm_master"] = job("dx", gemm, "bf16", w_dt="fp32")
     jobs["bf16 dw_gemm_master"] = job("dw", gemm, "bf16", w_dt="fp32")
+    jobs["bf16 dw_gemm_master_prefetch"] = job("dw", gemm, "bf16", w_dt="fp32", PREFETCH=True)
     # bandwidth kernels
     jobs["bf16 row_inv_norm"] = dict(kernel="row_inv_norm_kernel", types=dict(x_ptr="*bf16", out_ptr=F, eps="fp32"),
                                      consts=dict(BLOCK_N=32, BLOCK_D=128), warps=4, stages=1, tile=[32, 128])

@@ -61,8 +61,16 @@ GEMM_CONFIGS = [
     _cfg(8, 4, BLOCK_M=64, BLOCK_N=256, BLOCK_K=64),
     _cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64),  # small B or D
 ]
-#: dW's epilogue (the W-row correction) spills 8 B at M128N256: the GEMM set without it.
-DW_CONFIGS = [c for c in GEMM_CONFIGS if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) != (128, 256)]
+#: dW's epilogue (the W-row correction) spills 8 B at M128N256: the GEMM set without it. PREFETCH loads
+#: the correction's W tile and column sums before the K loop (their latency hidden behind the MMAs, the
+#: epilogue 10.5 -> 6.7 SASS/element) at 128 -> ~170 registers, which costs the 2 CTAs per SM the
+#: plain M128N128 tile can hold: the autotuner decides, for the three largest tiles.
+_DW_PLAIN = [c for c in GEMM_CONFIGS if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) != (128, 256)]
+DW_CONFIGS = _DW_PLAIN + [
+    _cfg(c.num_warps, c.num_stages, **c.kwargs, PREFETCH=True)
+    for c in _DW_PLAIN
+    if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] >= 128 * 128
+]
 
 # Bandwidth-bound kernels of the memory-budget mode: one fixed config each (launched pinned, so
 # through the launcher's cached handles; no autotuning).

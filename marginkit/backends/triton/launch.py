@@ -120,6 +120,11 @@ class KernelLauncher:
         self.picked = {}
         self.pinned_configs = {}
         self.plans = {}  # (config, call-site kwargs) -> (meta, constexpr values, plan id)
+        # constexprs with a default (a config may leave them out): handles take every argument
+        self.defaults = {
+            name: p.default for name, p in inspect.signature(fn.fn).parameters.items()
+            if p.default is not inspect.Parameter.empty
+        }
         self.handles = {}
         self.tuned = None
         if not INTERPRETED:
@@ -165,7 +170,8 @@ class KernelLauncher:
         plan_key = (id(config), *kwargs.items())  # configs live in picked / pinned_configs: ids stay valid
         plan = self.plans.get(plan_key)
         if plan is None:
-            meta = {**kwargs, **config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+            meta = {**self.defaults, **kwargs, **config.kwargs, "num_warps": config.num_warps,
+                    "num_stages": config.num_stages}
             if config.num_ctas != 1:
                 meta["num_ctas"] = config.num_ctas
             # CompiledKernel launches take every argument in signature order, constexprs included.
