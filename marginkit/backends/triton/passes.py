@@ -20,6 +20,7 @@ from marginkit.backends.triton import launch
 from marginkit.backends.triton.configs import pow2_at_least
 from marginkit.backends.triton.launch import INTERPRETED, cdiv, device_guard
 from marginkit.backends.triton.launchers import DW, DX, FWD, FWD_STORE, MERGE, PROJECT, ROW_NORMS, SCORES, STORED
+from marginkit.cuda_graphs import refuse_cold_capture
 from marginkit.errors import MarginKitTypeError
 from marginkit.modulation import NegativeModulation, slope_bound
 from marginkit.backends.triton.budget import STORE_GROUP, store_scale, store_width
@@ -173,6 +174,7 @@ def _int64_contiguous(labels: torch.Tensor) -> torch.Tensor:
 @functools.lru_cache(maxsize=None)
 def _unit_scale(device: torch.device) -> torch.Tensor:
     """A (1,) fp32 one per device, read only: κ = 1 without an allocation per step."""
+    refuse_cold_capture("Making the unit workspace scale")  # made in a capture, it would hold 1 only after a replay
     return torch.ones(1, dtype=torch.float32, device=device)
 
 
