@@ -23,16 +23,20 @@ from marginkit.bench.timing import measure
 _MIB = 1024.0 * 1024.0
 
 
-def capture(case, warmup: int = 2) -> torch.cuda.CUDAGraph:
-    """Warm up on a side stream (autotuning, first-call constants), then capture ``case.step``."""
+def warm_up(case, steps: int = 2) -> None:
+    """Eager steps on a side stream (autotuning, first-call constants), as torch.cuda.graph's docs do."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        for _ in range(warmup):
+        for _ in range(steps):
             for p in case.params:
                 p.grad = None
             case.step()
     torch.cuda.current_stream().wait_stream(side)
+
+
+def capture(case) -> torch.cuda.CUDAGraph:
+    """``case.step`` captured, its gradients allocated in the graph's pool."""
     for p in case.params:
         p.grad = None
     graph = torch.cuda.CUDAGraph()
@@ -74,6 +78,7 @@ def row(name: str, inputs, cfg) -> str:
         param.grad = None
     case.step()
     want = [param.grad.clone() for param in case.params]
+    warm_up(case)
     reserved = torch.cuda.memory_reserved()
     graph = capture(case)
     pool_mib = (torch.cuda.memory_reserved() - reserved) / _MIB

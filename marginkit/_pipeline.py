@@ -22,7 +22,6 @@ import torch
 
 from marginkit import backends
 from marginkit.backends.common import NORM_EPS, compute_dtype, sub_center_target, target_cosine
-from marginkit.cuda_graphs import capturing
 from marginkit.errors import check_bool, check_real
 from marginkit.modulation import NegativeModulation, interclass_filter
 from marginkit.specs import MarginSpec
@@ -103,10 +102,10 @@ def check_pending_labels(wait: bool = False) -> None:
     earlier call on CUDA found on the device.
 
     Every call of the loss runs this first without waiting; ``wait=True`` (e.g. at the end of an
-    epoch, or in tests) waits for the flags still in flight. Nothing is read during CUDA-graph
-    capture (an event query is not allowed there): the next eager call reads it.
+    epoch, or in tests) waits for the flags still in flight. Nothing is read under torch.compile or
+    during CUDA-graph capture (no event query there): the next eager call reads it.
     """
-    if _pending and capturing():
+    if skip_value_checks():
         return
     while _pending:
         check = _pending[0]
@@ -132,9 +131,16 @@ def _deferred_label_check(
     ignore_index: both equal ignore_index exactly when no label is bad, else one of them is a bad
     label (the error names it). Seven small ops and one non-blocking copy, no host read.
     """
-    keep = valid & (labels.clamp(0, num_classes - 1) == labels)  # a clamped label equals itself only in [0, C)
-    _defer(torch.stack(torch.aminmax(torch.where(keep, ignore_index, labels))), _label_flag_error(num_classes, ignore_index))
+    keep = valid & in_range(labels, num_classes)
+    if not skip_value_checks():  # nothing can be reported under compile or capture: no flag ops either
+        _defer(torch.stack(torch.aminmax(torch.where(keep, ignore_index, labels))),
+               _label_flag_error(num_classes, ignore_index))
     return keep
+
+
+def in_range(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(B,) bool: the label is in [0, C) (a clamped label equals itself only there); no host read."""
+    return labels.clamp(0, num_classes - 1) == labels
 
 
 def _label_flag_error(num_classes: int, ignore_index: int) -> Callable[[list], Optional[ValueError]]:
@@ -154,16 +160,21 @@ def _deferred_margin_check(
 ) -> torch.Tensor:
     """The margins' value check on the device, for the rows that take part: returns (B,) bool, the
     valid rows whose margin is usable (finite, >= 0, below the spec's limit). Rows with a bad margin
-    are left out like ignored ones; the ``ValueError`` naming ``name`` is raised by the next call."""
-    usable, info, error = _margin_flag(row_margins, valid, margin, name)
-    _defer(info, error)
+    are left out like ignored ones; the ``ValueError`` naming ``name`` is raised by the next call
+    (nothing is reported under torch.compile or CUDA-graph capture)."""
+    usable, report = _margin_check(row_margins, valid, margin, name)
+    if report is not None:
+        _defer(*report)
     return usable
 
 
-def _margin_flag(row_margins, valid, margin: MarginSpec, name: str):
-    """(usable rows (B,) bool, the device flag (2,) float64, its reader) of the margins' value check."""
+def _margin_check(row_margins, valid, margin: MarginSpec, name: str):
+    """(usable rows (B,) bool, and (the device flag (2,) float64, its reader), or None where nothing
+    can be reported) of the margins' value check."""
     limit = float("inf") if margin.margin_limit is None else margin.margin_limit
     bad = valid & ~(torch.isfinite(row_margins) & (row_margins >= 0) & (row_margins < limit))
+    if skip_value_checks():
+        return valid & ~bad, None
     first_bad = row_margins.to(torch.float64).gather(0, bad.to(torch.int32).argmax().reshape(1)).reshape(())
     info = torch.stack([bad.any().to(torch.float64), first_bad])
     bound = "finite, >= 0" + ("" if margin.margin_limit is None else f" and < {limit:.6g}")
@@ -174,7 +185,7 @@ def _margin_flag(row_margins, valid, margin: MarginSpec, name: str):
         return ValueError(f"{name} contains {flag[1]} (used by a row of an earlier batch); {type(margin).__name__} "
                           f"margins must be {bound}")
 
-    return valid & ~bad, info, error
+    return valid & ~bad, (info, error)
 
 
 def valid_rows(labels: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
@@ -185,7 +196,7 @@ def valid_rows(labels: torch.Tensor, num_classes: int, ignore_index: int) -> tor
     if labels.device.type in DEFERRED_LABEL_CHECK_DEVICES:
         return _deferred_label_check(labels, valid, num_classes, ignore_index)
     if skip_value_checks():  # the eager check reads the host: rows with a bad label are left out, unreported
-        return valid & (labels.clamp(0, num_classes - 1) == labels)
+        return valid & in_range(labels, num_classes)
     check_labels(labels, num_classes, ignore_index)
     return valid
 
@@ -296,7 +307,7 @@ def margin_loss(
             valid, rows = None, labels_local  # valid = labels_local >= 0, formed only where it is used
         else:
             valid = valid_rows(labels, num_classes, ignore_index)
-            if deferred and row_margins is not None:
+            if row_margins is not None and (deferred or skip_value_checks()):  # eager off CUDA: checked above
                 valid = _deferred_margin_check(row_margins, valid, margin, margin_name)
             labels_local = torch.where(valid, labels, -1)
             psi, dpsi, cos, rows = target_terms(
@@ -330,18 +341,19 @@ def _fused_target_terms(
     checking = labels.numel() > 0
     if checking and not deferred:
         check_labels(labels, num_classes, ignore_index)  # skipped under torch.compile: the kernel leaves them out
-    margin_check = None
-    if checking and deferred and row_margins is not None:  # rows with a bad margin go in as ignored ones
-        in_range = (labels != ignore_index) & (labels.clamp(0, num_classes - 1) == labels)
-        usable, *margin_check = _margin_flag(row_margins, in_range, margin, margin_name)
-        labels = torch.where(usable | ~in_range, labels, ignore_index)  # bad labels stay: the kernel flags them
+    margin_report = None
+    if checking and row_margins is not None and (deferred or skip_value_checks()):  # eager off CUDA: checked above
+        taking_part = (labels != ignore_index) & in_range(labels, num_classes)
+        usable, margin_report = _margin_check(row_margins, taking_part, margin, margin_name)
+        labels = torch.where(usable | ~taking_part, labels, ignore_index)  # rows with a bad margin go in as ignored;
+        # bad labels stay: the kernel flags them
     labels_local, psi, dpsi, cos, flag = engine.target_rows(
         embeddings, weight, labels, ignore_index, form, row_margins, normalize, check_labels=checking and deferred
     )
     if checking and deferred:  # the label error first, as on the unfused path
         _defer(flag, _label_flag_error(num_classes, ignore_index))
-    if margin_check is not None:
-        _defer(*margin_check)
+    if margin_report is not None:
+        _defer(*margin_report)
     return labels_local, psi, dpsi, cos
 
 

@@ -7,16 +7,20 @@ A replay runs no Python, so nothing the host would do per step can happen in it:
 - what is made once per shape or margin on the first eager call (the autotuner's pick, the
   target column's float64 constants) cannot be made during capture: a capture that would need
   it raises :class:`CudaGraphWarmupError` instead of failing inside CUDA;
-- what reads the host every step refuses to be captured: the heads with running state
-  (CurricularFace, AdaCos, MagFace, AdaFace, online LDAM check each batch before they change their
-  state) and the partitioned head (every rank's input is checked alike on the host).
+- what reads the host every step refuses to be captured: the heads that check each batch on the
+  host before it can change their state or their margin (CurricularFace, AdaCos and online LDAM in
+  training, MagFace and AdaFace always, IRSoftmax and FairLoss in training) and the partitioned head
+  (every rank's input is checked alike on the host).
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["capturing", "CudaGraphWarmupError", "refuse_cold_capture", "refuse_capture"]
+__all__ = ["capturing", "CudaGraphWarmupError", "refuse_cold_capture", "refuse_capture", "keep_for_replays"]
+
+#: Tensors a captured graph reads whose only other owner is a bounded cache (they must outlive it).
+_READ_BY_GRAPHS: list = []
 
 
 class CudaGraphWarmupError(RuntimeError):
@@ -36,6 +40,13 @@ def refuse_cold_capture(what: str) -> None:
             "capture: run the step eagerly once (on a side stream, as torch.cuda.graph's docs warm up) "
             "before capturing it"
         )
+
+
+def keep_for_replays(t: torch.Tensor) -> torch.Tensor:
+    """``t``, kept alive for the process's lifetime if a capture is reading it (a cache may drop it)."""
+    if capturing():
+        _READ_BY_GRAPHS.append(t)
+    return t
 
 
 def refuse_capture(module: torch.nn.Module, why: str, instead: str = "") -> None:

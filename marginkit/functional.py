@@ -72,8 +72,8 @@ def margin_cross_entropy(
     error is raised by the next call (or ``mk.functional.check_pending_labels(wait=True)``).
     Margin values (NaN, negative, ArcFace's >= π) are checked the same way: the whole tensor at once
     on the CPU; on CUDA the rows that use a bad margin, left out and reported by the next call.
-    Under ``torch.compile`` and CUDA-graph capture nothing is reported: a row with a bad label (or,
-    on CUDA, a bad margin) is left out without an error (``marginkit.cuda_graphs``).
+    Under ``torch.compile`` and CUDA-graph capture nothing is reported: a row with a bad label or a
+    bad margin is left out without an error (``marginkit.cuda_graphs``).
 
     Returns:
         float32 loss (float64 for float64 inputs): a scalar, or (B,) for reduction="none".

@@ -420,7 +420,7 @@ def scores_kernel(
             pick = tl.broadcast_to(tl.where(tl.arange(0, 16) == 0, 1.0, 0.0)[None, :], [BLOCK_B, 16])
             sums = _mma(tl.trans(terms.to(tl.bfloat16)), pick.to(tl.bfloat16), tl.zeros([BLOCK_C, 16], tl.float32),
                         "ieee", UPCAST)
-            qcol = tl.sum(sums, axis=1)  # column 0 plus exact zeros
+            qcol = tl.sum(tl.where(tl.arange(0, 16)[None, :] == 0, sums, 0.0), axis=1)  # column 0 (an inf stays inf)
         else:
             qcol = tl.sum(terms, axis=0)
         if not MODULATE:

@@ -96,10 +96,11 @@ class ClassWeightHead(KeepBufferDtypes):
     def check_batch(self, embeddings, labels, *, refuse_non_finite: bool = False) -> None:
         """Every check of (embeddings, labels) before any state changes: shapes, dtypes, label
         range (one host sync), and with ``refuse_non_finite`` finite embeddings, so that a bad
-        batch is refused with the state untouched. A CUDA-graph capture is refused: a replay
-        would skip these checks."""
-        refuse_capture(self, "keeps running state and checks each batch on the host before changing it",
-                       " (or capture a stateless loss: mk.margin_cross_entropy, MarginSoftmax)")
+        batch is refused with the state untouched. With ``refuse_non_finite`` a CUDA-graph capture
+        is refused: a replay would skip that host read."""
+        if refuse_non_finite:
+            refuse_capture(self, "checks each batch on the host (finite embeddings) before it may change its state",
+                           " (or capture a stateless loss: mk.margin_cross_entropy, MarginSoftmax)")
         weight = self.weight[:: self.weight.shape[0] // self.num_classes]
         validate_inputs(
             embeddings, weight, labels, self.margin or NoMargin(), 1.0, None, None,

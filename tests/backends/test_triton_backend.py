@@ -564,6 +564,23 @@ def test_gpu_direct_launch_matches_the_autotuner_path():
             assert rel(a, b) < 1e-3  # dX's split-K adds with atomics, in any order
 
 
+@gpu
+@pytest.mark.gpu
+def test_gpu_dw_prefetch_variant_gives_the_plain_bits(monkeypatch):
+    """CPU twin: test_dw_prefetch_variant_gives_the_same_bits. Deterministic mode launches the first dW
+    config that fits: pinned to one M128 N128 tile with PREFETCH, then without."""
+    import triton
+
+    x, w, y = make(B=256, C=20011, D=256, dtype=torch.bfloat16, seed=23, ignored=4)
+    out = {}
+    for prefetch in (False, True):
+        meta = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, **({"PREFETCH": True} if prefetch else {}))
+        monkeypatch.setitem(passes.DW.configs, False, [triton.Config(meta, num_warps=8, num_stages=3)])
+        monkeypatch.setattr(passes.DW, "pinned_configs", {})
+        out[prefetch] = run(triton_rows, x, w, y, mk.ArcFace(0.5), 64.0, deterministic=True)
+    assert all(torch.equal(a, b) for a, b in zip(out[False], out[True]))
+
+
 def test_public_deterministic_flag_reaches_the_kernels():
     """mk.margin_cross_entropy(..., deterministic=True) on the Triton backend: same bits twice."""
     x, w, y = make(6, 150, 24, seed=41, ignored=1)

@@ -155,6 +155,8 @@ def pruner(limits: dict[str, Callable[[dict], int]], tiles: tuple[str, str, str]
             )
             if smem is not None and _pipeline_bytes(config, args, tiles, element_size) > smem:
                 ok = False
+            if config.kwargs.get("PREFETCH") and not args.get("NORMALIZE", True):
+                ok = False  # dW's prefetch variant is the plain kernel without the projection: not timed twice
             if ok:
                 keep.append(config)
         if not keep:

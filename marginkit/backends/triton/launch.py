@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import os
 from typing import Iterator
 
 import torch
@@ -123,14 +124,15 @@ class KernelLauncher:
         # constexprs with a default (a config may leave them out): handles take every argument
         self.defaults = {
             name: p.default for name, p in inspect.signature(fn.fn).parameters.items()
-            if p.default is not inspect.Parameter.empty
+            if p.default is not inspect.Parameter.empty and "constexpr" in str(p.annotation)
         }
         self.handles = {}
         self.tuned = None
         if not INTERPRETED:
             kwargs = dict(key=key, restore_value=list(restore_value), prune_configs_by={"early_config_prune": self.prune})
             if "cache_results" in inspect.signature(triton.autotune).parameters:
-                kwargs["cache_results"] = True
+                # picks kept on disk across processes, unless Triton's own switch says no (TRITON_CACHE_AUTOTUNING=0)
+                kwargs["cache_results"] = os.environ.get("TRITON_CACHE_AUTOTUNING", "1") != "0"
             self.tuned = {fma: triton.autotune(configs=c, **kwargs)(fn) for fma, c in self.configs.items()}
 
     @staticmethod
@@ -188,6 +190,7 @@ class KernelLauncher:
         if handle is not None:
             handle[(*grid, 1, 1)[:3]](*args, *constexprs)
             return
+        refuse_cold_capture("Compiling or loading a kernel variant")  # module loads do not belong in a graph
         handle = self.fn[grid](*args, **meta)
         if handle is not None:
             self.handles[spec] = handle

@@ -52,7 +52,7 @@ FWD_STORE = KernelLauncher(
 )
 SCORES = KernelLauncher(
     scores_kernel, SCORES_CONFIGS, FMA_SCORES_CONFIGS,
-    key=["D", "B_BUCKET", "MODULATE", "NORMALIZE"],
+    key=["D", "B_BUCKET", "MODULATE", "NORMALIZE", "COLSUM_MMA"],  # the two column sums may want different tiles
     interp_meta=INTERPRETER_META["scores"],
     tiles=("BLOCK_B", "BLOCK_C", "BLOCK_K"),
     limits={"BLOCK_K": lambda a: a["D"]},

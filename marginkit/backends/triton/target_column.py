@@ -20,7 +20,7 @@ from marginkit.backends.common import NORM_EPS
 from marginkit.backends.triton.configs import pow2_at_least
 from marginkit.backends.triton.launch import INTERPRETED, cdiv, device_guard
 from marginkit.backends.triton.launchers import TARGET_BACKWARD, TARGET_TERMS
-from marginkit.cuda_graphs import refuse_cold_capture
+from marginkit.cuda_graphs import keep_for_replays, refuse_cold_capture
 from marginkit.specs import COS_CLAMP, AngleForm
 
 __all__ = ["target_rows", "apply_target_column"]
@@ -28,8 +28,13 @@ __all__ = ["target_rows", "apply_target_column"]
 #: Rows per program of the forward kernel (a gather-dot of BLOCK_B × D in float64).
 TERMS_BLOCK_ROWS = 16
 
-@functools.lru_cache(maxsize=64)
 def _constants(device: torch.device, m2: float, m3: float) -> torch.Tensor:
+    """``_made_constants``, kept alive past the cache's eviction when a CUDA graph captures it."""
+    return keep_for_replays(_made_constants(device, m2, m3))
+
+
+@functools.lru_cache(maxsize=64)
+def _made_constants(device: torch.device, m2: float, m3: float) -> torch.Tensor:
     """The kernel's float64 constants (6,), made once per device and margin, read only. On CUDA the
     copy leaves pinned memory without blocking: a margin schedule (a new m every step) adds no sync."""
     refuse_cold_capture("Making the target column's float64 margin constants")  # a pinned copy: not capturable
