@@ -93,7 +93,7 @@ if [ "$TESTS_S" -gt 0 ]; then
   $PY -c "import xdist" 2>/dev/null && WORKERS="-n ${MK_TEST_WORKERS:-4}"
   T_TESTS=$(date +%s)
   # TRITON_CACHE_AUTOTUNING=0: picks timed while the workers share the GPU must not reach the sweep's disk cache
-  TRITON_CACHE_AUTOTUNING=0 timeout "$TESTS_S" $PY -m pytest -m "gpu or cuda_twin" -q -rs --durations=15 -p no:cacheprovider $PER_TEST $WORKERS \
+  TRITON_CACHE_AUTOTUNING=0 timeout "$TESTS_S" $PY -m pytest -m "gpu or cuda_twin" -v -rs --durations=15 -p no:cacheprovider $PER_TEST $WORKERS \
     tests > "$OUTDIR/gpu-tests.log" 2>&1
   TESTS=$?
   LEFT=$(( TESTS_S - ($(date +%s) - T_TESTS) ))

@@ -7,10 +7,11 @@ A replay runs no Python, so nothing the host would do per step can happen in it:
 - what is made once per shape or margin on the first eager call (the autotuner's pick, the
   target column's float64 constants) cannot be made during capture: a capture that would need
   it raises :class:`CudaGraphWarmupError` instead of failing inside CUDA;
-- what reads the host every step refuses to be captured: the heads that check each batch on the
-  host before it can change their state or their margin (CurricularFace, AdaCos and online LDAM in
-  training, MagFace and AdaFace always, IRSoftmax and FairLoss in training) and the partitioned head
-  (every rank's input is checked alike on the host).
+- what reads the host every step refuses to be captured: CurricularFace and AdaCos (their t and
+  scale are kernel arguments), the heads that check each batch on the host before it can change
+  their state or their margin (online LDAM in training, MagFace and AdaFace always, IRSoftmax and
+  FairLoss in training), RangeLoss and the partitioned head (every rank's input is checked alike on
+  the host).
 """
 
 from __future__ import annotations

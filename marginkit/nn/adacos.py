@@ -9,6 +9,7 @@ import torch
 
 from marginkit import backends
 from marginkit.backends.common import target_cosine
+from marginkit.cuda_graphs import refuse_capture
 from marginkit.nn._head import ClassWeightHead
 from marginkit.specs import COS_CLAMP, NoMargin
 
@@ -84,6 +85,7 @@ class AdaCos(ClassWeightHead):
         return s_new if math.isfinite(s_new) and s_new > 0 else None
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        refuse_capture(self, "reads its running scale on the host every step (a kernel argument)")
         self.check_batch(embeddings, labels, refuse_non_finite=self.training)
         s_new = self.dynamic_scale(embeddings, labels) if self.training else None
         s = float(self.scale) if s_new is None else s_new

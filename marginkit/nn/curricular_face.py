@@ -33,6 +33,7 @@ from typing import Optional
 import torch
 
 from marginkit._pipeline import margin_loss
+from marginkit.cuda_graphs import refuse_capture
 from marginkit.errors import check_real
 from marginkit.modulation import curricular
 from marginkit.nn._head import ClassWeightHead
@@ -117,6 +118,7 @@ class CurricularFace(ClassWeightHead):
         return torch.where(count > 0, moved, self.t)
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        refuse_capture(self, "reads its running t on the host every step (a kernel argument)")
         self.check_batch(embeddings, labels, refuse_non_finite=self.training)
         proposed = {}
 

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from marginkit.ops import range_loss
+from marginkit.cuda_graphs import refuse_capture
 from marginkit.errors import check_real
 
 __all__ = ["RangeLoss"]
@@ -53,6 +54,7 @@ class RangeLoss(nn.Module):
         self.ignore_index = ignore_index
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        refuse_capture(self, "reads each batch on the host (its ignored rows, the op's index checks)")
         if self.ignore_index is not None and isinstance(labels, torch.Tensor) and labels.dim() == 1:
             keep = labels != self.ignore_index
             if not bool(keep.all()):

@@ -578,6 +578,7 @@ def test_gpu_dw_prefetch_variant_gives_the_plain_bits(monkeypatch):
         monkeypatch.setitem(passes.DW.configs, False, [triton.Config(meta, num_warps=8, num_stages=3)])
         monkeypatch.setattr(passes.DW, "pinned_configs", {})
         out[prefetch] = run(triton_rows, x, w, y, mk.ArcFace(0.5), 64.0, deterministic=True)
+        assert [bool(c.kwargs.get("PREFETCH")) for c in passes.DW.pinned_configs.values()] == [prefetch]
     assert all(torch.equal(a, b) for a, b in zip(out[False], out[True]))
 
 

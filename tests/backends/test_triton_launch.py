@@ -7,6 +7,7 @@ test_gpu_direct_launch_matches_the_autotuner_path.
 
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -14,6 +15,7 @@ if not torch.cuda.is_available():
 
 from marginkit.backends import triton as tb  # noqa: E402
 from marginkit.backends.triton import configs, launch, passes  # noqa: E402
+from marginkit.cuda_graphs import CudaGraphWarmupError  # noqa: E402
 from marginkit.triton_kernels import lse_partials_kernel, scores_kernel  # noqa: E402
 
 
@@ -82,11 +84,13 @@ def fake_kernel_body(named):
 def fake_launcher(calls, pick):
     class FakeAutotuner:
         best_config = None
+        handle = None  # what its run returns (Triton's: the kernel its last launch ran)
 
         def __getitem__(self, grid):
             def run(*args, **kwargs):
                 calls.append(("autotuner", kwargs["MODULATE"]))
                 self.best_config = pick
+                return self.handle
             return run
 
     class FakeJITKernel:
@@ -188,3 +192,48 @@ def test_specialization_key_follows_tritons_binder():
                 triton_a = native_specialize_impl(BaseBackend, a, False, True, True)
                 triton_b = native_specialize_impl(BaseBackend, b, False, True, True)
                 assert triton_a == triton_b or (triton_a[0] == "constexpr" and a == b), (a, b)
+
+
+def test_the_autotuners_own_launch_leaves_a_handle_so_one_eager_step_warms_a_capture(monkeypatch):
+    """Triton's Autotuner.run returns the kernel its last launch ran (the pick): kept as the handle of the
+    pick's plan, so the second launch of the key (inside a CUDA-graph capture, after one eager step)
+    compiles and loads nothing."""
+    calls = []
+    launcher = fake_launcher(calls, configs.SCORES_CONFIGS[1])
+    for tuner in launcher.tuned.values():
+        tuner.handle = FakeCompiledKernel(calls, scores_kernel.arg_names)
+    meta = dict(MODULATE=False, NORMALIZE=True, BLOCK_B=128, DOT_PRECISION="ieee", UPCAST=False)
+    launcher((2, 3), *scores_args(), **meta)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    launcher((2, 3), *scores_args(), **meta)  # capturing: a miss would raise CudaGraphWarmupError
+    assert [c[0] for c in calls] == ["autotuner", "handle"]
+    with pytest.raises(CudaGraphWarmupError, match="Compiling or loading"):
+        launcher((2, 3), *scores_args(chunk_start=17), **meta)  # another specialisation: not warm
+
+
+def test_a_meta_parameter_given_by_the_call_and_a_config_is_an_error():
+    launcher = fake_launcher([], configs.SCORES_CONFIGS[0])
+    meta = dict(MODULATE=False, NORMALIZE=True, BLOCK_B=128, DOT_PRECISION="ieee", UPCAST=False)
+    with pytest.raises(ValueError, match=r"\['BLOCK_C'\] given both by the call and by a config"):
+        launcher.launch_config(configs.SCORES_CONFIGS[0], (1, 1), scores_args(), dict(meta, BLOCK_C=64))
+
+
+def test_autotune_picks_stay_on_disk_unless_tritons_switch_says_no(monkeypatch):
+    for value, cached in ((None, True), ("1", True), ("TRUE", True), ("on", True), ("0", False), ("false", False),
+                          ("off", False), ("", False)):
+        if value is None:
+            monkeypatch.delenv("TRITON_CACHE_AUTOTUNING", raising=False)
+        else:
+            monkeypatch.setenv("TRITON_CACHE_AUTOTUNING", value)
+        assert launch.cache_autotuning() is cached, value
+
+
+def test_dw_prefetch_variants_are_timed_only_where_the_projection_runs():
+    from marginkit.backends.triton.launchers import DW
+
+    named = {name: 4096 for name in DW.fn.arg_names}
+    named["ws_ptr"] = named["x_ptr"] = torch.empty(2, 2, dtype=torch.bfloat16)
+    kept = {normalize: DW.prune(configs.DW_CONFIGS, named, NORMALIZE=normalize) for normalize in (True, False)}
+    assert len(kept[True]) == len(configs.DW_CONFIGS) and sum(bool(c.kwargs.get("PREFETCH")) for c in kept[True]) == 3
+    assert kept[False] == [c for c in configs.DW_CONFIGS if not c.kwargs.get("PREFETCH")]

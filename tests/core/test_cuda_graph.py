@@ -16,6 +16,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import marginkit as mk  # noqa: E402
 from marginkit import _pipeline  # noqa: E402
@@ -51,6 +52,21 @@ def loss_and_grads(x, w, y, spec, **kw):
     return loss.detach(), xl.grad, wl.grad
 
 
+class HostReads(TorchDispatchMode):
+    """The aten ops that read a tensor's value on the host (a sync on CUDA, an error in a capture)."""
+
+    READS = ("_local_scalar_dense", "item", "is_nonzero", "equal")
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.__name__.split(".")[0] in self.READS:
+            self.names.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
 def rel(a, b) -> float:
     """‖a − b‖ / ‖b‖ in float64 (every element counts, however small)."""
     a, b = a.detach().double().cpu(), b.detach().double().cpu()
@@ -83,8 +99,10 @@ def test_a_capture_skips_the_host_checks_and_leaves_bad_rows_out(pretend_capture
     want = loss_and_grads(x, w, ignored, spec, backend=backend, class_margins=margins)  # eager: also the warm-up
     mk.functional.check_pending_labels(wait=True)  # the eager call's flags, read
     pretend_capture["on"] = True
-    got = loss_and_grads(x, w, bad, spec, backend=backend, class_margins=bad_margins)
-    mk.functional.check_pending_labels()  # not read while capturing (an event query would fail there)
+    with HostReads() as reads:
+        got = loss_and_grads(x, w, bad, spec, backend=backend, class_margins=bad_margins)
+        mk.functional.check_pending_labels()  # not read while capturing (an event query would fail there)
+    assert reads.names == []  # each would be a device-to-host sync on CUDA: not allowed in a capture
     pretend_capture["on"] = False
     assert not _pipeline._pending  # nothing for the host to read: a replay would never read it
     for a, b in zip(got, want):
@@ -121,28 +139,44 @@ def test_a_capture_refuses_a_margin_whose_constants_were_never_made(pretend_capt
     assert torch.equal(got, want)
 
 
-def test_a_capture_refuses_heads_that_read_the_host_each_step_and_leaves_their_state(pretend_capture):
+def test_a_capture_refuses_modules_that_read_the_host_each_step_and_leaves_their_state(pretend_capture):
     x, w, y = cpu_inputs(seed=2)
     curricular = mk.nn.CurricularFace(13, 16)
     t_before = curricular.t.clone()
-    heads = {
-        "CurricularFace checks each batch on the host": curricular,
+    eval_adacos = mk.nn.AdaCos(13, 16).eval()
+    modules = {
+        "CurricularFace reads its running t": curricular,
+        "AdaCos reads its running scale": eval_adacos,  # in eval mode too: s is a kernel argument
+        "LDAMSoftmax checks each batch on the host": mk.nn.LDAMSoftmax(13, 16),  # online counts
         "IRSoftmax checks each training batch": mk.nn.IRSoftmax(13, 16),
         "FairLoss checks each training batch": mk.nn.FairLoss(13, 16),
+        "RangeLoss reads each batch on the host": mk.nn.RangeLoss(),
         "PartitionedMarginSoftmax checks every rank's input": PartitionedMarginSoftmax(13, 16, mk.ArcFace(0.5), 16.0),
     }
     pretend_capture["on"] = True
-    for message, head in heads.items():
+    for message, module in modules.items():
         with pytest.raises(RuntimeError, match=message + ".*CUDA-graph replay cannot do"):
-            head(x, y)
+            module(x, y)
     assert torch.equal(curricular.t, t_before)
-    pretend_capture["on"] = False
-    stateless = mk.nn.MarginSoftmax(13, 16, mk.ArcFace(0.5), 16.0, backend="torch")
-    curricular.eval()  # in eval mode it reads nothing on the host: it captures like the function
-    want = stateless(x, y), curricular(x, y)
+
+
+def test_stateless_heads_capture_without_a_host_read(pretend_capture):
+    """MarginSoftmax, SubCenterArcFace and offline LDAM read nothing on the host during a capture (an
+    aten op that reads a value would sync on CUDA and fail there) and give the eager numbers."""
+    x, w, y = cpu_inputs(seed=3)
+    heads = [
+        mk.nn.MarginSoftmax(13, 16, mk.ArcFace(0.5), 16.0, backend="triton"),
+        mk.nn.SubCenterArcFace(13, 16, k=3),
+        mk.nn.LDAMSoftmax(13, 16, class_counts=list(range(1, 14))),
+    ]
+    want = [head(x, y) for head in heads]
+    mk.functional.check_pending_labels(wait=True)
     pretend_capture["on"] = True
-    got = stateless(x, y), curricular(x, y)
-    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    with HostReads() as reads:
+        got = [head(x, y) for head in heads]
+    assert reads.names == []
+    for g, e in zip(got, want):
+        assert torch.equal(g, e)
 
 
 # ----------------------------------------------------------------------------------------
@@ -218,13 +252,19 @@ def test_gpu_a_replay_leaves_a_bad_label_out_without_an_error():
 
 @gpu
 @needs_cuda
-def test_gpu_a_capture_without_warm_up_raises_the_warm_up_error():
-    x, w, y = cuda_inputs(4, 96, 3000, 32)  # a shape and margin no other test runs
+def test_gpu_a_capture_without_warm_up_raises_the_warm_up_error(monkeypatch):
+    from marginkit.backends.triton import launch, launchers
+
+    x, w, y = cuda_inputs(4, 96, 3000, 32)  # a margin no other test runs
     with pytest.raises(CudaGraphWarmupError, match="float64 margin constants"):
         with torch.cuda.graph(torch.cuda.CUDAGraph()):
             mk.margin_cross_entropy(x, w, y, mk.ArcFace(0.4567), 64.0).backward()
-    mk.margin_cross_entropy(x, w, y, mk.ArcFace(0.4567), 64.0).backward()  # the margin warm, at this shape
-    x2, w2, y2 = cuda_inputs(5, 80, 2000, 48)  # a new shape: its kernels are not tuned or loaded
+    mk.margin_cross_entropy(x, w, y, mk.ArcFace(0.4567), 64.0).backward()  # the margin warm
+    for launcher in vars(launchers).values():  # every kernel cold, whatever other tests ran in this process
+        if isinstance(launcher, launch.KernelLauncher):
+            for cache in ("picked", "pinned_configs", "plans", "handles"):
+                monkeypatch.setattr(launcher, cache, {})
+    x2, w2, y2 = cuda_inputs(5, 80, 2000, 48)
     for deterministic in (False, True):
         with pytest.raises(CudaGraphWarmupError, match="Autotuning|Compiling or loading"):
             with torch.cuda.graph(torch.cuda.CUDAGraph()):

@@ -114,25 +114,25 @@ class KernelLauncher:
 
     def __init__(self, fn, configs, fma_configs, key, interp_meta, tiles, limits=None, restore_value=()):
         self.fn = fn
+        self.name = fn.__name__
         self.interp_meta = interp_meta
         self.configs = {False: configs, True: fma_configs}  # keyed by "fp32 without TF32"
         self.prune = pruner(limits or {}, tiles)
         self.key_positions = [(name, fn.arg_names.index(name)) for name in key]
         self.picked = {}
         self.pinned_configs = {}
-        self.plans = {}  # (config, call-site kwargs) -> (meta, constexpr values, plan id)
-        # constexprs with a default (a config may leave them out): handles take every argument
+        self.plans = {}  # (config id, call-site kwargs) -> (meta, constexpr values, plan id, the config)
+        # parameters with a default (a config may leave them out): handles take every argument
         self.defaults = {
             name: p.default for name, p in inspect.signature(fn.fn).parameters.items()
-            if p.default is not inspect.Parameter.empty and "constexpr" in str(p.annotation)
+            if p.default is not inspect.Parameter.empty
         }
         self.handles = {}
         self.tuned = None
         if not INTERPRETED:
             kwargs = dict(key=key, restore_value=list(restore_value), prune_configs_by={"early_config_prune": self.prune})
             if "cache_results" in inspect.signature(triton.autotune).parameters:
-                # picks kept on disk across processes, unless Triton's own switch says no (TRITON_CACHE_AUTOTUNING=0)
-                kwargs["cache_results"] = os.environ.get("TRITON_CACHE_AUTOTUNING", "1") != "0"
+                kwargs["cache_results"] = cache_autotuning()
             self.tuned = {fma: triton.autotune(configs=c, **kwargs)(fn) for fma, c in self.configs.items()}
 
     @staticmethod
@@ -162,30 +162,45 @@ class KernelLauncher:
             if config is None:
                 refuse_cold_capture("Autotuning")  # it times every config: syncs
                 tuner = self.tuned[fma]
-                tuner[grid](*args, **kwargs)
+                handle = tuner[grid](*args, **kwargs)
                 self.picked[key] = tuner.best_config
+                if handle is not None and _overrides.get("direct_launch", True):  # its last launch ran the pick:
+                    _, _, plan_id, _ = self.plan(tuner.best_config, args, kwargs)  # the next one needs no compile
+                    self.handles.setdefault(self.spec(args, plan_id), handle)
                 return
         self.launch_config(config, grid, args, kwargs)
 
-    def launch_config(self, config, grid, args, kwargs):
-        """Launch with ``config``'s meta-parameters: through a cached handle when one matches."""
-        plan_key = (id(config), *kwargs.items())  # configs live in picked / pinned_configs: ids stay valid
+    def plan(self, config, args, kwargs) -> tuple:
+        """(meta, the arguments after ``args`` in signature order, plan id, config), made once per config and
+        call-site keywords."""
+        plan_key = (id(config), *kwargs.items())
         plan = self.plans.get(plan_key)
-        if plan is None:
+        if plan is None or plan[3] is not config:  # the config kept in the plan: its id cannot be reused
+            clash = set(kwargs) & set(config.kwargs)
+            if clash:
+                raise ValueError(f"{self.name}: {sorted(clash)} given both by the call and by a config")
             meta = {**self.defaults, **kwargs, **config.kwargs, "num_warps": config.num_warps,
                     "num_stages": config.num_stages}
             if config.num_ctas != 1:
                 meta["num_ctas"] = config.num_ctas
             # CompiledKernel launches take every argument in signature order, constexprs included.
             constexprs = tuple(meta[name] for name in self.fn.arg_names[len(args):])
-            plan = self.plans[plan_key] = (meta, constexprs, len(self.plans))
-        meta, constexprs, plan_id = plan
+            plan = self.plans[plan_key] = (meta, constexprs, len(self.plans), config)
+        return plan
+
+    @staticmethod
+    def spec(args, plan_id) -> tuple:
+        """The handle cache's key: Triton caches kernels per device; the plan fixes every constexpr and option."""
+        return (*specialization_key(args), plan_id, args[0].get_device())
+
+    def launch_config(self, config, grid, args, kwargs):
+        """Launch with ``config``'s meta-parameters: through a cached handle when one matches."""
+        meta, constexprs, plan_id, _ = self.plan(config, args, kwargs)
         grid = grid(meta) if callable(grid) else grid
         if not _overrides.get("compiled_launch", True):
             self.fn[grid](*args, **meta)
             return
-        # Triton caches kernels per device; the plan fixes every constexpr and compile option.
-        spec = (*specialization_key(args), plan_id, args[0].get_device())
+        spec = self.spec(args, plan_id)
         handle = self.handles.get(spec)
         if handle is not None:
             handle[(*grid, 1, 1)[:3]](*args, *constexprs)
@@ -263,6 +278,13 @@ def dx_splits(num_rows: int, dim: int, chunk: int, deterministic: bool, device: 
 def split_k_size(chunk: int, splits: int) -> int:
     """Classes per dX split, a multiple of the granule."""
     return _round_up(cdiv(chunk, splits), GRANULE)
+
+
+def cache_autotuning() -> bool:
+    """Whether autotune picks are kept on disk across processes: yes, unless Triton's own switch
+    TRITON_CACHE_AUTOTUNING is set and not true (Triton reads 1/true/on/yes, any case, as true)."""
+    value = os.environ.get("TRITON_CACHE_AUTOTUNING")
+    return value is None or value.strip().lower() in {"1", "true", "on", "yes"}
 
 
 def colsum_mma(workspace_dtype: torch.dtype) -> bool:
