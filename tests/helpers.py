@@ -1,6 +1,7 @@
-"""Shared test data: the margin specs every backend is checked with, and error measures."""
+"""Shared test data: the margin specs every backend is checked with, error measures, and a host-read counter."""
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import marginkit as mk
 
@@ -53,3 +54,19 @@ def make_inputs(B, C, D, dtype=torch.float32, seed=0, ignored=0):
     y = torch.randint(0, C, (B,), generator=g)
     y[:ignored] = -100
     return x, w, y
+
+
+class SyncCounter(TorchDispatchMode):
+    """Counts the aten ops that read a tensor's value on the host (a blocking sync on CUDA)."""
+
+    SYNCS = ("_local_scalar_dense", "is_nonzero", "item", "equal")
+
+    def __init__(self):
+        super().__init__()
+        self.syncs = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__.split(".")[0]
+        if name in self.SYNCS:
+            self.syncs.append(name)
+        return func(*args, **(kwargs or {}))

@@ -6,10 +6,10 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import marginkit as mk
 from marginkit import _pipeline
+from tests.helpers import SyncCounter
 
 BACKENDS = ["torch", "triton"] if os.environ.get("TRITON_INTERPRET") == "1" else ["torch"]
 
@@ -55,22 +55,6 @@ def test_interclass_filtering_threshold_is_checked():
         mk.margin_cross_entropy(x, w, y, interclass_filtering_threshold=1.5)
     with pytest.raises(ValueError, match="interclass_filtering_threshold"):
         mk.MarginSoftmax(5, 4, interclass_filtering_threshold=-0.1)(x, y)
-
-
-class SyncCounter(TorchDispatchMode):
-    """Counts the aten ops that read a tensor's value on the host (a blocking sync on CUDA)."""
-
-    SYNCS = ("_local_scalar_dense", "is_nonzero", "item", "equal")
-
-    def __init__(self):
-        super().__init__()
-        self.syncs = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.__name__.split(".")[0]
-        if name in self.SYNCS:
-            self.syncs.append(name)
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.fixture
