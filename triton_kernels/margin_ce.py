@@ -39,7 +39,8 @@ Backward, per bounded chunk of classes [chunk_start, chunk_start + n_chunk) (thr
 All element offsets are computed in int64 (C·D exceeds 2^31 at C = 10M, D = 512).
 Only features of Triton ≥ 3.0 are used (tl.dot with input_precision, masked loads and
 stores, tl.atomic_add with sem), so the kernels run on the GPU machine's Triton 3.6 and
-under TRITON_INTERPRET=1 on the CPU.
+under TRITON_INTERPRET=1 on the CPU; the GEMMs' TMA variants (operands through host-side
+tensor descriptors, ``triton.tools.tensor_descriptor``) need Triton ≥ 3.4 and are opt-in.
 """
 
 import triton
@@ -445,18 +446,27 @@ def dx_gemm_kernel(
     stride_od,
     stride_os,
     B_BUCKET,
+    a_desc,
+    b_desc,
     USE_ATOMICS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
+    TMA: tl.constexpr = False,
 ):
     """out += E[:, split] · W[chunk_start + split, :] for split pid_s of the chunk (fp32 accumulate).
 
     USE_ATOMICS: every split adds into the same (B, D) fp32 buffer with relaxed atomics
     (order of the adds varies run to run). Otherwise split s owns out[s] (stride_os) and
     does a plain load-add-store; launches are stream-ordered, so the sum is deterministic.
+    TMA: the operand tiles come through tensor descriptors (the copy engine, no per-thread
+    addresses): a_desc over E[:, :n_chunk] with blocks (BLOCK_M, BLOCK_K), b_desc over all of W
+    (C, D) with blocks (BLOCK_K, BLOCK_N). They zero-fill outside their shape, so no tile needs a
+    mask: a tile past the chunk's last class reads zeros of E (whatever W rows it meets, the
+    product is 0), and k_per_split is a multiple of BLOCK_K (the launcher's granule), so no tile
+    crosses into the next split. Otherwise (None, None).
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -469,20 +479,26 @@ def dx_gemm_kernel(
     k_end = tl.minimum(k_begin + k_per_split, n_chunk)
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(k_begin, k_end, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_mask = ks < k_end
-        a = tl.load(
-            ws_ptr + rows[:, None] * stride_ws + ks[None, :],
-            mask=row_mask[:, None] & k_mask[None, :],
-            other=0.0,
-        )
-        b = tl.load(
-            w_ptr + (chunk_start + ks)[:, None] * stride_wc + dcols[None, :] * stride_wd,
-            mask=k_mask[:, None] & d_mask[None, :],
-            other=0.0,
-        ).to(a.dtype)  # fp32 master weights: cast in registers to the workspace dtype
-        acc = _mma(a, b, acc, DOT_PRECISION, UPCAST)
+    if TMA:
+        for k0 in range(k_begin.to(tl.int32), k_end.to(tl.int32), BLOCK_K):
+            a = a_desc.load([pid_m * BLOCK_M, k0])
+            b = b_desc.load([chunk_start + k0, pid_n * BLOCK_N])
+            acc = _mma(a, b, acc, DOT_PRECISION, UPCAST)
+    else:
+        for k0 in range(k_begin, k_end, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_mask = ks < k_end
+            a = tl.load(
+                ws_ptr + rows[:, None] * stride_ws + ks[None, :],
+                mask=row_mask[:, None] & k_mask[None, :],
+                other=0.0,
+            )
+            b = tl.load(
+                w_ptr + (chunk_start + ks)[:, None] * stride_wc + dcols[None, :] * stride_wd,
+                mask=k_mask[:, None] & d_mask[None, :],
+                other=0.0,
+            ).to(a.dtype)  # fp32 master weights: cast in registers to the workspace dtype
+            acc = _mma(a, b, acc, DOT_PRECISION, UPCAST)
 
     out_mask = row_mask[:, None] & d_mask[None, :]
     if USE_ATOMICS:
@@ -529,6 +545,8 @@ def dw_gemm_kernel(
     stride_dwc,
     stride_dwd,
     B_BUCKET,
+    a_desc,
+    b_desc,
     NORMALIZE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -536,9 +554,15 @@ def dw_gemm_kernel(
     DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
     PREFETCH: tl.constexpr = False,
+    TMA: tl.constexpr = False,
 ):
     """dW[chunk] = Eᵀ·X/κ (− w_inv²·(Σ_r q[r, j])·w_j with NORMALIZE), stored once in dW's dtype
-    (W's: float32 for fp32 master weights)."""
+    (W's: float32 for fp32 master weights).
+
+    TMA: the operand tiles come through tensor descriptors (zero-filled outside their shape):
+    a_desc over E[:, :n_chunk] with blocks (BLOCK_K, BLOCK_M), transposed in shared memory, and
+    b_desc over X (B, D) with blocks (BLOCK_K, BLOCK_N). Otherwise (None, None).
+    """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     lcls = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -552,20 +576,26 @@ def dw_gemm_kernel(
         w_pre, coef_pre = _dw_projection_operands(w_ptr, w_inv_ptr, q_ptr, cls, lcls, c_mask, dcols, out_mask,
                                                   n_q, stride_q, stride_wc, stride_wd, BLOCK_M)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, B, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        k_mask = ks < B
-        a = tl.load(
-            ws_ptr + ks[None, :] * stride_ws + lcls[:, None],
-            mask=c_mask[:, None] & k_mask[None, :],
-            other=0.0,
-        )
-        b = tl.load(
-            x_ptr + ks[:, None] * stride_xb + dcols[None, :] * stride_xd,
-            mask=k_mask[:, None] & d_mask[None, :],
-            other=0.0,
-        )
-        acc = _mma(a, b, acc, DOT_PRECISION, UPCAST)
+    if TMA:
+        for k0 in range(0, B, BLOCK_K):
+            a = tl.trans(a_desc.load([k0, pid_m * BLOCK_M]))
+            b = b_desc.load([k0, pid_n * BLOCK_N])
+            acc = _mma(a, b, acc, DOT_PRECISION, UPCAST)
+    else:
+        for k0 in range(0, B, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+            k_mask = ks < B
+            a = tl.load(
+                ws_ptr + ks[None, :] * stride_ws + lcls[:, None],
+                mask=c_mask[:, None] & k_mask[None, :],
+                other=0.0,
+            )
+            b = tl.load(
+                x_ptr + ks[:, None] * stride_xb + dcols[None, :] * stride_xd,
+                mask=k_mask[:, None] & d_mask[None, :],
+                other=0.0,
+            )
+            acc = _mma(a, b, acc, DOT_PRECISION, UPCAST)
 
     kappa = tl.load(kappa_ptr)
     dw = acc * (1.0 / kappa)  # κ is a power of two: exact

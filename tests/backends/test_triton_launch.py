@@ -184,8 +184,14 @@ def test_specialization_key_follows_tritons_binder():
     from triton.backends.compiler import BaseBackend
     from triton.runtime.jit import native_specialize_impl
 
-    values = [0, 1, 2, 16, 17, 32, 2**31 - 16, 2**31, 2**31 + 16, -16, -1, 2.5, True, False,
-              torch.zeros(8), torch.zeros(8)[1:], torch.zeros(8, dtype=torch.bfloat16), torch.zeros(8, dtype=torch.int64)]
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    operand = torch.zeros(64, 64, dtype=torch.bfloat16)
+    descriptors = [TensorDescriptor(t, [64, 64], [64, 1], tile) for t in (operand, operand.half()) for tile in
+                   ([16, 16], [16, 32], [32, 16])]
+    values = [0, 1, 2, 16, 17, 32, 2**31 - 16, 2**31, 2**31 + 16, -16, -1, 2.5, True, False, None,
+              torch.zeros(8), torch.zeros(8)[1:], torch.zeros(8, dtype=torch.bfloat16), torch.zeros(8, dtype=torch.int64),
+              *descriptors]
     for a in values:
         for b in values:
             if launch.specialization_key([a]) == launch.specialization_key([b]):

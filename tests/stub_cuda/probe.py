@@ -114,7 +114,7 @@ def route_to_cuda_path(host_copies: Counter, counting: list) -> None:
                 in_flag_scope[0] = False
 
     _pipeline.check_pending_labels = check_pending_in_scope
-    for launcher in (passes.FWD, passes.SCORES, passes.DX, passes.DW):
+    for launcher in (passes.FWD, passes.SCORES, passes.DX, passes.DW, passes.DX_TMA, passes.DW_TMA):
         for tuner in (launcher.tuned or {}).values():  # one config: the autotuner launches it untimed
             tuner.prune_configs = (lambda prune: (lambda kwargs: prune(kwargs)[:1]))(tuner.prune_configs)
     for name in HOST_COPY_METHODS:
@@ -160,6 +160,7 @@ def main() -> None:
     p.add_argument("--filter", type=float, default=0.0, help="interclass_filtering_threshold (a NegativeModulation)")
     p.add_argument("--chunk", type=int, default=16384,
                    help="backward chunk forced (B = 1024 bf16 gets 16384); 0 = the code's own")
+    p.add_argument("--tma", action="store_true", help="tuning(tma=True): the GEMMs' operands through TMA descriptors")
     p.add_argument("--steps", type=int, default=0, help="timed steps per round (0: count only)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--json", default="")
@@ -197,7 +198,7 @@ def main() -> None:
             if read_back:
                 float(loss), x.grad.cpu()
 
-        with tuning(chunk_classes=args.chunk or None):
+        with tuning(chunk_classes=args.chunk or None, tma=args.tma):
             step()  # compiles for sm_90 and records the autotuner's (single) picks
             step()  # first launches through cached handles
             launches.clear()
@@ -226,7 +227,7 @@ def main() -> None:
                     step()
                 times.append((time.thread_time() - c0) / args.steps * 1e3)
         row = dict(
-            C=num_classes, B=args.B, D=args.D, dtype=args.dtype, chunk=args.chunk,
+            C=num_classes, B=args.B, D=args.D, dtype=args.dtype, chunk=args.chunk, tma=args.tma,
             master_weights=args.master_weights, filter=args.filter,
             triton_launches=sum(counted_launches.values()), launches=counted_launches, binder_launches=counted_binder,
             aten_calls=sum(top.values()), aten_by_name=dict(top.most_common()),

@@ -18,7 +18,8 @@ import torch
 import triton
 
 __all__ = [
-    "FWD_CONFIGS", "FWD_STORE_CONFIGS", "SCORES_CONFIGS", "GEMM_CONFIGS", "DW_CONFIGS", "STORED_CONFIGS",
+    "FWD_CONFIGS", "FWD_STORE_CONFIGS", "SCORES_CONFIGS", "GEMM_CONFIGS", "DW_CONFIGS", "DX_TMA_CONFIGS",
+    "DW_TMA_CONFIGS", "STORED_CONFIGS",
     "PROJECT_CONFIGS", "ROW_CONFIGS",
     "FMA_FWD_CONFIGS", "FMA_SCORES_CONFIGS", "FMA_GEMM_CONFIGS",
     "INTERPRETER_META", "pow2_at_least", "pruner", "shared_memory_limit",
@@ -71,6 +72,11 @@ DW_CONFIGS = _DW_PLAIN + [
     for c in _DW_PLAIN
     if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] >= 128 * 128
 ]
+
+#: The GEMMs with TMA operands (``tuning(tma=True)``): the same tiles, each operand tile fetched by
+#: the copy engine from a tensor descriptor instead of per-thread cp.async addresses and masks.
+DX_TMA_CONFIGS = [_cfg(c.num_warps, c.num_stages, **c.kwargs, TMA=True) for c in GEMM_CONFIGS]
+DW_TMA_CONFIGS = [_cfg(c.num_warps, c.num_stages, **c.kwargs, TMA=True) for c in DW_CONFIGS]
 
 # Bandwidth-bound kernels of the memory-budget mode: one fixed config each (launched pinned, so
 # through the launcher's cached handles; no autotuning).

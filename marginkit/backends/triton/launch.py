@@ -23,6 +23,11 @@ from marginkit.backends.triton.configs import pow2_at_least, pruner
 from marginkit.cuda_graphs import refuse_cold_capture
 from marginkit.triton_kernels import lse_partials_kernel
 
+try:  # host-side TMA descriptors (Triton >= 3.4)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton: the GEMMs keep their pointer loads
+    TensorDescriptor = None
+
 __all__ = ["INTERPRETED", "KernelLauncher", "tuning", "cdiv", "specialization_key"]
 
 # Kernels are InterpretedFunction objects when TRITON_INTERPRET=1 was set before import.
@@ -40,12 +45,14 @@ MAX_DX_SPLITS = 8
 MAX_B_BUCKET = 1 << 16
 #: Rows per forward program in the split heuristic, and per dX output tile (the largest tiles).
 ROWS_PER_TILE = 128
+#: A TMA descriptor's tile until the launcher sets its config's (any valid tile).
+_PLACEHOLDER_TILE = [16, 16]
 #: SM count assumed off CUDA (only sizes the interpreter's grids).
 CPU_SM_COUNT = 4
 
 # Test/benchmark overrides of launcher choices (see ``tuning``).
 _overrides: dict = {}
-_TUNING_KEYS = {"class_splits", "chunk_classes", "dx_splits", "direct_launch", "compiled_launch", "colsum_mma"}
+_TUNING_KEYS = {"class_splits", "chunk_classes", "dx_splits", "direct_launch", "compiled_launch", "colsum_mma", "tma"}
 
 
 @contextlib.contextmanager
@@ -56,8 +63,9 @@ def tuning(**kwargs) -> Iterator[None]:
     ``dx_splits`` (split-K of the dX GEMM), ``direct_launch`` (False: every launch through
     Triton's autotuner), ``compiled_launch`` (False: no cached ``CompiledKernel`` handles,
     every direct launch through ``JITFunction.run``), ``colsum_mma`` (False: the scores kernel's
-    column sums as a row reduction, as before it used the tensor cores); the last three are for A/B
-    timing.
+    column sums as a row reduction, as before it used the tensor cores), ``tma`` (True: the dX and dW
+    GEMMs take their operands through TMA descriptors where the operands allow it; off by default
+    until a GPU A/B decides); the last four are for A/B timing.
     """
     unknown = set(kwargs) - _TUNING_KEYS
     if unknown:
@@ -82,15 +90,17 @@ def _round_up(n: int, m: int) -> int:
 # ----------------------------------------------------------------------------------------
 # The launcher
 # ----------------------------------------------------------------------------------------
-def specialization_key(args, _tensor=torch.Tensor) -> tuple:
+def specialization_key(args, _tensor=torch.Tensor, _descriptor=TensorDescriptor or ()) -> tuple:
     """What Triton's binder specialises a launch's runtime arguments on, one entry per argument
     (a finer key is safe: it only splits the cache): a tensor's dtype and 16-byte alignment; an
     int's divisibility by 16, == 1 (then a constexpr) and width (v >> 31 is 0 or -1 in int32);
-    a bool or float by type alone (Triton passes them as u1 / fp32 whatever their value).
-    One comprehension, no call per argument: this runs on every launch."""
+    a TMA descriptor's dtype and tile; a bool, float or None by type alone (Triton passes the first
+    two as u1 / fp32 whatever their value). One comprehension, no call per argument: this runs on
+    every launch."""
     return tuple([
         (a.dtype, a.data_ptr() & 15 == 0) if isinstance(a, _tensor)
         else (a & 15 == 0, a == 1, a >> 31) if type(a) is int
+        else (a.base.dtype, *a.block_shape) if isinstance(a, _descriptor)
         else type(a)
         for a in args
     ])
@@ -112,7 +122,8 @@ class KernelLauncher:
     bits identical across processes, not only within one.
     """
 
-    def __init__(self, fn, configs, fma_configs, key, interp_meta, tiles, limits=None, restore_value=()):
+    def __init__(self, fn, configs, fma_configs, key, interp_meta, tiles, limits=None, restore_value=(),
+                 descriptors=None):
         self.fn = fn
         self.name = fn.__name__
         self.interp_meta = interp_meta
@@ -128,6 +139,11 @@ class KernelLauncher:
             if p.default is not inspect.Parameter.empty
         }
         self.handles = {}
+        # TMA operands: (argument position, the meta-parameters of its tile), set before every launch
+        self.descriptor_tiles = [(fn.arg_names.index(name), dims) for name, dims in (descriptors or {}).items()]
+        if self.descriptor_tiles:  # Triton's autotuner sets them through each config's pre_hook
+            configs = [_with_pre_hook(c, self._tile_descriptors) for c in configs]
+            self.configs = {False: configs, True: fma_configs}
         self.tuned = None
         if not INTERPRETED:
             kwargs = dict(key=key, restore_value=list(restore_value), prune_configs_by={"early_config_prune": self.prune})
@@ -148,6 +164,7 @@ class KernelLauncher:
     def __call__(self, grid, *args, pinned=False, **kwargs):
         if self.tuned is None:
             meta = {**self.interp_meta, **kwargs}
+            self.set_descriptor_tiles(args, meta)
             self.fn[grid(meta) if callable(grid) else grid](*args, **meta)
             return
         fma = self.uses_fma(args, kwargs)
@@ -169,6 +186,18 @@ class KernelLauncher:
                     self.handles.setdefault(self.spec(args, plan_id), handle)
                 return
         self.launch_config(config, grid, args, kwargs)
+
+    def set_descriptor_tiles(self, args, meta):
+        """Give each TMA descriptor argument the tile of the config being launched (a descriptor's
+        tile is part of what the kernel is compiled for; it is made per call with a placeholder)."""
+        for position, dims in self.descriptor_tiles:
+            if args[position] is not None:
+                args[position].block_shape = [meta[d] for d in dims]
+
+    def _tile_descriptors(self, nargs):
+        """A config's pre_hook under Triton's autotuner (``nargs``: every argument and meta-parameter)."""
+        names = self.fn.arg_names
+        self.set_descriptor_tiles([nargs.get(name) for name in names], nargs)
 
     def plan(self, config, args, kwargs) -> tuple:
         """(meta, the arguments after ``args`` in signature order, plan id, config), made once per config and
@@ -196,6 +225,8 @@ class KernelLauncher:
     def launch_config(self, config, grid, args, kwargs):
         """Launch with ``config``'s meta-parameters: through a cached handle when one matches."""
         meta, constexprs, plan_id, _ = self.plan(config, args, kwargs)
+        if self.descriptor_tiles:
+            self.set_descriptor_tiles(args, meta)
         grid = grid(meta) if callable(grid) else grid
         if not _overrides.get("compiled_launch", True):
             self.fn[grid](*args, **meta)
@@ -209,6 +240,11 @@ class KernelLauncher:
         handle = self.fn[grid](*args, **meta)
         if handle is not None:
             self.handles[spec] = handle
+
+
+def _with_pre_hook(config, hook):
+    return triton.Config(dict(config.kwargs), num_warps=config.num_warps, num_stages=config.num_stages,
+                         num_ctas=config.num_ctas, pre_hook=hook)
 
 
 # ----------------------------------------------------------------------------------------
@@ -291,6 +327,28 @@ def colsum_mma(workspace_dtype: torch.dtype) -> bool:
     """Whether the scores kernel sums its column terms by a tensor-core product: for bf16 workspaces,
     whose E is rounded to bf16 anyway (fp16 keeps its 3 extra mantissa bits through a row reduction)."""
     return workspace_dtype == torch.bfloat16 and bool(_overrides.get("colsum_mma", True))
+
+
+def tma_operands(*operands: torch.Tensor) -> bool:
+    """Whether the GEMMs take these operands through TMA descriptors: the TMA path is on
+    (``tuning(tma=True)``; off by default until a GPU A/B decides; Triton ≥ 3.4 for host-side
+    descriptors), and every operand is 16-bit, of one dtype (fp32 master weights take the pointer
+    path) and follows the copy engine's rules (16-byte aligned base and row stride, unit inner stride)."""
+    if TensorDescriptor is None or not _overrides.get("tma", False):
+        return False
+    dtype = operands[0].dtype
+    return all(
+        t.dtype == dtype and t.element_size() == 2 and t.stride(1) == 1 and t.data_ptr() % 16 == 0
+        and t.stride(0) * 2 % 16 == 0 and min(t.shape) > 0
+        for t in operands
+    )
+
+
+def descriptor(t: torch.Tensor, shape=None):
+    """A TMA descriptor of the 2-D ``t`` (an operand ``tma_operands`` accepted) over its leading
+    ``shape`` block (default: all of it; the copy engine reads zeros outside). Its tile is set at
+    launch, per config (``KernelLauncher(descriptors=...)``)."""
+    return TensorDescriptor(t, list(shape or t.shape), [t.stride(0), 1], list(_PLACEHOLDER_TILE))
 
 
 def dot_meta(dtype: torch.dtype) -> dict:

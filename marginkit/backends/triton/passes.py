@@ -19,7 +19,9 @@ from marginkit.backends.common import NORM_EPS
 from marginkit.backends.triton import launch
 from marginkit.backends.triton.configs import pow2_at_least
 from marginkit.backends.triton.launch import INTERPRETED, cdiv, device_guard
-from marginkit.backends.triton.launchers import DW, DX, FWD, FWD_STORE, MERGE, PROJECT, ROW_NORMS, SCORES, STORED
+from marginkit.backends.triton.launchers import (
+    DW, DW_TMA, DX, DX_TMA, FWD, FWD_STORE, MERGE, PROJECT, ROW_NORMS, SCORES, STORED,
+)
 from marginkit.cuda_graphs import refuse_cold_capture
 from marginkit.errors import MarginKitTypeError
 from marginkit.modulation import NegativeModulation, slope_bound
@@ -240,6 +242,10 @@ def backward(
     else:  # every split adds into grad_x (split stride 0)
         dx_acc, dx_strides = grad_x, (grad_x.stride(0), grad_x.stride(1), 0)
 
+    # TMA operands (tuning(tma=True)): W and X described once per call, the workspace per chunk
+    tma = launch.tma_operands(workspace, w, x)
+    w_desc, x_desc = (launch.descriptor(w), launch.descriptor(x)) if tma else (None, None)
+
     starts = list(range(0, num_classes, chunk))
     if deferred_dw is not None and num_classes % chunk and len(starts) > 1:
         starts = starts[-1:] + starts[:-1]  # the leftover chunk first: the one left live for deferral is full
@@ -273,29 +279,32 @@ def backward(
                     MODULATE=mod["MODULATE"], NORMALIZE=column_sums, BLOCK_B=block_b, **dot_meta,
                     COLSUM_MMA=column_sums and launch.colsum_mma(workspace.dtype), pinned=deterministic,
                 )
-            DX(
+            chunk_tma = tma and (ws is workspace or launch.tma_operands(ws))  # a stored chunk's slice moves the base
+            ws_desc = launch.descriptor(ws, (num_rows, n_chunk)) if chunk_tma else None
+            (DX_TMA if chunk_tma else DX)(
                 lambda meta: (cdiv(num_rows, meta["BLOCK_M"]), cdiv(dim, meta["BLOCK_N"]), n_splits_here),
                 ws, w, dx_acc,
                 num_rows, dim, start, n_chunk, k_per_split,
                 ws.stride(0), w.stride(0), w.stride(1),
                 *dx_strides,
-                bucket,
+                bucket, ws_desc, w_desc,
                 USE_ATOMICS=use_atomics, **dot_meta, pinned=deterministic,
             )
             if not need_weight_grad:
                 continue
 
-            def chunk_weight_grad(ws=ws, start=start, n_chunk=n_chunk, from_store=from_store):
+            def chunk_weight_grad(ws=ws, start=start, n_chunk=n_chunk, from_store=from_store, ws_desc=ws_desc):
                 if from_store and normalize:
                     stored_weight_grad(ws, x, w, w_inv, kappa, grad_w, start, n_chunk, deterministic)
                     return
-                DW(
+                # the same descriptor as dX's: a launch encodes it with its own tile (host side, by value)
+                (DW if ws_desc is None else DW_TMA)(
                     lambda meta: (cdiv(n_chunk, meta["BLOCK_M"]), cdiv(dim, meta["BLOCK_N"])),
                     ws, x, w, w_inv, colsum, kappa, grad_w,
                     num_rows, dim, start, n_chunk, row_blocks,
                     ws.stride(0), x.stride(0), x.stride(1), w.stride(0), w.stride(1),
                     colsum.stride(0), grad_w.stride(0), grad_w.stride(1),
-                    bucket,
+                    bucket, ws_desc, x_desc,
                     NORMALIZE=bool(normalize), **dot_meta, pinned=deterministic,
                 )
 
@@ -330,18 +339,21 @@ def stored_weight_grad(workspace, x, w, w_inv, kappa, grad_w, start, n_chunk, de
     in_place = grad_w.dtype == torch.float32  # R goes straight into grad_w
     step = n_chunk if in_place else max(launch.GRANULE, STORED_DW_BYTES // (4 * dim) // launch.GRANULE * launch.GRANULE)
     unused = torch.empty((1, 1), dtype=torch.float32, device=x.device)
+    tma = launch.tma_operands(workspace, x)
+    x_desc = launch.descriptor(x) if tma else None
     for off in range(0, n_chunk, step):
         n = min(step, n_chunk - off)
         rows = slice(start + off, start + off + n)
         raw = grad_w[rows] if in_place else torch.empty((n, dim), dtype=torch.float32, device=x.device)
         ws = workspace[:, off:]
-        DW(
+        ws_desc = launch.descriptor(ws, (num_rows, n)) if tma else None
+        (DW_TMA if tma else DW)(
             lambda meta: (cdiv(n, meta["BLOCK_M"]), cdiv(dim, meta["BLOCK_N"])),
             ws, x, w, w_inv, unused, kappa, raw,
             num_rows, dim, 0, n, 1,
             ws.stride(0), x.stride(0), x.stride(1), w.stride(0), w.stride(1),
             unused.stride(0), raw.stride(0), raw.stride(1),
-            launch.b_bucket(num_rows),
+            launch.b_bucket(num_rows), ws_desc, x_desc,
             NORMALIZE=False, **launch.dot_meta(x.dtype), pinned=deterministic,
         )
         out = grad_w[rows]

@@ -1,0 +1,175 @@
+"""The backward GEMMs' TMA operand path (``tuning(tma=True)``): dX and dW fetch their operand tiles
+through tensor descriptors instead of masked pointer loads.
+
+Under TRITON_INTERPRET=1 the descriptors' loads are emulated (zero-fill outside the described
+block included), so the CPU proves the arithmetic: the same bits as the pointer path with the
+same tiles, float64-reference accuracy, the fallback for operands the copy engine cannot read,
+and that each launch's descriptors carry its config's tile. What the compiler makes of it for
+sm_90a (UTMALDG, no cp.async, no spill) is guarded in test_triton_compile.py; the GPU twin is
+``test_gpu_tma_operands_give_the_pointer_paths_bits`` here.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import marginkit as mk  # noqa: E402
+from marginkit.backends import triton as tb  # noqa: E402
+from marginkit.backends.triton import launch, passes  # noqa: E402
+from marginkit.backends.triton.configs import DW_TMA_CONFIGS, DX_TMA_CONFIGS  # noqa: E402
+from tests.backends.test_triton_backend import gpu, make, reference_rows, rel, run, triton_rows  # noqa: E402
+
+SMALL = dict(class_splits=3, chunk_classes=64, dx_splits=2)  # several chunks, the last partial; split-K of dX
+#: The tile of each descriptor argument, as the kernels read it (dx_gemm_kernel, dw_gemm_kernel).
+TILES = {
+    "dx": {"a_desc": ("BLOCK_M", "BLOCK_K"), "b_desc": ("BLOCK_K", "BLOCK_N")},
+    "dw": {"a_desc": ("BLOCK_K", "BLOCK_M"), "b_desc": ("BLOCK_K", "BLOCK_N")},
+}
+
+
+class TmaLaunches:
+    """Counts the launches of the TMA launchers (the path a call took)."""
+
+    def __init__(self, monkeypatch):
+        self.calls = {"DX_TMA": 0, "DW_TMA": 0}
+        for name in self.calls:
+            original = getattr(passes, name)
+
+            def counted(*args, _name=name, _original=original, **kwargs):
+                self.calls[_name] += 1
+                return _original(*args, **kwargs)
+
+            monkeypatch.setattr(passes, name, counted)
+
+
+def both_paths(monkeypatch, fn, *args, **kwargs):
+    """fn(*args, **kwargs) with pointer loads, then with TMA operands: (pointer, tma, TMA launches)."""
+    with tb.tuning(**SMALL):
+        pointer = fn(*args, **kwargs)
+        counter = TmaLaunches(monkeypatch)
+        with tb.tuning(tma=True):
+            tma = fn(*args, **kwargs)
+    return pointer, tma, counter.calls
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+@pytest.mark.parametrize("normalize", [True, False], ids=["normalized", "raw"])
+def test_tma_operands_give_the_pointer_paths_bits(monkeypatch, dtype, deterministic, normalize):
+    """Odd B (a partial row tile), a partial last chunk (zero-filled past n_chunk), split-K of dX: the
+    descriptors read exactly what the masked loads read, so the bits are the pointer path's, and both
+    match float64."""
+    x, w, y = make(B=33, C=200, D=48, dtype=dtype, seed=61, ignored=3)
+    scale = 64.0 if normalize else 0.5  # raw logits x·w reach ~±100 here
+    pointer, tma, calls = both_paths(
+        monkeypatch, run, triton_rows, x, w, y, mk.ArcFace(0.5), scale, None, normalize, deterministic
+    )
+    assert calls == {"DX_TMA": 4, "DW_TMA": 4}  # 200 classes in chunks of 64: every chunk took TMA operands
+    for a, b in zip(pointer, tma):
+        assert torch.equal(a, b)
+    ref = run(reference_rows, x, w, y, mk.ArcFace(0.5), scale, None, normalize)
+    errs = [rel(o, r) for o, r in zip(tma, ref)]
+    assert all(e < 1e-2 for e in errs), f"relative errors (loss, dX, dW) against float64 = {errs}"
+
+
+@pytest.mark.parametrize("budget_chunks", [None, 2], ids=["store-all", "two-chunks"])
+def test_stored_chunks_take_tma_operands_too(monkeypatch, budget_chunks):
+    """memory_budget: stored chunks feed dX from the store's slice (its own descriptor base) and dW
+    through the stored path's fp32 GEMM; the rest recompute. Same bits as the pointer path."""
+    from marginkit.backends.triton.budget import stored_bytes
+
+    x, w, y = make(B=24, C=200, D=32, dtype=torch.bfloat16, seed=62, ignored=2)
+    budget = None if budget_chunks is None else stored_bytes(24, budget_chunks * 64, 2)
+
+    def loss_and_grads():
+        xr, wr = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        loss = mk.margin_cross_entropy(xr, wr, y, mk.ArcFace(0.5), 64.0, backend="triton", memory_budget=budget)
+        loss.backward()
+        return loss.detach(), xr.grad, wr.grad
+
+    pointer, tma, calls = both_paths(monkeypatch, loss_and_grads)
+    assert calls["DX_TMA"] == 4 and calls["DW_TMA"] >= 4
+    for a, b in zip(pointer, tma):
+        assert torch.equal(a, b)
+    ref_x, ref_w = x.double().requires_grad_(True), w.double().requires_grad_(True)
+    ref = mk.reference.margin_cross_entropy(ref_x, ref_w, y, mk.ArcFace(0.5), 64.0)
+    ref.backward()
+    assert rel(tma[0], ref) < 1e-3 and rel(tma[1], ref_x.grad) < 1e-2 and rel(tma[2], ref_w.grad) < 1e-2
+
+
+def test_operands_the_copy_engine_cannot_read_take_the_pointer_path(monkeypatch):
+    """A row stride that is not a multiple of 16 bytes (bf16, D = 50), fp32 master weights (two dtypes)
+    and fp32 operands: no descriptor, the pointer path, and still the float64 answer."""
+    for dtype, w_dtype, dim in ((torch.bfloat16, None, 50), (torch.bfloat16, torch.float32, 48),
+                                (torch.float32, None, 48)):
+        x, w, y = make(B=12, C=100, D=dim, dtype=dtype, seed=63, ignored=1)
+        if w_dtype is not None:
+            w = w.to(w_dtype)
+        pointer, tma, calls = both_paths(monkeypatch, run, triton_rows, x, w, y, mk.ArcFace(0.5), 64.0)
+        assert calls == {"DX_TMA": 0, "DW_TMA": 0}, (dtype, w_dtype, dim)
+        assert all(torch.equal(a, b) for a, b in zip(pointer, tma))
+        ref = run(reference_rows, x, w, y, mk.ArcFace(0.5), 64.0)
+        assert rel(tma[1], ref[1]) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_tma_operand_rules():
+    """What ``tma_operands`` accepts: only with tuning(tma=True), 16-bit, one dtype, 16-byte aligned
+    base and row stride, unit inner stride."""
+    a = torch.zeros(8, 64, dtype=torch.bfloat16)
+    assert not launch.tma_operands(a)  # off by default
+    with tb.tuning(tma=True):
+        assert launch.tma_operands(a, torch.zeros(4, 8, dtype=torch.bfloat16))
+        assert launch.tma_operands(a[:, 8:24])  # a column slice: base 16 bytes in, row stride unchanged
+        assert not launch.tma_operands(a[:, 1:])  # base 2 bytes in
+        assert not launch.tma_operands(torch.zeros(8, 60, dtype=torch.bfloat16))  # 120-byte rows
+        assert not launch.tma_operands(a.t())  # inner stride 8
+        assert not launch.tma_operands(a, a.half())
+        assert not launch.tma_operands(a.float())
+        assert not launch.tma_operands(a[:0])
+
+
+@pytest.mark.parametrize("kind", ["dx", "dw"])
+def test_each_launch_gives_the_descriptors_its_configs_tile(kind):
+    """Triton's autotuner runs a config's pre_hook before timing or launching it; the launcher's own
+    launches (cached handles, pinned configs, the interpreter) set the tile themselves. Either way each
+    descriptor gets the tile its kernel loads."""
+    launcher = {"dx": passes.DX_TMA, "dw": passes.DW_TMA}[kind]
+    expected = {"dx": DX_TMA_CONFIGS, "dw": DW_TMA_CONFIGS}[kind]
+    names = launcher.fn.arg_names
+    configs = launcher.configs[False]
+    assert [c.kwargs for c in configs] == [c.kwargs for c in expected] and all(c.kwargs["TMA"] for c in configs)
+    operand = torch.zeros(256, 256, dtype=torch.bfloat16)
+    for config in configs:
+        for route in ("pre_hook", "launcher"):
+            descriptors = {name: launch.descriptor(operand) for name in TILES[kind]}
+            if route == "pre_hook":
+                config.pre_hook({**dict.fromkeys(names), **descriptors, **config.kwargs})
+            else:
+                args = [descriptors.get(name) for name in names[: names.index("b_desc") + 1]]
+                launcher.set_descriptor_tiles(args, config.kwargs)
+            for name, dims in TILES[kind].items():
+                assert descriptors[name].block_shape == [config.kwargs[d] for d in dims], (route, config, name)
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_tma_operands_give_the_pointer_paths_bits():
+    """CPU twin: test_tma_operands_give_the_pointer_paths_bits. Deterministic mode pins the first config
+    that fits, the same tile either way: the bits must agree. Autotuned, each path picks its own tiles:
+    both within the bf16 pipeline's error of float64."""
+    x, w, y = make(B=512, C=30011, D=256, dtype=torch.bfloat16, seed=64, ignored=5)
+    pinned = {}
+    for tma in (False, True):
+        with tb.tuning(tma=tma):
+            pinned[tma] = run(triton_rows, x, w, y, mk.ArcFace(0.5), 64.0, deterministic=True)
+            tuned = run(triton_rows, x, w, y, mk.ArcFace(0.5), 64.0)
+        ref = run(reference_rows, x, w, y, mk.ArcFace(0.5), 64.0)
+        errs = [rel(o, r) for o, r in zip(tuned, ref)]
+        assert all(e < 1e-2 for e in errs), (tma, errs)
+    assert passes.DX_TMA.pinned_configs and passes.DW_TMA.pinned_configs  # the TMA launchers ran
+    assert all(torch.equal(a, b) for a, b in zip(pinned[False], pinned[True]))
