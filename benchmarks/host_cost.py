@@ -2,6 +2,7 @@
 
     python benchmarks/host_cost.py          # C = 100K, 1M -> benchmarks/results/host-cost-cpu-<date>.txt
     python benchmarks/host_cost.py --C 100K --shape full --steps 5 --out -
+    python benchmarks/host_cost.py --tma --out benchmarks/results/host-cost-cpu-<date>-tma.txt
 
 A stub libcuda (tests/stub_cuda) makes Triton's real CUDA host launch path run with no GPU:
 marginkit's Python, the torch ops of the step (on CPU tensors) and Triton's launcher all run;
@@ -67,6 +68,7 @@ def main() -> int:
     p.add_argument("--shape", default="small", help="comma-separated: small, full")
     p.add_argument("--steps", type=int, default=20, help="steps per timed round")
     p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--tma", action="store_true", help="tuning(tma=True): the GEMMs' operands through TMA descriptors")
     p.add_argument("--out", default="",
                    help="results file ('-': print only); default benchmarks/results/host-cost-cpu-<date>.txt")
     args = p.parse_args()
@@ -82,7 +84,8 @@ def main() -> int:
         sections = ["\n".join([
             f"# host cost per training step, GPU stubbed (benchmarks/host_cost.py), {datetime.date.today()}",
             f"# {platform.processor() or platform.machine()}, {platform.python_version()}, torch {torch.__version__}, "
-            f"triton {triton.__version__}; ArcFace(0.5), s = 64, bf16, one forward + backward, 1 torch thread",
+            f"triton {triton.__version__}; ArcFace(0.5), s = 64, bf16, one forward + backward, 1 torch thread"
+            + ("; tuning(tma=True)" if args.tma else ""),
             "# host ms: CPU time of the main thread per step, median of rounds; reported, never asserted",
             "# binder: launches through JITFunction.run (no cached CompiledKernel handle) per step",
         ])]
@@ -90,7 +93,7 @@ def main() -> int:
             cfg = SHAPES[shape]
             rows = run_probe(stub_dir, [
                 "--C", counts, "--B", str(cfg["B"]), "--D", str(cfg["D"]), "--chunk", str(cfg["chunk"]),
-                "--steps", str(args.steps), "--rounds", str(args.rounds),
+                "--steps", str(args.steps), "--rounds", str(args.rounds), *(["--tma"] if args.tma else []),
             ], timeout=3600)
             sections.append(format_rows(rows, shape))
     text = "\n\n".join(sections) + "\n"

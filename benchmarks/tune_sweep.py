@@ -3,6 +3,7 @@
     python benchmarks/tune_sweep.py --C 1M --chunk-classes 0,32768,65536 --dx-splits 0,1,4 --direct-launch 1,0
     python benchmarks/tune_sweep.py --C 100K --compiled-launch 1,0   # the host-overhead A/B
     python benchmarks/tune_sweep.py --C 1M --colsum-mma 1,0          # scores' column sums: tensor cores vs rows
+    python benchmarks/tune_sweep.py --C 1M --tma 0,1                 # dX/dW operands: pointer loads vs TMA
 
 Each variant is a ``tuning(...)`` override of the Triton backend (0 = the launcher's
 own choice; the backend comes from ``marginkit.backends.resolve``, so on a CPU, where the
@@ -28,17 +29,20 @@ def choices(text: str) -> list[int]:
     return [0 if v.strip() == "0" else parse_size(v) for v in text.split(",") if v.strip()]
 
 
-def variants(chunk_classes, dx_splits, direct_launch=(1,), compiled_launch=(1,), colsum_mma=(1,)):
+def variants(chunk_classes, dx_splits, direct_launch=(1,), compiled_launch=(1,), colsum_mma=(1,), tma=(0,)):
     """Every combination; 0 leaves a choice to the launcher (direct_launch 0: through the autotuner;
     compiled_launch 0: direct launches through ``JITFunction.run`` instead of cached handles;
-    colsum_mma 0: the scores kernel's column sums by a row reduction instead of a tensor-core product)."""
-    for chunk, splits, direct, compiled, colsum in itertools.product(
-        chunk_classes, dx_splits, direct_launch, compiled_launch, colsum_mma
+    colsum_mma 0: the scores kernel's column sums by a row reduction instead of a tensor-core product;
+    tma 1: the dX and dW GEMMs' operands through TMA descriptors)."""
+    for chunk, splits, direct, compiled, colsum, descriptors in itertools.product(
+        chunk_classes, dx_splits, direct_launch, compiled_launch, colsum_mma, tma
     ):
         override = {k: v for k, v in (("chunk_classes", chunk), ("dx_splits", splits)) if v}
         for key, on in (("direct_launch", direct), ("compiled_launch", compiled), ("colsum_mma", colsum)):
             if not on:
                 override[key] = False
+        if descriptors:
+            override["tma"] = True
         yield override
 
 
@@ -54,6 +58,8 @@ def main(argv=None) -> None:
                    help="comma list of 1 (cached CompiledKernel handles) and 0 (JITFunction.run per launch)")
     p.add_argument("--colsum-mma", default="1",
                    help="comma list of 1 (bf16 column sums on the tensor cores) and 0 (a row reduction)")
+    p.add_argument("--tma", default="0",
+                   help="comma list of 0 (the GEMMs' pointer loads) and 1 (their operands through TMA descriptors)")
     p.add_argument("--reps", type=int, default=None, help="fixed timed steps (default: do_bench on CUDA)")
     args = p.parse_args(argv)
 
@@ -68,7 +74,8 @@ def main(argv=None) -> None:
     direct = [int(v) for v in args.direct_launch.split(",") if v.strip()]
     compiled = [int(v) for v in args.compiled_launch.split(",") if v.strip()]
     colsum = [int(v) for v in args.colsum_mma.split(",") if v.strip()]
-    for override in variants(choices(args.chunk_classes), choices(args.dx_splits), direct, compiled, colsum):
+    tma = [int(v) for v in args.tma.split(",") if v.strip()]
+    for override in variants(choices(args.chunk_classes), choices(args.dx_splits), direct, compiled, colsum, tma):
         with tuning(**override):
             case = provider.build(inputs, make_spec(provider.row_margin(cfg.margin)))
             m = measure(case, device, reps=args.reps)

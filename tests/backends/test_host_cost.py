@@ -1,8 +1,8 @@
 """Host-cost guards of the default CUDA training step, run on a CPU (issue 13 item 4).
 
 A stub libcuda (tests/stub_cuda) lets Triton's real CUDA launch path run without a GPU: one
-``mk.margin_cross_entropy`` forward + backward on the Triton backend's CUDA path (plain, and
-with fp32 master weights and a negative modulation), at B = D = 64 bf16 embeddings with the
+``mk.margin_cross_entropy`` forward + backward on the Triton backend's CUDA path (plain, with fp32
+master weights and a negative modulation, and with the GEMMs' TMA operands), at B = D = 64 bf16 embeddings with the
 backward chunk of B = 1024 bf16 forced (16 384 classes: 32 MiB workspace / 2 KiB
 per class), so the launch count is the real shape's. Counts are asserted, never times.
 """
@@ -28,10 +28,12 @@ CLASS_COUNTS = (CHUNK, 40000)
 #: the grad rows' mask 2), the class sort of the target backward 1, the pinned flag's read 2. The
 #: master-weight + filter step adds the modulation's 7. The bounds are the measured counts: an
 #: added op fails here; lower them when ops go.
-ATEN_CALLS_BOUND = {"plain": 29, "master-weights+filter": 36}
-#: The default step (bf16 weight), and fp32 master weights with insightface's inter-class filter
-#: (a NegativeModulation: MODULATE kernels, a threshold per row).
-VARIANTS = {"plain": [], "master-weights+filter": ["--master-weights", "--filter", "0.3"]}
+ATEN_CALLS_BOUND = {"plain": 29, "master-weights+filter": 36, "tma": 29}
+#: The default step (bf16 weight), fp32 master weights with insightface's inter-class filter
+#: (a NegativeModulation: MODULATE kernels, a threshold per row), and the plain step with the
+#: GEMMs' TMA operands (tuning(tma=True): descriptors are made per call and per chunk in Python,
+#: not by torch ops, and launch through the cached handles like pointers).
+VARIANTS = {"plain": [], "master-weights+filter": ["--master-weights", "--filter", "0.3"], "tma": ["--tma"]}
 
 
 def expected_launches(num_classes: int, chunk: int = CHUNK) -> dict[str, int]:
@@ -78,6 +80,13 @@ def test_triton_launches_per_step_are_8_plus_3_per_chunk(step_counts, num_classe
     row = step_counts[num_classes]
     assert row["launches"] == expected_launches(num_classes)
     assert row["triton_launches"] == 8 + 3 * math.ceil(num_classes / CHUNK)
+
+
+@pytest.mark.parametrize("num_classes", CLASS_COUNTS)
+def test_the_gemms_take_tma_operands_exactly_when_asked(step_counts, variant, num_classes):
+    chunks = math.ceil(num_classes / CHUNK)
+    expected = {"dx_gemm_kernel": chunks, "dw_gemm_kernel": chunks} if variant == "tma" else {}
+    assert step_counts[num_classes]["tma_launches"] == expected
 
 
 @pytest.mark.parametrize("num_classes", CLASS_COUNTS)

@@ -9,7 +9,9 @@ back with the wheel's cuobjdump. Guards:
 
 1. the GEMM-shaped kernels come out as pipelined wgmma (async copies into multi-stage buffers);
 2. no autotune config of any kernel spills registers (local memory / stack = 0), with wgmma;
-3. the epilogue of each config the autotuner picked on the H200 stays within a SASS
+3. the GEMMs' TMA variants (``tuning(tma=True)``) load their operands with UTMALDG, the pointer
+   variants with cp.async;
+4. the epilogue of each config the autotuner picked on the H200 stays within a SASS
    instruction budget per output element. Instruction counts are deterministic for one Triton
    version, so the budgets are pinned to the version they were measured with and skipped on any
    other (re-measure with /work/shared/perf-tools' compile_probe.py + epilogue_count.py).
@@ -67,6 +69,16 @@ SCRIPT = textwrap.dedent(
                 return next((i for i, o in enumerate(after) if o[1] == "EXIT"), len(after))
         return None
 
+    def main_loop_length(ops):
+        # SASS instructions in the first backward branch's body that holds an HGMMA: one k step
+        for addr, op, args in ops:
+            m = re.search(r"0x([0-9a-f]+)", args) if op.startswith("BRA") else None
+            if m and int(m.group(1), 16) < addr:
+                body = [o for o in ops if int(m.group(1), 16) <= o[0] <= addr]
+                if any(o[1].startswith("HGMMA") for o in body):
+                    return len(body)
+        return None
+
     def compile_job(job):
         os.environ.pop("TRITON_INTERPRET", None)
         import triton
@@ -105,6 +117,8 @@ SCRIPT = textwrap.dedent(
             m, n = job["tile"]
             res.update(regs=field("REG"), stack=field("STACK"), local=field("LOCAL"),
                        hgmma=sum(1 for o in ops if o[1].startswith("HGMMA")),
+                       utmaldg=sum(1 for o in ops if o[1].startswith("UTMALDG")),
+                       ldgsts=sum(1 for o in ops if o[1].startswith("LDGSTS")), main_loop=main_loop_length(ops),
                        epilogue_per_element=None if length is None else length / (m * n / (32 * job["warps"])))
         return res
 
@@ -140,8 +154,13 @@ KERNELS = {"fwd": "lse_partials_kernel", "scores": "scores_kernel", "dx": "dx_ge
 FIXED = {  # the constexprs a bf16 ArcFace step passes unless a job says otherwise
     "fwd": dict(MODULATE=False, STORE=False, STORE_GROUP=32),
     "scores": dict(MODULATE=False, NORMALIZE=True, BLOCK_B=128, COLSUM_MMA=True),
-    "dx": dict(USE_ATOMICS=True),
-    "dw": dict(NORMALIZE=True),
+    "dx": dict(USE_ATOMICS=True, a_desc=None, b_desc=None),  # None: the pointer path (no TMA descriptors)
+    "dw": dict(NORMALIZE=True, a_desc=None, b_desc=None),
+}
+#: The tile of each TMA descriptor argument (the TMA launchers in launchers.py).
+TMA_TILES = {
+    "dx": {"a_desc": ("BLOCK_M", "BLOCK_K"), "b_desc": ("BLOCK_K", "BLOCK_N")},
+    "dw": {"a_desc": ("BLOCK_K", "BLOCK_M"), "b_desc": ("BLOCK_K", "BLOCK_N")},
 }
 
 
@@ -157,6 +176,15 @@ def job(kind, config, dt="bf16", prec="ieee", w_dt=None, **consts):
     merged.update(consts)
     return dict(kernel=KERNELS[kind], types=_types(kind, dt, w_dt), consts=merged, warps=config.num_warps,
                 stages=config.num_stages, tile=_tile(kind, merged))
+
+
+def tma_job(kind, config, dt="bf16", **consts):
+    """A TMA config (TMA=True in its kwargs): the descriptors typed with the config's tiles."""
+    spec = job(kind, config, dt, **consts)
+    for name, dims in TMA_TILES[kind].items():
+        del spec["consts"][name]
+        spec["types"][name] = f"tensordesc<{dt}[{', '.join(str(config.kwargs[d]) for d in dims)}]>"
+    return spec
 
 
 def _cfg(warps, stages, **meta):
@@ -254,6 +282,10 @@ def autotune_jobs():
         jobs[_name("dx", config)] = job("dx", config)
     for config in tc.DW_CONFIGS:
         jobs[_name("dw", config)] = job("dw", config)
+    for config in tc.DX_TMA_CONFIGS:
+        jobs[_name("dx", config)] = tma_job("dx", config)
+    for config in tc.DW_TMA_CONFIGS:
+        jobs[_name("dw", config)] = tma_job("dw", config)
     return jobs
 
 
@@ -337,13 +369,29 @@ def test_no_autotune_config_spills_and_each_is_wgmma(compiled):
     jobs = autotune_jobs()
     assert len(jobs) == 2 * len(tc.FWD_CONFIGS) + len(tc.FWD_STORE_CONFIGS) + 4 * len(tc.SCORES_CONFIGS) + len(
         tc.GEMM_CONFIGS
-    ) + len(tc.DW_CONFIGS)
+    ) + len(tc.DW_CONFIGS) + len(tc.DX_TMA_CONFIGS) + len(tc.DW_TMA_CONFIGS)
     bad = {}
     for name in jobs:
         info = compiled["jobs"][name]
         if info["stack"] or info["local"] or not info["hgmma"] or info["smem"] > tc.HOPPER_SHARED_MEMORY_BYTES:
             bad[name] = {k: info[k] for k in ("regs", "stack", "local", "hgmma", "smem")}
     assert not bad, f"configs that spill, miss wgmma or exceed shared memory (prune them in configs.py): {bad}"
+
+
+def test_tma_configs_fetch_their_operands_with_the_copy_engine(compiled):
+    """The GEMMs' TMA variants load every operand tile with UTMALDG (no per-thread cp.async left in
+    them), the pointer variants do the reverse, and what TMA buys shows in the SASS: each k step of
+    the main loop issues at most 3/4 of the pointer variant's instructions (Triton 3.9: 0.36-0.61;
+    notes/PERF.md)."""
+    _needs_sass(compiled)
+    for kind, pointer_configs, tma_configs in (("dx", tc.GEMM_CONFIGS, tc.DX_TMA_CONFIGS),
+                                               ("dw", tc.DW_CONFIGS, tc.DW_TMA_CONFIGS)):
+        for pointer_config, tma_config in zip(pointer_configs, tma_configs, strict=True):
+            pointer = compiled["jobs"][_name(kind, pointer_config)]
+            tma = compiled["jobs"][_name(kind, tma_config)]
+            assert tma["utmaldg"] > 0 and tma["ldgsts"] == 0, (kind, tma_config, tma)
+            assert pointer["utmaldg"] == 0 and pointer["ldgsts"] > 0, (kind, pointer_config, pointer)
+            assert tma["main_loop"] <= 0.75 * pointer["main_loop"], (kind, tma_config, tma, pointer)
 
 
 def test_picked_configs_stay_within_their_epilogue_budget(compiled):

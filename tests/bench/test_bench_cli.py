@@ -280,13 +280,14 @@ def test_tune_sweep_times_every_variant():
     script = Path(__file__).resolve().parents[2] / "benchmarks" / "tune_sweep.py"
     proc = subprocess.run(
         [sys.executable, str(script), "--device", "cpu", "--C", "600", "--B", "8", "--D", "16", "--dtype", "fp32",
-         "--chunk-classes", "0,256", "--dx-splits", "0,2", "--reps", "2"],
+         "--chunk-classes", "0,256", "--dx-splits", "0,2", "--tma", "0,1", "--reps", "2"],
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.strip().splitlines()[2:]
     assert [line[:40].strip() for line in lines] == [
-        "launcher's choice", "dx_splits=2", "chunk_classes=256", "chunk_classes=256, dx_splits=2"]
+        "launcher's choice", "tma=True", "dx_splits=2", "dx_splits=2, tma=True", "chunk_classes=256",
+        "chunk_classes=256, tma=True", "chunk_classes=256, dx_splits=2", "chunk_classes=256, dx_splits=2, tma=True"]
     assert all(math.isfinite(float(line[40:].split()[0])) for line in lines)
 
 

@@ -33,9 +33,10 @@ HOST_COPY_METHODS = ("cpu", "tolist", "numpy", "__array__")
 FLAG_SCOPE = "marginkit_probe::pinned_flag_read"
 
 
-def install_stub_driver(launches: Counter) -> None:
+def install_stub_driver(launches: Counter, tma_launches: Counter | None = None) -> None:
     """Triton's CUDA driver answering like an H100/H200 (sm_90, 132 SMs) on stream 0, device 0,
-    with a launcher class that counts launches per kernel name."""
+    with a launcher class that counts launches per kernel name (and in ``tma_launches`` those of
+    kernels compiled with TMA descriptor arguments)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.driver import CudaDriver, CudaLauncher
@@ -44,9 +45,12 @@ def install_stub_driver(launches: Counter) -> None:
         def __init__(self, src, metadata):
             super().__init__(src, metadata)
             self.kernel_name = metadata.name
+            self.tma = any(str(t).startswith("tensordesc") for t in src.signature.values())
 
         def __call__(self, *args):
             launches[self.kernel_name] += 1
+            if self.tma and tma_launches is not None:
+                tma_launches[self.kernel_name] += 1
             return super().__call__(*args)
 
     class StubCudaDriver(CudaDriver):
@@ -172,8 +176,8 @@ def main() -> None:
 
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
-    launches, binder_launches, host_copies, counting = Counter(), Counter(), Counter(), [False]
-    install_stub_driver(launches)
+    launches, tma_launches, binder_launches, host_copies, counting = Counter(), Counter(), Counter(), Counter(), [False]
+    install_stub_driver(launches, tma_launches)
     count_binder_launches(binder_launches)
     import marginkit as mk
     from marginkit.backends.triton import tuning
@@ -202,13 +206,14 @@ def main() -> None:
             step()  # compiles for sm_90 and records the autotuner's (single) picks
             step()  # first launches through cached handles
             launches.clear()
+            tma_launches.clear()
             binder_launches.clear()
             host_copies.clear()
             counting[0] = True
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
                 step()
             counting[0] = False
-            counted_launches, counted_binder = dict(launches), dict(binder_launches)
+            counted_launches, counted_binder, counted_tma = dict(launches), dict(binder_launches), dict(tma_launches)
             top, syncs, flag_reads = aten_counts(prof)
             flag_reads += host_copies.pop(FLAG_SCOPE, 0)
             syncs.update(host_copies)
@@ -230,6 +235,7 @@ def main() -> None:
             C=num_classes, B=args.B, D=args.D, dtype=args.dtype, chunk=args.chunk, tma=args.tma,
             master_weights=args.master_weights, filter=args.filter,
             triton_launches=sum(counted_launches.values()), launches=counted_launches, binder_launches=counted_binder,
+            tma_launches=counted_tma,
             aten_calls=sum(top.values()), aten_by_name=dict(top.most_common()),
             host_syncs=sum(syncs.values()), syncs=dict(syncs),
             pinned_flag_reads=flag_reads, control_host_syncs=control_syncs,
