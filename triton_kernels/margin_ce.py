@@ -39,8 +39,9 @@ Backward, per bounded chunk of classes [chunk_start, chunk_start + n_chunk) (thr
 All element offsets are computed in int64 (C·D exceeds 2^31 at C = 10M, D = 512).
 Only features of Triton ≥ 3.0 are used (tl.dot with input_precision, masked loads and
 stores, tl.atomic_add with sem), so the kernels run on the GPU machine's Triton 3.6 and
-under TRITON_INTERPRET=1 on the CPU; the GEMMs' TMA variants (operands through host-side
-tensor descriptors, ``triton.tools.tensor_descriptor``) need Triton ≥ 3.4 and are opt-in.
+under TRITON_INTERPRET=1 on the CPU; the TMA variants of the four GEMM-shaped kernels (operand
+tiles through host-side tensor descriptors, ``triton.tools.tensor_descriptor``; ``TMA``) need
+Triton ≥ 3.4 and are opt-in (``tuning(tma=True)``).
 """
 
 import triton
@@ -164,6 +165,8 @@ def lse_partials_kernel(
     linear,
     store_scale,
     B_BUCKET,
+    x_desc,
+    w_desc,
     MODULATE: tl.constexpr,
     STORE: tl.constexpr,
     STORE_GROUP: tl.constexpr,
@@ -172,6 +175,7 @@ def lse_partials_kernel(
     BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
+    TMA: tl.constexpr = False,
 ):
     """Per (row, class split) online log-sum-exp partials: part_max[s, i], part_sum[s, i].
 
@@ -182,6 +186,9 @@ def lse_partials_kernel(
     stored[i, j] = store_scale·exp2(z_ij − m_it)·dN/dcos_ij (0 at the target column) in
     stored's dtype and tile_max[i, j // STORE_GROUP] = m_it, the row's max of z over the class
     tile t (0 for a tile without a non-target class), so that the backward needs no recompute.
+    TMA: X and W tiles through tensor descriptors (x_desc over X with (BLOCK_B, BLOCK_K) blocks,
+    w_desc over all of W with (BLOCK_C, BLOCK_K)), zero-filled past B, C and D; the columns a tile
+    reads past its split (the next split's W rows) are left out by the same −inf bias as ever.
     """
     pid_b = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -217,10 +224,14 @@ def lse_partials_kernel(
         kt = it - ct * k_tiles
         cols = (c_begin + ct * BLOCK_C + offs_c).to(tl.int64)
         col_mask = cols < c_end
-        acc = _dot_step(
-            x_ptr, w_ptr, rows, row_mask, cols, col_mask, kt * BLOCK_K + offs_k, D,
-            stride_xb, stride_xd, stride_wc, stride_wd, acc, DOT_PRECISION, UPCAST,
-        )
+        if TMA:
+            acc = _mma(x_desc.load([pid_b * BLOCK_B, kt * BLOCK_K]),
+                       tl.trans(w_desc.load([c_begin + ct * BLOCK_C, kt * BLOCK_K])), acc, DOT_PRECISION, UPCAST)
+        else:
+            acc = _dot_step(
+                x_ptr, w_ptr, rows, row_mask, cols, col_mask, kt * BLOCK_K + offs_k, D,
+                stride_xb, stride_xd, stride_wc, stride_wd, acc, DOT_PRECISION, UPCAST,
+            )
         if kt == k_tiles - 1:
             w_inv = tl.load(w_inv_ptr + cols, mask=col_mask, other=0.0)
             tile_col = ct * BLOCK_C
@@ -341,6 +352,8 @@ def scores_kernel(
     quadratic,
     linear,
     B_BUCKET,
+    x_desc,
+    w_desc,
     MODULATE: tl.constexpr,
     NORMALIZE: tl.constexpr,
     BLOCK_B: tl.constexpr,
@@ -349,6 +362,7 @@ def scores_kernel(
     DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
     COLSUM_MMA: tl.constexpr = False,
+    TMA: tl.constexpr = False,
 ):
     """Backward recompute of one (row block, class tile) of the chunk.
 
@@ -358,7 +372,8 @@ def scores_kernel(
     dS_ij = g_i·scale·exp(logit_ij − lse_i)·dN/dcos_ij (slope 1 without MODULATE), 0 at the
     target column; g_i from grad_ptr (fp32 or fp64; 0 on rows that contribute nothing). Computed as
     exp2 of logits in log2 units, as the forward. No probability filter: every class's
-    exp(logit − lse) enters, however small.
+    exp(logit − lse) enters, however small. TMA: X and W tiles through tensor descriptors as in
+    the forward (columns past the chunk are never stored).
     """
     pid_b = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -369,11 +384,16 @@ def scores_kernel(
     cols = chunk_start + lcols
 
     acc = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
-    for k0 in range(0, D, BLOCK_K):
-        acc = _dot_step(
-            x_ptr, w_ptr, rows, row_mask, cols, col_mask, k0 + tl.arange(0, BLOCK_K), D,
-            stride_xb, stride_xd, stride_wc, stride_wd, acc, DOT_PRECISION, UPCAST,
-        )
+    if TMA:
+        for k0 in range(0, D, BLOCK_K):
+            acc = _mma(x_desc.load([pid_b * BLOCK_B, k0]),
+                       tl.trans(w_desc.load([chunk_start + pid_c * BLOCK_C, k0])), acc, DOT_PRECISION, UPCAST)
+    else:
+        for k0 in range(0, D, BLOCK_K):
+            acc = _dot_step(
+                x_ptr, w_ptr, rows, row_mask, cols, col_mask, k0 + tl.arange(0, BLOCK_K), D,
+                stride_xb, stride_xd, stride_wc, stride_wd, acc, DOT_PRECISION, UPCAST,
+            )
 
     x_inv = tl.load(x_inv_ptr + rows, mask=row_mask, other=0.0)
     w_inv = tl.load(w_inv_ptr + cols, mask=col_mask, other=0.0)

@@ -83,9 +83,10 @@ def test_triton_launches_per_step_are_8_plus_3_per_chunk(step_counts, num_classe
 
 
 @pytest.mark.parametrize("num_classes", CLASS_COUNTS)
-def test_the_gemms_take_tma_operands_exactly_when_asked(step_counts, variant, num_classes):
+def test_the_four_gemm_shaped_kernels_take_tma_operands_exactly_when_asked(step_counts, variant, num_classes):
     chunks = math.ceil(num_classes / CHUNK)
-    expected = {"dx_gemm_kernel": chunks, "dw_gemm_kernel": chunks} if variant == "tma" else {}
+    gemms = {"lse_partials_kernel": 1, "scores_kernel": chunks, "dx_gemm_kernel": chunks, "dw_gemm_kernel": chunks}
+    expected = gemms if variant == "tma" else {}
     assert step_counts[num_classes]["tma_launches"] == expected
 
 

@@ -1,5 +1,6 @@
-"""The backward GEMMs' TMA operand path (``tuning(tma=True)``): dX and dW fetch their operand tiles
-through tensor descriptors instead of masked pointer loads.
+"""The TMA operand path (``tuning(tma=True)``): the four GEMM-shaped kernels (forward partials,
+backward recompute, dX, dW) fetch their operand tiles through tensor descriptors instead of masked
+pointer loads.
 
 Under TRITON_INTERPRET=1 the descriptors' loads are emulated (zero-fill outside the described
 block included), so the CPU proves the arithmetic: the same bits as the pointer path with the
@@ -20,29 +21,33 @@ import pytest  # noqa: E402
 
 import marginkit as mk  # noqa: E402
 from marginkit.backends import triton as tb  # noqa: E402
-from marginkit.backends.triton import launch, passes  # noqa: E402
-from marginkit.backends.triton.configs import DW_TMA_CONFIGS, DX_TMA_CONFIGS  # noqa: E402
+from marginkit.backends.triton import launch, launchers, passes  # noqa: E402
 from tests.backends.test_triton_backend import gpu, make, reference_rows, rel, run, triton_rows  # noqa: E402
 
-SMALL = dict(class_splits=3, chunk_classes=64, dx_splits=2)  # several chunks, the last partial; split-K of dX
-#: The tile of each descriptor argument, as the kernels read it (dx_gemm_kernel, dw_gemm_kernel).
+#: Several forward splits and backward chunks (the last partial: tiles read past it), split-K of dX.
+SMALL = dict(class_splits=3, chunk_classes=64, dx_splits=2)
+LAUNCHERS = ("FWD", "FWD_STORE", "SCORES", "DX", "DW")
+#: The tile of each descriptor argument, as the kernels read it.
 TILES = {
-    "dx": {"a_desc": ("BLOCK_M", "BLOCK_K"), "b_desc": ("BLOCK_K", "BLOCK_N")},
-    "dw": {"a_desc": ("BLOCK_K", "BLOCK_M"), "b_desc": ("BLOCK_K", "BLOCK_N")},
+    "FWD": {"x_desc": ("BLOCK_B", "BLOCK_K"), "w_desc": ("BLOCK_C", "BLOCK_K")},
+    "FWD_STORE": {"x_desc": ("BLOCK_B", "BLOCK_K"), "w_desc": ("BLOCK_C", "BLOCK_K")},
+    "SCORES": {"x_desc": ("BLOCK_B", "BLOCK_K"), "w_desc": ("BLOCK_C", "BLOCK_K")},
+    "DX": {"a_desc": ("BLOCK_M", "BLOCK_K"), "b_desc": ("BLOCK_K", "BLOCK_N")},
+    "DW": {"a_desc": ("BLOCK_K", "BLOCK_M"), "b_desc": ("BLOCK_K", "BLOCK_N")},
 }
 
 
 class TmaLaunches:
-    """Counts the launches of the TMA launchers (the path a call took)."""
+    """Counts, per launcher, the launches that took the TMA tile set (descriptors passed)."""
 
     def __init__(self, monkeypatch):
-        self.calls = {"DX_TMA": 0, "DW_TMA": 0}
-        for name in self.calls:
-            original = getattr(passes, name)
+        self.calls = dict.fromkeys(LAUNCHERS, 0)
+        for name in LAUNCHERS:
+            original = getattr(launchers, name)  # the KernelLauncher (passes' name may be a wrapper already)
 
-            def counted(*args, _name=name, _original=original, **kwargs):
-                self.calls[_name] += 1
-                return _original(*args, **kwargs)
+            def counted(grid, *args, _name=name, _original=original, **kwargs):
+                self.calls[_name] += _original.tile_set(args, kwargs) == "tma"
+                return _original(grid, *args, **kwargs)
 
             monkeypatch.setattr(passes, name, counted)
 
@@ -61,15 +66,17 @@ def both_paths(monkeypatch, fn, *args, **kwargs):
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
 @pytest.mark.parametrize("normalize", [True, False], ids=["normalized", "raw"])
 def test_tma_operands_give_the_pointer_paths_bits(monkeypatch, dtype, deterministic, normalize):
-    """Odd B (a partial row tile), a partial last chunk (zero-filled past n_chunk), split-K of dX: the
-    descriptors read exactly what the masked loads read, so the bits are the pointer path's, and both
-    match float64."""
+    """Odd B (a partial row tile), D not a multiple of the K tile, three forward splits (tiles read into
+    the next split's W rows), a partial last chunk (zero-filled past n_chunk), split-K of dX: every
+    kernel reads through descriptors what its masked loads read, so the bits are the pointer path's,
+    and both match float64."""
     x, w, y = make(B=33, C=200, D=48, dtype=dtype, seed=61, ignored=3)
     scale = 64.0 if normalize else 0.5  # raw logits x·w reach ~±100 here
     pointer, tma, calls = both_paths(
         monkeypatch, run, triton_rows, x, w, y, mk.ArcFace(0.5), scale, None, normalize, deterministic
     )
-    assert calls == {"DX_TMA": 4, "DW_TMA": 4}  # 200 classes in chunks of 64: every chunk took TMA operands
+    # one forward; 200 classes in chunks of 64: every chunk's three kernels took TMA operands
+    assert calls == {"FWD": 1, "FWD_STORE": 0, "SCORES": 4, "DX": 4, "DW": 4}
     for a, b in zip(pointer, tma):
         assert torch.equal(a, b)
     ref = run(reference_rows, x, w, y, mk.ArcFace(0.5), scale, None, normalize)
@@ -79,8 +86,9 @@ def test_tma_operands_give_the_pointer_paths_bits(monkeypatch, dtype, determinis
 
 @pytest.mark.parametrize("budget_chunks", [None, 2], ids=["store-all", "two-chunks"])
 def test_stored_chunks_take_tma_operands_too(monkeypatch, budget_chunks):
-    """memory_budget: stored chunks feed dX from the store's slice (its own descriptor base) and dW
-    through the stored path's fp32 GEMM; the rest recompute. Same bits as the pointer path."""
+    """memory_budget: the storing forward; stored chunks feed dX from the store's slice (its own
+    descriptor base) and dW through the stored path's fp32 GEMM; the rest recompute. Same bits as the
+    pointer path."""
     from marginkit.backends.triton.budget import stored_bytes
 
     x, w, y = make(B=24, C=200, D=32, dtype=torch.bfloat16, seed=62, ignored=2)
@@ -93,7 +101,8 @@ def test_stored_chunks_take_tma_operands_too(monkeypatch, budget_chunks):
         return loss.detach(), xr.grad, wr.grad
 
     pointer, tma, calls = both_paths(monkeypatch, loss_and_grads)
-    assert calls["DX_TMA"] == 4 and calls["DW_TMA"] >= 4
+    recomputed = 0 if budget_chunks is None else 4 - budget_chunks
+    assert calls == {"FWD": 0, "FWD_STORE": 1, "SCORES": recomputed, "DX": 4, "DW": 4}
     for a, b in zip(pointer, tma):
         assert torch.equal(a, b)
     ref_x, ref_w = x.double().requires_grad_(True), w.double().requires_grad_(True)
@@ -111,7 +120,7 @@ def test_operands_the_copy_engine_cannot_read_take_the_pointer_path(monkeypatch)
         if w_dtype is not None:
             w = w.to(w_dtype)
         pointer, tma, calls = both_paths(monkeypatch, run, triton_rows, x, w, y, mk.ArcFace(0.5), 64.0)
-        assert calls == {"DX_TMA": 0, "DW_TMA": 0}, (dtype, w_dtype, dim)
+        assert calls == dict.fromkeys(LAUNCHERS, 0), (dtype, w_dtype, dim)
         assert all(torch.equal(a, b) for a, b in zip(pointer, tma))
         ref = run(reference_rows, x, w, y, mk.ArcFace(0.5), 64.0)
         assert rel(tma[1], ref[1]) < (1e-5 if dtype == torch.float32 else 1e-2)
@@ -133,27 +142,31 @@ def test_tma_operand_rules():
         assert not launch.tma_operands(a[:0])
 
 
-@pytest.mark.parametrize("kind", ["dx", "dw"])
-def test_each_launch_gives_the_descriptors_its_configs_tile(kind):
-    """Triton's autotuner runs a config's pre_hook before timing or launching it; the launcher's own
-    launches (cached handles, pinned configs, the interpreter) set the tile themselves. Either way each
-    descriptor gets the tile its kernel loads."""
-    launcher = {"dx": passes.DX_TMA, "dw": passes.DW_TMA}[kind]
-    expected = {"dx": DX_TMA_CONFIGS, "dw": DW_TMA_CONFIGS}[kind]
+@pytest.mark.parametrize("name", LAUNCHERS)
+def test_each_launch_gives_the_descriptors_its_configs_tile(name):
+    """A launcher's "tma" tile set is its tensor-core tiles with TMA=True. Triton's autotuner runs a
+    config's pre_hook before timing or launching it; the launcher's own launches (cached handles,
+    pinned configs, the interpreter) set the tile themselves. Either way each descriptor gets the
+    tile its kernel loads."""
+    launcher = getattr(passes, name)
     names = launcher.fn.arg_names
-    configs = launcher.configs[False]
-    assert [c.kwargs for c in configs] == [c.kwargs for c in expected] and all(c.kwargs["TMA"] for c in configs)
+    tma_configs = launcher.configs["tma"]
+    assert all(c.kwargs["TMA"] for c in tma_configs)
+    assert [{**c.kwargs, "TMA": True} for c in launcher.configs["mma"]][: len(tma_configs)] == [
+        c.kwargs for c in tma_configs
+    ] or name == "SCORES"  # the scores kernel leaves out one spilling tile (configs.SCORES_TMA_CONFIGS)
     operand = torch.zeros(256, 256, dtype=torch.bfloat16)
-    for config in configs:
+    last = max(names.index(arg) for arg in TILES[name])
+    for config in tma_configs:
+        meta = {"BLOCK_B": 128, **config.kwargs}  # the scores kernel's BLOCK_B comes from the call
         for route in ("pre_hook", "launcher"):
-            descriptors = {name: launch.descriptor(operand) for name in TILES[kind]}
+            descriptors = {arg: launch.descriptor(operand) for arg in TILES[name]}
             if route == "pre_hook":
-                config.pre_hook({**dict.fromkeys(names), **descriptors, **config.kwargs})
+                config.pre_hook({**dict.fromkeys(names), **descriptors, **meta})
             else:
-                args = [descriptors.get(name) for name in names[: names.index("b_desc") + 1]]
-                launcher.set_descriptor_tiles(args, config.kwargs)
-            for name, dims in TILES[kind].items():
-                assert descriptors[name].block_shape == [config.kwargs[d] for d in dims], (route, config, name)
+                launcher.set_descriptor_tiles([descriptors.get(arg) for arg in names[: last + 1]], meta)
+            for arg, dims in TILES[name].items():
+                assert descriptors[arg].block_shape == [meta[d] for d in dims], (route, config, arg)
 
 
 @gpu
@@ -171,5 +184,6 @@ def test_gpu_tma_operands_give_the_pointer_paths_bits():
         ref = run(reference_rows, x, w, y, mk.ArcFace(0.5), 64.0)
         errs = [rel(o, r) for o, r in zip(tuned, ref)]
         assert all(e < 1e-2 for e in errs), (tma, errs)
-    assert passes.DX_TMA.pinned_configs and passes.DW_TMA.pinned_configs  # the TMA launchers ran
+    for launcher in (passes.FWD, passes.SCORES, passes.DX, passes.DW):  # each pinned a TMA config
+        assert any(key[0] == "tma" for key in launcher.pinned_configs), launcher.name
     assert all(torch.equal(a, b) for a, b in zip(pinned[False], pinned[True]))

@@ -575,7 +575,7 @@ def test_gpu_dw_prefetch_variant_gives_the_plain_bits(monkeypatch):
     out = {}
     for prefetch in (False, True):
         meta = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, **({"PREFETCH": True} if prefetch else {}))
-        monkeypatch.setitem(passes.DW.configs, False, [triton.Config(meta, num_warps=8, num_stages=3)])
+        monkeypatch.setitem(passes.DW.configs, "mma", [triton.Config(meta, num_warps=8, num_stages=3)])
         monkeypatch.setattr(passes.DW, "pinned_configs", {})
         out[prefetch] = run(triton_rows, x, w, y, mk.ArcFace(0.5), 64.0, deterministic=True)
         assert [bool(c.kwargs.get("PREFETCH")) for c in passes.DW.pinned_configs.values()] == [prefetch]

@@ -29,6 +29,7 @@ import textwrap
 import pytest
 
 from marginkit.backends.triton import configs as tc
+from marginkit.backends.triton import launchers
 
 #: The Triton version the epilogue budgets below were measured with (its bundled ptxas).
 BUDGET_TRITON_VERSION = "3.9.0"
@@ -152,16 +153,12 @@ def _types(kind, dt, w_dt=None):
 
 KERNELS = {"fwd": "lse_partials_kernel", "scores": "scores_kernel", "dx": "dx_gemm_kernel", "dw": "dw_gemm_kernel"}
 FIXED = {  # the constexprs a bf16 ArcFace step passes unless a job says otherwise
-    "fwd": dict(MODULATE=False, STORE=False, STORE_GROUP=32),
-    "scores": dict(MODULATE=False, NORMALIZE=True, BLOCK_B=128, COLSUM_MMA=True),
+    "fwd": dict(MODULATE=False, STORE=False, STORE_GROUP=32, x_desc=None, w_desc=None),
+    "scores": dict(MODULATE=False, NORMALIZE=True, BLOCK_B=128, COLSUM_MMA=True, x_desc=None, w_desc=None),
     "dx": dict(USE_ATOMICS=True, a_desc=None, b_desc=None),  # None: the pointer path (no TMA descriptors)
     "dw": dict(NORMALIZE=True, a_desc=None, b_desc=None),
 }
-#: The tile of each TMA descriptor argument (the TMA launchers in launchers.py).
-TMA_TILES = {
-    "dx": {"a_desc": ("BLOCK_M", "BLOCK_K"), "b_desc": ("BLOCK_K", "BLOCK_N")},
-    "dw": {"a_desc": ("BLOCK_K", "BLOCK_M"), "b_desc": ("BLOCK_K", "BLOCK_N")},
-}
+
 
 
 def _tile(kind, meta):
@@ -178,12 +175,14 @@ def job(kind, config, dt="bf16", prec="ieee", w_dt=None, **consts):
                 stages=config.num_stages, tile=_tile(kind, merged))
 
 
-def tma_job(kind, config, dt="bf16", **consts):
-    """A TMA config (TMA=True in its kwargs): the descriptors typed with the config's tiles."""
+def tma_job(kind, config, launcher, dt="bf16", **consts):
+    """A config of ``launcher``'s "tma" tile set: its descriptor arguments typed with the config's tiles."""
     spec = job(kind, config, dt, **consts)
-    for name, dims in TMA_TILES[kind].items():
+    meta = {**spec["consts"], **config.kwargs}
+    for position, dims in launcher.descriptor_tiles:
+        name = launcher.fn.arg_names[position]
         del spec["consts"][name]
-        spec["types"][name] = f"tensordesc<{dt}[{', '.join(str(config.kwargs[d]) for d in dims)}]>"
+        spec["types"][name] = f"tensordesc<{dt}[{', '.join(str(meta[d]) for d in dims)}]>"
     return spec
 
 
@@ -282,10 +281,22 @@ def autotune_jobs():
         jobs[_name("dx", config)] = job("dx", config)
     for config in tc.DW_CONFIGS:
         jobs[_name("dw", config)] = job("dw", config)
-    for config in tc.DX_TMA_CONFIGS:
-        jobs[_name("dx", config)] = tma_job("dx", config)
-    for config in tc.DW_TMA_CONFIGS:
-        jobs[_name("dw", config)] = tma_job("dw", config)
+    # the TMA tile sets (tuning(tma=True)): the same tiles with X, W, E through descriptors
+    for config in launchers.FWD.configs["tma"]:
+        jobs[_name("fwd", config)] = tma_job("fwd", config, launchers.FWD)
+        jobs[_name("fwd", config, "_modulated")] = tma_job("fwd", config, launchers.FWD, MODULATE=True)
+    for config in launchers.FWD_STORE.configs["tma"]:
+        jobs[_name("fwd", config, "_store")] = tma_job("fwd", config, launchers.FWD_STORE, STORE=True)
+    for config in launchers.SCORES.configs["tma"]:
+        jobs[_name("scores", config)] = tma_job("scores", config, launchers.SCORES)
+        jobs[_name("scores", config, "_modulated")] = tma_job("scores", config, launchers.SCORES, MODULATE=True)
+        jobs[_name("scores", config, "_fp16")] = tma_job("scores", config, launchers.SCORES, "fp16", COLSUM_MMA=False)
+        jobs[_name("scores", config, "_fp16_modulated")] = tma_job("scores", config, launchers.SCORES, "fp16",
+                                                                   MODULATE=True, COLSUM_MMA=False)
+    for config in launchers.DX.configs["tma"]:
+        jobs[_name("dx", config)] = tma_job("dx", config, launchers.DX)
+    for config in launchers.DW.configs["tma"]:
+        jobs[_name("dw", config)] = tma_job("dw", config, launchers.DW)
     return jobs
 
 
@@ -367,9 +378,13 @@ def test_no_autotune_config_spills_and_each_is_wgmma(compiled):
     memory (a spill costs ~2x on the kernels' epilogues), HGMMA in the SASS, inside 227 KiB."""
     _needs_sass(compiled)
     jobs = autotune_jobs()
-    assert len(jobs) == 2 * len(tc.FWD_CONFIGS) + len(tc.FWD_STORE_CONFIGS) + 4 * len(tc.SCORES_CONFIGS) + len(
+    plain = 2 * len(tc.FWD_CONFIGS) + len(tc.FWD_STORE_CONFIGS) + 4 * len(tc.SCORES_CONFIGS) + len(
         tc.GEMM_CONFIGS
-    ) + len(tc.DW_CONFIGS) + len(tc.DX_TMA_CONFIGS) + len(tc.DW_TMA_CONFIGS)
+    ) + len(tc.DW_CONFIGS)
+    tma = 2 * len(tc.FWD_CONFIGS) + len(tc.FWD_STORE_CONFIGS) + 4 * len(tc.SCORES_TMA_CONFIGS) + len(
+        tc.GEMM_CONFIGS
+    ) + len(tc.DW_CONFIGS)
+    assert len(jobs) == plain + tma
     bad = {}
     for name in jobs:
         info = compiled["jobs"][name]
@@ -384,8 +399,8 @@ def test_tma_configs_fetch_their_operands_with_the_copy_engine(compiled):
     the main loop issues at most 3/4 of the pointer variant's instructions (Triton 3.9: 0.36-0.61;
     notes/PERF.md)."""
     _needs_sass(compiled)
-    for kind, pointer_configs, tma_configs in (("dx", tc.GEMM_CONFIGS, tc.DX_TMA_CONFIGS),
-                                               ("dw", tc.DW_CONFIGS, tc.DW_TMA_CONFIGS)):
+    for kind, pointer_configs, tma_configs in (("dx", tc.GEMM_CONFIGS, launchers.DX.configs["tma"]),
+                                               ("dw", tc.DW_CONFIGS, launchers.DW.configs["tma"])):
         for pointer_config, tma_config in zip(pointer_configs, tma_configs, strict=True):
             pointer = compiled["jobs"][_name(kind, pointer_config)]
             tma = compiled["jobs"][_name(kind, tma_config)]

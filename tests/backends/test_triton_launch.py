@@ -50,7 +50,7 @@ def test_fp32_without_tf32_uses_the_fma_tile_set():
     assert not launch.KernelLauncher.uses_fma((x32,), dict(DOT_PRECISION="tf32"))
     assert not launch.KernelLauncher.uses_fma((x16,), dict(DOT_PRECISION="ieee"))
     for launcher in (passes.FWD, passes.SCORES, passes.DX, passes.DW):
-        assert max(c.kwargs["BLOCK_K"] for c in launcher.configs[True]) == 32  # small K: FMA dot, fast ptxas
+        assert max(c.kwargs["BLOCK_K"] for c in launcher.configs["fma"]) == 32  # small K: FMA dot, fast ptxas
 
 
 def test_pow2_at_least_matches_tritons_next_power_of_2():
@@ -107,7 +107,7 @@ def fake_launcher(calls, pick):
         scores_kernel, configs.SCORES_CONFIGS, configs.FMA_SCORES_CONFIGS,
         key=["D", "B_BUCKET", "MODULATE", "NORMALIZE"], interp_meta={}, tiles=("BLOCK_B", "BLOCK_C", "BLOCK_K"),
     )
-    launcher.fn, launcher.tuned = FakeJITKernel(), {False: FakeAutotuner(), True: FakeAutotuner()}
+    launcher.fn, launcher.tuned = FakeJITKernel(), {"mma": FakeAutotuner(), "fma": FakeAutotuner()}
     return launcher
 
 
@@ -119,7 +119,7 @@ def scores_args(chunk_start=0, ws=None):
     args[names.index("D")] = 512
     args[names.index("chunk_start")] = chunk_start
     args[names.index("scale")] = 2.0
-    return args
+    return args + [None, None]  # x_desc, w_desc: the pointer path
 
 
 def test_later_launches_of_a_tuning_key_skip_the_autotuner():

@@ -118,7 +118,7 @@ def route_to_cuda_path(host_copies: Counter, counting: list) -> None:
                 in_flag_scope[0] = False
 
     _pipeline.check_pending_labels = check_pending_in_scope
-    for launcher in (passes.FWD, passes.SCORES, passes.DX, passes.DW, passes.DX_TMA, passes.DW_TMA):
+    for launcher in (passes.FWD, passes.FWD_STORE, passes.SCORES, passes.DX, passes.DW):
         for tuner in (launcher.tuned or {}).values():  # one config: the autotuner launches it untimed
             tuner.prune_configs = (lambda prune: (lambda kwargs: prune(kwargs)[:1]))(tuner.prune_configs)
     for name in HOST_COPY_METHODS:

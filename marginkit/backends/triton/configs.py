@@ -18,8 +18,7 @@ import torch
 import triton
 
 __all__ = [
-    "FWD_CONFIGS", "FWD_STORE_CONFIGS", "SCORES_CONFIGS", "GEMM_CONFIGS", "DW_CONFIGS", "DX_TMA_CONFIGS",
-    "DW_TMA_CONFIGS", "STORED_CONFIGS",
+    "FWD_CONFIGS", "FWD_STORE_CONFIGS", "SCORES_CONFIGS", "SCORES_TMA_CONFIGS", "GEMM_CONFIGS", "DW_CONFIGS", "STORED_CONFIGS",
     "PROJECT_CONFIGS", "ROW_CONFIGS",
     "FMA_FWD_CONFIGS", "FMA_SCORES_CONFIGS", "FMA_GEMM_CONFIGS",
     "INTERPRETER_META", "pow2_at_least", "pruner", "shared_memory_limit",
@@ -53,6 +52,8 @@ SCORES_CONFIGS = [  # BLOCK_B is the launcher's (it sizes the column-sum buffer)
     _cfg(8, 4, BLOCK_C=64, BLOCK_K=64),
     _cfg(8, 3, BLOCK_C=128, BLOCK_K=128),
 ]
+#: The scores kernel's TMA tile set (``tuning(tma=True)``): w8s3 C128K64 spills 8 B there with the modulation.
+SCORES_TMA_CONFIGS = [c for c in SCORES_CONFIGS if (c.kwargs["BLOCK_C"], c.kwargs["BLOCK_K"]) != (128, 64)]
 GEMM_CONFIGS = [
     _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64),
     _cfg(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64),
@@ -72,11 +73,6 @@ DW_CONFIGS = _DW_PLAIN + [
     for c in _DW_PLAIN
     if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] >= 128 * 128
 ]
-
-#: The GEMMs with TMA operands (``tuning(tma=True)``): the same tiles, each operand tile fetched by
-#: the copy engine from a tensor descriptor instead of per-thread cp.async addresses and masks.
-DX_TMA_CONFIGS = [_cfg(c.num_warps, c.num_stages, **c.kwargs, TMA=True) for c in GEMM_CONFIGS]
-DW_TMA_CONFIGS = [_cfg(c.num_warps, c.num_stages, **c.kwargs, TMA=True) for c in DW_CONFIGS]
 
 # Bandwidth-bound kernels of the memory-budget mode: one fixed config each (launched pinned, so
 # through the launcher's cached handles; no autotuning).

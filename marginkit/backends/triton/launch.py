@@ -120,14 +120,28 @@ class KernelLauncher:
     ``pinned=True`` (deterministic mode) skips the autotuner and launches the first config
     that fits the shape: tile sizes fix the fp32 summation order, so pinning them makes the
     bits identical across processes, not only within one.
+
+    Tile sets (``configs``, one autotuner each): "mma" (tensor cores), "fma" (fp32 without
+    TF32) and, for a kernel with ``descriptors`` (argument name -> the meta-parameters of its tile),
+    "tma": the "mma" tiles (or ``tma_configs``) with TMA=True, taken when the call passes descriptors for those
+    arguments (``tma_operands``/``descriptor``) rather than None. A launch gives each descriptor
+    its config's tile (a config's pre_hook under Triton's autotuner, the launcher itself otherwise).
     """
 
     def __init__(self, fn, configs, fma_configs, key, interp_meta, tiles, limits=None, restore_value=(),
-                 descriptors=None):
+                 descriptors=None, tma_configs=None):
         self.fn = fn
         self.name = fn.__name__
         self.interp_meta = interp_meta
-        self.configs = {False: configs, True: fma_configs}  # keyed by "fp32 without TF32"
+        # TMA operands: (argument position, the meta-parameters of its tile)
+        self.descriptor_tiles = [(fn.arg_names.index(name), dims) for name, dims in (descriptors or {}).items()]
+        self.configs = {"mma": configs, "fma": fma_configs}
+        if self.descriptor_tiles:
+            self.configs["tma"] = [
+                triton.Config({**c.kwargs, "TMA": True}, num_warps=c.num_warps, num_stages=c.num_stages,
+                              pre_hook=self._tile_descriptors)
+                for c in (tma_configs or configs)
+            ]
         self.prune = pruner(limits or {}, tiles)
         self.key_positions = [(name, fn.arg_names.index(name)) for name in key]
         self.picked = {}
@@ -139,46 +153,47 @@ class KernelLauncher:
             if p.default is not inspect.Parameter.empty
         }
         self.handles = {}
-        # TMA operands: (argument position, the meta-parameters of its tile), set before every launch
-        self.descriptor_tiles = [(fn.arg_names.index(name), dims) for name, dims in (descriptors or {}).items()]
-        if self.descriptor_tiles:  # Triton's autotuner sets them through each config's pre_hook
-            configs = [_with_pre_hook(c, self._tile_descriptors) for c in configs]
-            self.configs = {False: configs, True: fma_configs}
         self.tuned = None
         if not INTERPRETED:
             kwargs = dict(key=key, restore_value=list(restore_value), prune_configs_by={"early_config_prune": self.prune})
             if "cache_results" in inspect.signature(triton.autotune).parameters:
                 kwargs["cache_results"] = cache_autotuning()
-            self.tuned = {fma: triton.autotune(configs=c, **kwargs)(fn) for fma, c in self.configs.items()}
+            self.tuned = {name: triton.autotune(configs=c, **kwargs)(fn) for name, c in self.configs.items()}
 
     @staticmethod
     def uses_fma(args, kwargs) -> bool:
         """fp32 operands with an IEEE dot: no tensor cores, so the FMA tile set."""
         return kwargs.get("DOT_PRECISION") == "ieee" and args[0].dtype == torch.float32
 
-    def tuning_key(self, fma, args, kwargs) -> tuple:
+    def tile_set(self, args, kwargs) -> str:
+        """"tma" when the call passes TMA descriptors, "fma" for fp32 without TF32, else "mma"."""
+        if self.descriptor_tiles and args[self.descriptor_tiles[0][0]] is not None:
+            return "tma"
+        return "fma" if self.uses_fma(args, kwargs) else "mma"
+
+    def tuning_key(self, tile_set, args, kwargs) -> tuple:
         """What the autotuner keys on (its key arguments, the operands' dtypes) and the tile set."""
         values = tuple(args[i] if i < len(args) else kwargs[name] for name, i in self.key_positions)
-        return (fma, args[0].dtype, args[1].dtype) + values
+        return (tile_set, args[0].dtype, args[1].dtype) + values
 
     def __call__(self, grid, *args, pinned=False, **kwargs):
+        tile_set = self.tile_set(args, kwargs)
         if self.tuned is None:
-            meta = {**self.interp_meta, **kwargs}
+            meta = {**self.interp_meta, **kwargs, **({"TMA": True} if tile_set == "tma" else {})}
             self.set_descriptor_tiles(args, meta)
             self.fn[grid(meta) if callable(grid) else grid](*args, **meta)
             return
-        fma = self.uses_fma(args, kwargs)
-        key = self.tuning_key(fma, args, kwargs)
+        key = self.tuning_key(tile_set, args, kwargs)
         if pinned:
             config = self.pinned_configs.get(key)
             if config is None:
-                config = self.prune(self.configs[fma], dict(zip(self.fn.arg_names, args)), **kwargs)[0]
+                config = self.prune(self.configs[tile_set], dict(zip(self.fn.arg_names, args)), **kwargs)[0]
                 self.pinned_configs[key] = config
         else:
             config = self.picked.get(key) if _overrides.get("direct_launch", True) else None
             if config is None:
                 refuse_cold_capture("Autotuning")  # it times every config: syncs
-                tuner = self.tuned[fma]
+                tuner = self.tuned[tile_set]
                 handle = tuner[grid](*args, **kwargs)
                 self.picked[key] = tuner.best_config
                 if handle is not None and _overrides.get("direct_launch", True):  # its last launch ran the pick:
@@ -240,11 +255,6 @@ class KernelLauncher:
         handle = self.fn[grid](*args, **meta)
         if handle is not None:
             self.handles[spec] = handle
-
-
-def _with_pre_hook(config, hook):
-    return triton.Config(dict(config.kwargs), num_warps=config.num_warps, num_stages=config.num_stages,
-                         num_ctas=config.num_ctas, pre_hook=hook)
 
 
 # ----------------------------------------------------------------------------------------

@@ -10,8 +10,6 @@ from marginkit.backends.triton.configs import (
     FMA_GEMM_CONFIGS,
     FMA_SCORES_CONFIGS,
     DW_CONFIGS,
-    DW_TMA_CONFIGS,
-    DX_TMA_CONFIGS,
     FWD_CONFIGS,
     FWD_STORE_CONFIGS,
     GEMM_CONFIGS,
@@ -19,6 +17,7 @@ from marginkit.backends.triton.configs import (
     PROJECT_CONFIGS,
     ROW_CONFIGS,
     SCORES_CONFIGS,
+    SCORES_TMA_CONFIGS,
     STORED_CONFIGS,
 )
 from marginkit.backends.triton.launch import KernelLauncher
@@ -38,14 +37,17 @@ from marginkit.triton_kernels import (
 )
 
 __all__ = [
-    "FWD", "FWD_STORE", "SCORES", "DX", "DW", "DX_TMA", "DW_TMA", "STORED", "PROJECT", "ROW_NORMS", "MERGE", "TARGET_TERMS",
+    "FWD", "FWD_STORE", "SCORES", "DX", "DW", "STORED", "PROJECT", "ROW_NORMS", "MERGE", "TARGET_TERMS",
     "TARGET_BACKWARD", "MASKED_MEAN", "MASKED_MEAN_BACKWARD",
 ]
 
+#: The tiles of X and W when they come through TMA descriptors (forward and recompute).
+_XW_DESCRIPTORS = {"x_desc": ("BLOCK_B", "BLOCK_K"), "w_desc": ("BLOCK_C", "BLOCK_K")}
 _FWD_SHAPE = dict(
     interp_meta=INTERPRETER_META["fwd"],
     tiles=("BLOCK_B", "BLOCK_C", "BLOCK_K"),
     limits={"BLOCK_B": lambda a: a["B"], "BLOCK_K": lambda a: a["D"]},
+    descriptors=_XW_DESCRIPTORS,
 )
 FWD = KernelLauncher(lse_partials_kernel, FWD_CONFIGS, FMA_FWD_CONFIGS, key=["D", "B_BUCKET", "MODULATE"], **_FWD_SHAPE)
 #: The same kernel with STORE=True (memory-budget mode): its own tile set and tuning.
@@ -58,18 +60,17 @@ SCORES = KernelLauncher(
     interp_meta=INTERPRETER_META["scores"],
     tiles=("BLOCK_B", "BLOCK_C", "BLOCK_K"),
     limits={"BLOCK_K": lambda a: a["D"]},
+    descriptors=_XW_DESCRIPTORS,
+    tma_configs=SCORES_TMA_CONFIGS,
 )
-_DX_SHAPE = dict(
+DX = KernelLauncher(
+    dx_gemm_kernel, GEMM_CONFIGS, FMA_GEMM_CONFIGS,
     key=["D", "B_BUCKET", "USE_ATOMICS"],
+    interp_meta=INTERPRETER_META["dx"],
     tiles=("BLOCK_M", "BLOCK_N", "BLOCK_K"),
     limits={"BLOCK_M": lambda a: a["B"], "BLOCK_N": lambda a: a["D"]},
     restore_value=["out_ptr"],  # accumulates across chunks: tuning runs must not add
-)
-DX = KernelLauncher(dx_gemm_kernel, GEMM_CONFIGS, FMA_GEMM_CONFIGS, interp_meta=INTERPRETER_META["dx"], **_DX_SHAPE)
-#: dX with TMA operands (``tuning(tma=True)``): E[:, :n_chunk] in (M, K) tiles, W in (K, N).
-DX_TMA = KernelLauncher(
-    dx_gemm_kernel, DX_TMA_CONFIGS, FMA_GEMM_CONFIGS, interp_meta={**INTERPRETER_META["dx"], "TMA": True},
-    descriptors={"a_desc": ("BLOCK_M", "BLOCK_K"), "b_desc": ("BLOCK_K", "BLOCK_N")}, **_DX_SHAPE,
+    descriptors={"a_desc": ("BLOCK_M", "BLOCK_K"), "b_desc": ("BLOCK_K", "BLOCK_N")},  # E[:, :n_chunk], W
 )
 # The memory-budget mode's bandwidth kernels: one config each, always launched pinned.
 STORED = KernelLauncher(
@@ -85,16 +86,14 @@ ROW_NORMS = KernelLauncher(
     row_inv_norm_kernel, ROW_CONFIGS, ROW_CONFIGS, key=[], interp_meta={}, tiles=("BLOCK_N", "BLOCK_N", "BLOCK_D")
 )
 MERGE = KernelLauncher(lse_merge_kernel, ROW_CONFIGS, ROW_CONFIGS, key=[], interp_meta={}, tiles=("BLOCK", "BLOCK", "BLOCK"))
-_DW_SHAPE = dict(
+DW = KernelLauncher(
+    dw_gemm_kernel, DW_CONFIGS, FMA_GEMM_CONFIGS,
     key=["D", "B_BUCKET", "NORMALIZE"],
+    interp_meta=INTERPRETER_META["dw"],
     tiles=("BLOCK_M", "BLOCK_N", "BLOCK_K"),
     limits={"BLOCK_K": lambda a: a["B"], "BLOCK_N": lambda a: a["D"]},
-)
-DW = KernelLauncher(dw_gemm_kernel, DW_CONFIGS, FMA_GEMM_CONFIGS, interp_meta=INTERPRETER_META["dw"], **_DW_SHAPE)
-#: dW with TMA operands: E[:, :n_chunk] in (K, M) tiles (transposed in shared memory), X in (K, N).
-DW_TMA = KernelLauncher(
-    dw_gemm_kernel, DW_TMA_CONFIGS, FMA_GEMM_CONFIGS, interp_meta={**INTERPRETER_META["dw"], "TMA": True},
-    descriptors={"a_desc": ("BLOCK_K", "BLOCK_M"), "b_desc": ("BLOCK_K", "BLOCK_N")}, **_DW_SHAPE,
+    # E[:, :n_chunk] in (K, M) tiles, transposed in shared memory; X in (K, N)
+    descriptors={"a_desc": ("BLOCK_K", "BLOCK_M"), "b_desc": ("BLOCK_K", "BLOCK_N")},
 )
 #: The target column's per-row kernels (target_column.py).
 TARGET_TERMS = KernelLauncher(

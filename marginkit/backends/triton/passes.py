@@ -19,9 +19,7 @@ from marginkit.backends.common import NORM_EPS
 from marginkit.backends.triton import launch
 from marginkit.backends.triton.configs import pow2_at_least
 from marginkit.backends.triton.launch import INTERPRETED, cdiv, device_guard
-from marginkit.backends.triton.launchers import (
-    DW, DW_TMA, DX, DX_TMA, FWD, FWD_STORE, MERGE, PROJECT, ROW_NORMS, SCORES, STORED,
-)
+from marginkit.backends.triton.launchers import DW, DX, FWD, FWD_STORE, MERGE, PROJECT, ROW_NORMS, SCORES, STORED
 from marginkit.cuda_graphs import refuse_cold_capture
 from marginkit.errors import MarginKitTypeError
 from marginkit.modulation import NegativeModulation, slope_bound
@@ -144,6 +142,7 @@ def forward(x, w, x_inv, w_inv, labels_local, scale, deterministic=False, modula
     mod = modulation_args(modulation, x_inv)
     storing = store is not None and store[0].shape[1] > 0
     stored, tile_max, sigma = store if storing else (x_inv, x_inv, 1.0)  # unused placeholders
+    descriptors = (launch.descriptor(x), launch.descriptor(w)) if launch.tma_operands(x, w) else (None, None)
     with device_guard(x):
         if n_splits:
             (FWD_STORE if storing else FWD)(
@@ -153,7 +152,7 @@ def forward(x, w, x_inv, w_inv, labels_local, scale, deterministic=False, modula
                 x.stride(0), x.stride(1), w.stride(0), w.stride(1), stored.stride(0) if storing else 0,
                 tile_max.stride(0) if storing else 0,
                 float(scale), mod["quadratic"], mod["linear"], float(sigma), launch.b_bucket(num_rows),
-                MODULATE=mod["MODULATE"], STORE=storing, STORE_GROUP=STORE_GROUP,
+                *descriptors, MODULATE=mod["MODULATE"], STORE=storing, STORE_GROUP=STORE_GROUP,
                 **launch.dot_meta(x.dtype), pinned=deterministic,
             )
         if combine is None:
@@ -242,7 +241,8 @@ def backward(
     else:  # every split adds into grad_x (split stride 0)
         dx_acc, dx_strides = grad_x, (grad_x.stride(0), grad_x.stride(1), 0)
 
-    # TMA operands (tuning(tma=True)): W and X described once per call, the workspace per chunk
+    # TMA operands (tuning(tma=True)): W and X described once per call (each launch sets its own
+    # tile on them: a launch encodes a descriptor by value), the workspace per chunk
     tma = launch.tma_operands(workspace, w, x)
     w_desc, x_desc = (launch.descriptor(w), launch.descriptor(x)) if tma else (None, None)
 
@@ -276,18 +276,18 @@ def backward(
                     num_rows, dim, start, n_chunk,
                     x.stride(0), x.stride(1), w.stride(0), w.stride(1), workspace.stride(0), colsum.stride(0),
                     float(scale), mod["quadratic"], mod["linear"], bucket,
-                    MODULATE=mod["MODULATE"], NORMALIZE=column_sums, BLOCK_B=block_b, **dot_meta,
+                    *((x_desc, w_desc) if tma else (None, None)), MODULATE=mod["MODULATE"], NORMALIZE=column_sums, BLOCK_B=block_b, **dot_meta,
                     COLSUM_MMA=column_sums and launch.colsum_mma(workspace.dtype), pinned=deterministic,
                 )
             chunk_tma = tma and (ws is workspace or launch.tma_operands(ws))  # a stored chunk's slice moves the base
             ws_desc = launch.descriptor(ws, (num_rows, n_chunk)) if chunk_tma else None
-            (DX_TMA if chunk_tma else DX)(
+            DX(
                 lambda meta: (cdiv(num_rows, meta["BLOCK_M"]), cdiv(dim, meta["BLOCK_N"]), n_splits_here),
                 ws, w, dx_acc,
                 num_rows, dim, start, n_chunk, k_per_split,
                 ws.stride(0), w.stride(0), w.stride(1),
                 *dx_strides,
-                bucket, ws_desc, w_desc,
+                bucket, *((ws_desc, w_desc) if chunk_tma else (None, None)),
                 USE_ATOMICS=use_atomics, **dot_meta, pinned=deterministic,
             )
             if not need_weight_grad:
@@ -298,13 +298,13 @@ def backward(
                     stored_weight_grad(ws, x, w, w_inv, kappa, grad_w, start, n_chunk, deterministic)
                     return
                 # the same descriptor as dX's: a launch encodes it with its own tile (host side, by value)
-                (DW if ws_desc is None else DW_TMA)(
+                DW(
                     lambda meta: (cdiv(n_chunk, meta["BLOCK_M"]), cdiv(dim, meta["BLOCK_N"])),
                     ws, x, w, w_inv, colsum, kappa, grad_w,
                     num_rows, dim, start, n_chunk, row_blocks,
                     ws.stride(0), x.stride(0), x.stride(1), w.stride(0), w.stride(1),
                     colsum.stride(0), grad_w.stride(0), grad_w.stride(1),
-                    bucket, ws_desc, x_desc,
+                    bucket, *((ws_desc, x_desc) if ws_desc is not None else (None, None)),
                     NORMALIZE=bool(normalize), **dot_meta, pinned=deterministic,
                 )
 
@@ -347,7 +347,7 @@ def stored_weight_grad(workspace, x, w, w_inv, kappa, grad_w, start, n_chunk, de
         raw = grad_w[rows] if in_place else torch.empty((n, dim), dtype=torch.float32, device=x.device)
         ws = workspace[:, off:]
         ws_desc = launch.descriptor(ws, (num_rows, n)) if tma else None
-        (DW_TMA if tma else DW)(
+        DW(
             lambda meta: (cdiv(n, meta["BLOCK_M"]), cdiv(dim, meta["BLOCK_N"])),
             ws, x, w, w_inv, unused, kappa, raw,
             num_rows, dim, 0, n, 1,
