@@ -285,8 +285,6 @@ def autotune_jobs():
     for config in launchers.FWD.configs["tma"]:
         jobs[_name("fwd", config)] = tma_job("fwd", config, launchers.FWD)
         jobs[_name("fwd", config, "_modulated")] = tma_job("fwd", config, launchers.FWD, MODULATE=True)
-    for config in launchers.FWD_STORE.configs["tma"]:
-        jobs[_name("fwd", config, "_store")] = tma_job("fwd", config, launchers.FWD_STORE, STORE=True)
     for config in launchers.SCORES.configs["tma"]:
         jobs[_name("scores", config)] = tma_job("scores", config, launchers.SCORES)
         jobs[_name("scores", config, "_modulated")] = tma_job("scores", config, launchers.SCORES, MODULATE=True)
@@ -381,7 +379,7 @@ def test_no_autotune_config_spills_and_each_is_wgmma(compiled):
     plain = 2 * len(tc.FWD_CONFIGS) + len(tc.FWD_STORE_CONFIGS) + 4 * len(tc.SCORES_CONFIGS) + len(
         tc.GEMM_CONFIGS
     ) + len(tc.DW_CONFIGS)
-    tma = 2 * len(tc.FWD_CONFIGS) + len(tc.FWD_STORE_CONFIGS) + 4 * len(tc.SCORES_TMA_CONFIGS) + len(
+    tma = 2 * len(tc.FWD_CONFIGS) + 4 * len(tc.SCORES_TMA_CONFIGS) + len(
         tc.GEMM_CONFIGS
     ) + len(tc.DW_CONFIGS)
     assert len(jobs) == plain + tma

@@ -47,10 +47,13 @@ _FWD_SHAPE = dict(
     interp_meta=INTERPRETER_META["fwd"],
     tiles=("BLOCK_B", "BLOCK_C", "BLOCK_K"),
     limits={"BLOCK_B": lambda a: a["B"], "BLOCK_K": lambda a: a["D"]},
-    descriptors=_XW_DESCRIPTORS,
 )
-FWD = KernelLauncher(lse_partials_kernel, FWD_CONFIGS, FMA_FWD_CONFIGS, key=["D", "B_BUCKET", "MODULATE"], **_FWD_SHAPE)
-#: The same kernel with STORE=True (memory-budget mode): its own tile set and tuning.
+FWD = KernelLauncher(
+    lse_partials_kernel, FWD_CONFIGS, FMA_FWD_CONFIGS, key=["D", "B_BUCKET", "MODULATE"], descriptors=_XW_DESCRIPTORS,
+    **_FWD_SHAPE,
+)
+#: The same kernel with STORE=True (memory-budget mode): its own tile set and tuning. No TMA set: with
+#: descriptors its picked tile's epilogue grows from 16.5 to 26.4 SASS instructions per element (sm_90a).
 FWD_STORE = KernelLauncher(
     lse_partials_kernel, FWD_STORE_CONFIGS, FMA_FWD_CONFIGS, key=["D", "B_BUCKET", "MODULATE", "STORE"], **_FWD_SHAPE
 )

@@ -142,7 +142,8 @@ def forward(x, w, x_inv, w_inv, labels_local, scale, deterministic=False, modula
     mod = modulation_args(modulation, x_inv)
     storing = store is not None and store[0].shape[1] > 0
     stored, tile_max, sigma = store if storing else (x_inv, x_inv, 1.0)  # unused placeholders
-    descriptors = (launch.descriptor(x), launch.descriptor(w)) if launch.tma_operands(x, w) else (None, None)
+    tma = not storing and launch.tma_operands(x, w)  # the storing forward has no TMA tile set (launchers.py)
+    descriptors = (launch.descriptor(x), launch.descriptor(w)) if tma else (None, None)
     with device_guard(x):
         if n_splits:
             (FWD_STORE if storing else FWD)(
