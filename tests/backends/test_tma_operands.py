@@ -172,8 +172,10 @@ def test_each_launch_gives_the_descriptors_its_configs_tile(name):
 @pytest.mark.gpu
 def test_gpu_tma_operands_give_the_pointer_paths_bits():
     """CPU twin: test_tma_operands_give_the_pointer_paths_bits. Deterministic mode pins the first config
-    that fits, the same tile either way: the bits must agree. Autotuned, each path picks its own tiles:
-    both within the bf16 pipeline's error of float64."""
+    that fits: the same forward tile in both tile sets (the loss bits must agree); the recompute's first
+    TMA tile is another (SCORES_TMA_CONFIGS leaves one out), so the gradients may differ by roundings
+    of bf16 outputs only. Autotuned, each path picks its own tiles: both within the bf16 pipeline's
+    error of float64."""
     x, w, y = make(B=512, C=30011, D=256, dtype=torch.bfloat16, seed=64, ignored=5)
     pinned = {}
     for tma in (False, True):
@@ -185,4 +187,5 @@ def test_gpu_tma_operands_give_the_pointer_paths_bits():
         assert all(e < 1e-2 for e in errs), (tma, errs)
     for launcher in (passes.FWD, passes.SCORES, passes.DX, passes.DW):  # each pinned a TMA config
         assert any(key[0] == "tma" for key in launcher.pinned_configs), launcher.name
-    assert all(torch.equal(a, b) for a, b in zip(pinned[False], pinned[True]))
+    assert torch.equal(pinned[False][0], pinned[True][0])
+    assert rel(pinned[True][1], pinned[False][1]) < 1e-3 and rel(pinned[True][2], pinned[False][2]) < 1e-3
