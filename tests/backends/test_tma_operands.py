@@ -174,18 +174,19 @@ def test_gpu_tma_operands_give_the_pointer_paths_bits():
     """CPU twin: test_tma_operands_give_the_pointer_paths_bits. Deterministic mode pins the first config
     that fits: the same forward tile in both tile sets (the loss bits must agree); the recompute's first
     TMA tile is another (SCORES_TMA_CONFIGS leaves one out), so the gradients may differ by roundings
-    of bf16 outputs only. Autotuned, each path picks its own tiles: both within the bf16 pipeline's
-    error of float64."""
+    of bf16 outputs only. Autotuned (the TMA tile sets timed on the GPU; the pointer ones are other
+    GPU tests' business): within the bf16 pipeline's error of float64."""
     x, w, y = make(B=512, C=30011, D=256, dtype=torch.bfloat16, seed=64, ignored=5)
     pinned = {}
     for tma in (False, True):
         with tb.tuning(tma=tma):
             pinned[tma] = run(triton_rows, x, w, y, mk.ArcFace(0.5), 64.0, deterministic=True)
-            tuned = run(triton_rows, x, w, y, mk.ArcFace(0.5), 64.0)
-        ref = run(reference_rows, x, w, y, mk.ArcFace(0.5), 64.0)
-        errs = [rel(o, r) for o, r in zip(tuned, ref)]
-        assert all(e < 1e-2 for e in errs), (tma, errs)
     for launcher in (passes.FWD, passes.SCORES, passes.DX, passes.DW):  # each pinned a TMA config
         assert any(key[0] == "tma" for key in launcher.pinned_configs), launcher.name
     assert torch.equal(pinned[False][0], pinned[True][0])
     assert rel(pinned[True][1], pinned[False][1]) < 1e-3 and rel(pinned[True][2], pinned[False][2]) < 1e-3
+    with tb.tuning(tma=True):
+        tuned = run(triton_rows, x, w, y, mk.ArcFace(0.5), 64.0)
+    ref = run(reference_rows, x, w, y, mk.ArcFace(0.5), 64.0)
+    errs = [rel(o, r) for o, r in zip(tuned, ref)]
+    assert all(e < 1e-2 for e in errs), errs
