@@ -63,9 +63,9 @@ def tuning(**kwargs) -> Iterator[None]:
     ``dx_splits`` (split-K of the dX GEMM), ``direct_launch`` (False: every launch through
     Triton's autotuner), ``compiled_launch`` (False: no cached ``CompiledKernel`` handles,
     every direct launch through ``JITFunction.run``), ``colsum_mma`` (False: the scores kernel's
-    column sums as a row reduction, as before it used the tensor cores), ``tma`` (True: the dX and dW
-    GEMMs take their operands through TMA descriptors where the operands allow it; off by default
-    until a GPU A/B decides); the last four are for A/B timing.
+    column sums as a row reduction, as before it used the tensor cores), ``tma`` (True: the
+    GEMM-shaped kernels take their operands through TMA descriptors where the operands allow it; off
+    by default until a GPU A/B decides); the last four are for A/B timing.
     """
     unknown = set(kwargs) - _TUNING_KEYS
     if unknown:
@@ -123,9 +123,10 @@ class KernelLauncher:
 
     Tile sets (``configs``, one autotuner each): "mma" (tensor cores), "fma" (fp32 without
     TF32) and, for a kernel with ``descriptors`` (argument name -> the meta-parameters of its tile),
-    "tma": the "mma" tiles (or ``tma_configs``) with TMA=True, taken when the call passes descriptors for those
-    arguments (``tma_operands``/``descriptor``) rather than None. A launch gives each descriptor
-    its config's tile (a config's pre_hook under Triton's autotuner, the launcher itself otherwise).
+    "tma": the "mma" tiles (or ``tma_configs``) with TMA=True, taken when the call passes
+    descriptors for those arguments (``tma_operands``/``descriptor``) rather than None. A launch
+    gives each descriptor its config's tile (a config's pre_hook under Triton's autotuner, the
+    launcher itself otherwise).
     """
 
     def __init__(self, fn, configs, fma_configs, key, interp_meta, tiles, limits=None, restore_value=(),
@@ -340,7 +341,7 @@ def colsum_mma(workspace_dtype: torch.dtype) -> bool:
 
 
 def tma_operands(*operands: torch.Tensor) -> bool:
-    """Whether the GEMMs take these operands through TMA descriptors: the TMA path is on
+    """Whether a GEMM-shaped kernel takes these operands through TMA descriptors: the TMA path is on
     (``tuning(tma=True)``; off by default until a GPU A/B decides; Triton ≥ 3.4 for host-side
     descriptors), and every operand is 16-bit, of one dtype (fp32 master weights take the pointer
     path) and follows the copy engine's rules (16-byte aligned base and row stride, unit inner stride)."""

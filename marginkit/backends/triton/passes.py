@@ -277,7 +277,8 @@ def backward(
                     num_rows, dim, start, n_chunk,
                     x.stride(0), x.stride(1), w.stride(0), w.stride(1), workspace.stride(0), colsum.stride(0),
                     float(scale), mod["quadratic"], mod["linear"], bucket,
-                    *((x_desc, w_desc) if tma else (None, None)), MODULATE=mod["MODULATE"], NORMALIZE=column_sums, BLOCK_B=block_b, **dot_meta,
+                    *((x_desc, w_desc) if tma else (None, None)),
+                    MODULATE=mod["MODULATE"], NORMALIZE=column_sums, BLOCK_B=block_b, **dot_meta,
                     COLSUM_MMA=column_sums and launch.colsum_mma(workspace.dtype), pinned=deterministic,
                 )
             chunk_tma = tma and (ws is workspace or launch.tma_operands(ws))  # a stored chunk's slice moves the base
@@ -340,21 +341,20 @@ def stored_weight_grad(workspace, x, w, w_inv, kappa, grad_w, start, n_chunk, de
     in_place = grad_w.dtype == torch.float32  # R goes straight into grad_w
     step = n_chunk if in_place else max(launch.GRANULE, STORED_DW_BYTES // (4 * dim) // launch.GRANULE * launch.GRANULE)
     unused = torch.empty((1, 1), dtype=torch.float32, device=x.device)
-    tma = launch.tma_operands(workspace, x)
-    x_desc = launch.descriptor(x) if tma else None
+    x_desc = launch.descriptor(x) if launch.tma_operands(workspace, x) else None
     for off in range(0, n_chunk, step):
         n = min(step, n_chunk - off)
         rows = slice(start + off, start + off + n)
         raw = grad_w[rows] if in_place else torch.empty((n, dim), dtype=torch.float32, device=x.device)
         ws = workspace[:, off:]
-        ws_desc = launch.descriptor(ws, (num_rows, n)) if tma else None
+        ws_desc = launch.descriptor(ws, (num_rows, n)) if x_desc is not None and launch.tma_operands(ws) else None
         DW(
             lambda meta: (cdiv(n, meta["BLOCK_M"]), cdiv(dim, meta["BLOCK_N"])),
             ws, x, w, w_inv, unused, kappa, raw,
             num_rows, dim, 0, n, 1,
             ws.stride(0), x.stride(0), x.stride(1), w.stride(0), w.stride(1),
             unused.stride(0), raw.stride(0), raw.stride(1),
-            launch.b_bucket(num_rows), ws_desc, x_desc,
+            launch.b_bucket(num_rows), *((ws_desc, x_desc) if ws_desc is not None else (None, None)),
             NORMALIZE=False, **launch.dot_meta(x.dtype), pinned=deterministic,
         )
         out = grad_w[rows]
