@@ -3,7 +3,7 @@
 # install carried wheels, build marginkit, the GPU correctness tests first (`pytest -m gpu`, each
 # test time-boxed), then the benchmark (C = 100K, 1M: marginkit, marginkit-fast, torch-compile,
 # floor-3gemm), the profile, the CUDA-graph A/B (eager vs replay), the column-sum A/B (tensor cores
-# or a row reduction), the TMA A/B (the backward GEMMs' operands through tensor descriptors or
+# or a row reduction), the TMA A/B (the GEMM-shaped kernels' operands through tensor descriptors or
 # pointer loads) and the host-overhead A/B (cached launch handles on/off).
 #
 #   bash benchmarks/gpu_run.sh OUTDIR
@@ -13,12 +13,12 @@
 #   <gpu-slug>-<date>.png   time and peak extra memory against C (redrawn from the CSV if the sweep was cut)
 #   <gpu-slug>-<date>.json  versions, timer, first-call/compile times, notes, OOM/error details
 #   setup.log gpu-tests.log bench.log profile.txt (the profile, then the A/Bs)
-# The defaults end in about 8-9 minutes on an H200: run it with the device tool's timeout_s=600. The phases
+# The defaults end in about 9-10 minutes on an H200: run it with the device tool's timeout_s=600. The phases
 # run in priority order, so a run cut short loses only the last A/Bs.
 # Every phase is time-boxed: wheels ~10 s, build <= 150 s, tests <= MK_TESTS_S (each test <= 120 s
 # where pytest-timeout is installed, MK_TEST_WORKERS xdist workers, default 4, where pytest-xdist is),
 # sweep <= MK_BENCH_LIMIT_S (no new run starts after it; hard stop 60 s later), profile <= 90 s per C,
-# graph A/B <= 45 s per C, column-sum and launch A/Bs <= 60 s each, TMA A/B <= 90 s.
+# graph A/B <= 45 s per C, column-sum and launch A/Bs <= 60 s each, TMA A/B <= MK_TMA_S (150 s).
 # Peers that are not in the image travel as wheels in .whl/ (benchmarks/fetch_wheels.sh makes them).
 # Knobs: MK_SKIP_BUILD=1 (use the tree as it is), MK_BENCH_ARGS (default: C = 100K,1M with marginkit,
 # marginkit-fast, torch-compile, floor-3gemm; "--device cuda" alone runs every provider at 100K-10M),
@@ -26,7 +26,7 @@
 # empty skips), MK_GRAPH_C (C values of the CUDA-graph A/B, default 100K,1M; empty skips), MK_TESTS_S
 # (default 150; 0 skips the tests), MK_TEST_WORKERS, MK_AB_C (C of the launch A/B, default 100K; empty
 # skips), MK_COLSUM_C (C of the column-sum A/B, default 1M; empty skips), MK_TMA_C (C of the TMA A/B,
-# default 1M; empty skips), MARGINKIT_CUDA_ARCHS (e.g. "90a-real" builds for Hopper only, in half the time), PYTHON.
+# default 1M; empty skips), MK_TMA_S (its time box, default 150), MARGINKIT_CUDA_ARCHS (e.g. "90a-real" builds for Hopper only, in half the time), PYTHON.
 set -uo pipefail
 
 OUTDIR=${1:?usage: bash benchmarks/gpu_run.sh OUTDIR}
@@ -142,11 +142,11 @@ for C in $(echo "${MK_COLSUM_C-1M}" | tr ',' ' '); do
   tail -n 3 "$OUTDIR/profile.txt"
 done
 
-# 8. the backward GEMMs' operands: pointer loads (default) vs TMA descriptors (tuning(tma=True), issue 14);
-# the TMA configs autotune afresh in each process (Triton keeps no disk cache for configs with a pre_hook)
+# 8. the GEMM-shaped kernels' operands: pointer loads (default) vs TMA descriptors (tuning(tma=True), issue 14);
+# the ~23 TMA configs autotune afresh in each process (Triton keeps no disk cache for configs with a pre_hook)
 for C in $(echo "${MK_TMA_C-1M}" | tr ',' ' '); do
   phase "TMA A/B at C=$C"
-  timeout 90 $PY benchmarks/tune_sweep.py --device cuda --C "$C" --tma 0,1 >> "$OUTDIR/profile.txt" 2>&1
+  timeout "${MK_TMA_S:-150}" $PY benchmarks/tune_sweep.py --device cuda --C "$C" --tma 0,1 >> "$OUTDIR/profile.txt" 2>&1
   tail -n 3 "$OUTDIR/profile.txt"
 done
 

@@ -3,7 +3,7 @@
     python benchmarks/tune_sweep.py --C 1M --chunk-classes 0,32768,65536 --dx-splits 0,1,4 --direct-launch 1,0
     python benchmarks/tune_sweep.py --C 100K --compiled-launch 1,0   # the host-overhead A/B
     python benchmarks/tune_sweep.py --C 1M --colsum-mma 1,0          # scores' column sums: tensor cores vs rows
-    python benchmarks/tune_sweep.py --C 1M --tma 0,1                 # dX/dW operands: pointer loads vs TMA
+    python benchmarks/tune_sweep.py --C 1M --tma 0,1                 # GEMM operands: pointer loads vs TMA
 
 Each variant is a ``tuning(...)`` override of the Triton backend (0 = the launcher's
 own choice; the backend comes from ``marginkit.backends.resolve``, so on a CPU, where the
@@ -33,7 +33,7 @@ def variants(chunk_classes, dx_splits, direct_launch=(1,), compiled_launch=(1,),
     """Every combination; 0 leaves a choice to the launcher (direct_launch 0: through the autotuner;
     compiled_launch 0: direct launches through ``JITFunction.run`` instead of cached handles;
     colsum_mma 0: the scores kernel's column sums by a row reduction instead of a tensor-core product;
-    tma 1: the dX and dW GEMMs' operands through TMA descriptors)."""
+    tma 1: the GEMM-shaped kernels' operands through TMA descriptors)."""
     for chunk, splits, direct, compiled, colsum, descriptors in itertools.product(
         chunk_classes, dx_splits, direct_launch, compiled_launch, colsum_mma, tma
     ):
@@ -59,7 +59,7 @@ def main(argv=None) -> None:
     p.add_argument("--colsum-mma", default="1",
                    help="comma list of 1 (bf16 column sums on the tensor cores) and 0 (a row reduction)")
     p.add_argument("--tma", default="0",
-                   help="comma list of 0 (the GEMMs' pointer loads) and 1 (their operands through TMA descriptors)")
+                   help="comma list of 0 (the GEMM-shaped kernels' pointer loads) and 1 (TMA descriptors)")
     p.add_argument("--reps", type=int, default=None, help="fixed timed steps (default: do_bench on CUDA)")
     args = p.parse_args(argv)
 

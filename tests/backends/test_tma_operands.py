@@ -22,9 +22,10 @@ import pytest  # noqa: E402
 import marginkit as mk  # noqa: E402
 from marginkit.backends import triton as tb  # noqa: E402
 from marginkit.backends.triton import launch, launchers, passes  # noqa: E402
+from marginkit.backends.triton.configs import SCORES_TMA_CONFIGS  # noqa: E402
 from tests.backends.test_triton_backend import gpu, make, reference_rows, rel, run, triton_rows  # noqa: E402
 
-#: Several forward splits and backward chunks (the last partial: tiles read past it), split-K of dX.
+#: Several forward splits and backward chunks (the last partial: its tiles read past C), split-K of dX.
 SMALL = dict(class_splits=3, chunk_classes=64, dx_splits=2)
 LAUNCHERS = ("FWD", "FWD_STORE", "SCORES", "DX", "DW")
 #: The tile of each descriptor argument, as the kernels read it (the storing forward has no TMA set).
@@ -65,10 +66,9 @@ def both_paths(monkeypatch, fn, *args, **kwargs):
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
 @pytest.mark.parametrize("normalize", [True, False], ids=["normalized", "raw"])
 def test_tma_operands_give_the_pointer_paths_bits(monkeypatch, dtype, deterministic, normalize):
-    """Odd B (a partial row tile), D not a multiple of the K tile, three forward splits (tiles read into
-    the next split's W rows), a partial last chunk (zero-filled past n_chunk), split-K of dX: every
-    kernel reads through descriptors what its masked loads read, so the bits are the pointer path's,
-    and both match float64."""
+    """Odd B (a partial row tile), D not a multiple of the K tile, three forward splits, a partial last
+    chunk (zero-filled past C), split-K of dX: every kernel reads through descriptors what its masked
+    loads read, so the bits are the pointer path's, and both match float64."""
     x, w, y = make(B=33, C=200, D=48, dtype=dtype, seed=61, ignored=3)
     scale = 64.0 if normalize else 0.5  # raw logits x·w reach ~±100 here
     pointer, tma, calls = both_paths(
@@ -81,6 +81,38 @@ def test_tma_operands_give_the_pointer_paths_bits(monkeypatch, dtype, determinis
     ref = run(reference_rows, x, w, y, mk.ArcFace(0.5), scale, None, normalize)
     errs = [rel(o, r) for o, r in zip(tma, ref)]
     assert all(e < 1e-2 for e in errs), f"relative errors (loss, dX, dW) against float64 = {errs}"
+
+
+@pytest.mark.parametrize("normalize", [True, False], ids=["normalized", "raw"])
+def test_tiles_that_read_into_the_next_split_or_chunk_give_the_pointer_paths_bits(monkeypatch, normalize):
+    """Splits of 40 classes and chunks of 56 (neither a multiple of the tiles, as the launcher never
+    makes them): the forward's last tile of a split and the recompute's and dX's last tile of a chunk
+    read the next range's real W rows, which the −inf column bias, the unstored columns and E's zeros
+    past n_chunk must leave out (raw logits: a column let in would move the loss visibly)."""
+    monkeypatch.setattr(launch, "class_splits", lambda rows, classes, device: (launch.cdiv(classes, 40), 40))
+    x, w, y = make(B=20, C=170, D=40, dtype=torch.bfloat16, seed=65, ignored=2)
+    args = (mk.ArcFace(0.5), 64.0 if normalize else 0.5, None, normalize)
+    with tb.tuning(chunk_classes=56, dx_splits=1):  # 56 bf16: rows of 112 bytes, TMA-aligned
+        pointer = run(triton_rows, x, w, y, *args)
+        counter = TmaLaunches(monkeypatch)
+        with tb.tuning(tma=True):
+            tma = run(triton_rows, x, w, y, *args)
+    assert counter.calls == {"FWD": 1, "FWD_STORE": 0, "SCORES": 4, "DX": 4, "DW": 4}
+    for a, b in zip(pointer, tma):
+        assert torch.equal(a, b)
+    ref = run(reference_rows, x, w, y, *args)
+    assert all(rel(o, r) < 1e-2 for o, r in zip(tma, ref))
+
+
+def test_no_dx_tile_crosses_a_split_k_boundary():
+    """dX's TMA loop reads whole BLOCK_K tiles from each split's start with no mask: split sizes
+    (multiples of the launcher's granule) must be multiples of every dX BLOCK_K, or a split's last
+    tile would add the next split's E a second time."""
+    from marginkit.backends.triton.configs import INTERPRETER_META
+
+    assert all(launch.GPU_GRANULE % c.kwargs["BLOCK_K"] == 0 for c in passes.DX.configs["tma"])
+    assert launch.GRANULE % INTERPRETER_META["dx"]["BLOCK_K"] == 0
+    assert launch.split_k_size(1000, 3) % launch.GRANULE == 0
 
 
 @pytest.mark.parametrize("budget_chunks", [None, 2], ids=["store-all", "two-chunks"])
@@ -111,15 +143,17 @@ def test_stored_chunks_take_tma_operands_too(monkeypatch, budget_chunks):
 
 
 def test_operands_the_copy_engine_cannot_read_take_the_pointer_path(monkeypatch):
-    """A row stride that is not a multiple of 16 bytes (bf16, D = 50), fp32 master weights (two dtypes)
-    and fp32 operands: no descriptor, the pointer path, and still the float64 answer."""
+    """A row stride that is not a multiple of 16 bytes (bf16, D = 50) and fp32 operands: no descriptor,
+    the pointer path. fp32 master weights (W fp32, X bf16): only dW, which reads E and X, takes
+    descriptors. Still the float64 answer."""
     for dtype, w_dtype, dim in ((torch.bfloat16, None, 50), (torch.bfloat16, torch.float32, 48),
                                 (torch.float32, None, 48)):
         x, w, y = make(B=12, C=100, D=dim, dtype=dtype, seed=63, ignored=1)
         if w_dtype is not None:
             w = w.to(w_dtype)
         pointer, tma, calls = both_paths(monkeypatch, run, triton_rows, x, w, y, mk.ArcFace(0.5), 64.0)
-        assert calls == dict.fromkeys(LAUNCHERS, 0), (dtype, w_dtype, dim)
+        expected = dict.fromkeys(LAUNCHERS, 0) | ({"DW": 2} if w_dtype is not None else {})  # 100 classes: 2 chunks
+        assert calls == expected, (dtype, w_dtype, dim)
         assert all(torch.equal(a, b) for a, b in zip(pointer, tma))
         ref = run(reference_rows, x, w, y, mk.ArcFace(0.5), 64.0)
         assert rel(tma[1], ref[1]) < (1e-5 if dtype == torch.float32 else 1e-2)
@@ -150,10 +184,8 @@ def test_each_launch_gives_the_descriptors_its_configs_tile(name):
     launcher = getattr(passes, name)
     names = launcher.fn.arg_names
     tma_configs = launcher.configs["tma"]
-    assert all(c.kwargs["TMA"] for c in tma_configs)
-    assert [{**c.kwargs, "TMA": True} for c in launcher.configs["mma"]][: len(tma_configs)] == [
-        c.kwargs for c in tma_configs
-    ] or name == "SCORES"  # the scores kernel leaves out one spilling tile (configs.SCORES_TMA_CONFIGS)
+    source = SCORES_TMA_CONFIGS if name == "SCORES" else launcher.configs["mma"]  # scores leaves out a spilling tile
+    assert [c.kwargs for c in tma_configs] == [{**c.kwargs, "TMA": True} for c in source]
     operand = torch.zeros(256, 256, dtype=torch.bfloat16)
     last = max(names.index(arg) for arg in TILES[name])
     for config in tma_configs:

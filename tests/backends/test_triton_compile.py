@@ -217,6 +217,10 @@ def coverage_jobs():
     jobs["bf16 dx_gemm_master"] = job("dx", gemm, "bf16", w_dt="fp32")
     jobs["bf16 dw_gemm_master"] = job("dw", gemm, "bf16", w_dt="fp32")
     jobs["bf16 dw_gemm_master_prefetch"] = job("dw", gemm, "bf16", w_dt="fp32", PREFETCH=True)
+    # with fp32 master weights dW alone takes TMA operands (E and X are bf16; W is read by pointer)
+    master_tma = tma_job("dw", launchers.DW.configs["tma"][0], launchers.DW)
+    master_tma["types"].update(w_ptr="*fp32", dw_ptr="*fp32")
+    jobs["bf16 dw_gemm_master tma"] = master_tma
     # bandwidth kernels
     jobs["bf16 row_inv_norm"] = dict(kernel="row_inv_norm_kernel", types=dict(x_ptr="*bf16", out_ptr=F, eps="fp32"),
                                      consts=dict(BLOCK_N=32, BLOCK_D=128), warps=4, stages=1, tile=[32, 128])
@@ -392,19 +396,24 @@ def test_no_autotune_config_spills_and_each_is_wgmma(compiled):
 
 
 def test_tma_configs_fetch_their_operands_with_the_copy_engine(compiled):
-    """The GEMMs' TMA variants load every operand tile with UTMALDG (no per-thread cp.async left in
-    them), the pointer variants do the reverse, and what TMA buys shows in the SASS: each k step of
-    the main loop issues at most 3/4 of the pointer variant's instructions (Triton 3.9: 0.36-0.61;
+    """Every TMA config loads its operand tiles with UTMALDG (no per-thread cp.async left), every
+    pointer config the reverse, and for the two pure GEMMs what TMA buys shows in the SASS: each k step
+    of the main loop issues at most 3/4 of the pointer variant's instructions (Triton 3.9: 0.36-0.61;
     notes/PERF.md)."""
     _needs_sass(compiled)
+    for name, info in compiled["jobs"].items():
+        if name.endswith(" tma") or " tma " in name:
+            assert info["utmaldg"] > 0 and info["ldgsts"] == 0, (name, info)
     for kind, pointer_configs, tma_configs in (("dx", tc.GEMM_CONFIGS, launchers.DX.configs["tma"]),
                                                ("dw", tc.DW_CONFIGS, launchers.DW.configs["tma"])):
         for pointer_config, tma_config in zip(pointer_configs, tma_configs, strict=True):
             pointer = compiled["jobs"][_name(kind, pointer_config)]
             tma = compiled["jobs"][_name(kind, tma_config)]
-            assert tma["utmaldg"] > 0 and tma["ldgsts"] == 0, (kind, tma_config, tma)
             assert pointer["utmaldg"] == 0 and pointer["ldgsts"] > 0, (kind, pointer_config, pointer)
             assert tma["main_loop"] <= 0.75 * pointer["main_loop"], (kind, tma_config, tma, pointer)
+    for kind, config in (("fwd", tc.FWD_CONFIGS[0]), ("scores", tc.SCORES_CONFIGS[0])):
+        info = compiled["jobs"][_name(kind, config)]
+        assert info["utmaldg"] == 0 and info["ldgsts"] > 0, (kind, config, info)
 
 
 def test_picked_configs_stay_within_their_epilogue_budget(compiled):

@@ -34,7 +34,8 @@ __all__ = ["INTERPRETED", "KernelLauncher", "tuning", "cdiv", "specialization_ke
 INTERPRETED = type(lse_partials_kernel).__name__ == "InterpretedFunction"
 
 #: Class granule: splits, chunks and split-K ranges are multiples of the largest class tile.
-GRANULE = 32 if INTERPRETED else 256
+GPU_GRANULE = 256
+GRANULE = 32 if INTERPRETED else GPU_GRANULE
 #: Budget of the backward's dS workspace (elements of the compute dtype × their size).
 WORKSPACE_BYTES = 32 << 20
 #: Cap on the deterministic mode's per-split dX buffers.
@@ -100,6 +101,7 @@ def specialization_key(args, _tensor=torch.Tensor, _descriptor=TensorDescriptor 
     return tuple([
         (a.dtype, a.data_ptr() & 15 == 0) if isinstance(a, _tensor)
         else (a & 15 == 0, a == 1, a >> 31) if type(a) is int
+        else a if a is None
         else (a.base.dtype, *a.block_shape) if isinstance(a, _descriptor)
         else type(a)
         for a in args
@@ -169,6 +171,8 @@ class KernelLauncher:
     def tile_set(self, args, kwargs) -> str:
         """"tma" when the call passes TMA descriptors, "fma" for fp32 without TF32, else "mma"."""
         if self.descriptor_tiles and args[self.descriptor_tiles[0][0]] is not None:
+            if any(args[position] is None for position, _ in self.descriptor_tiles):
+                raise ValueError(f"{self.name}: pass a TMA descriptor for every operand or for none")
             return "tma"
         return "fma" if self.uses_fma(args, kwargs) else "mma"
 
@@ -241,7 +245,7 @@ class KernelLauncher:
     def launch_config(self, config, grid, args, kwargs):
         """Launch with ``config``'s meta-parameters: through a cached handle when one matches."""
         meta, constexprs, plan_id, _ = self.plan(config, args, kwargs)
-        if self.descriptor_tiles:
+        if "TMA" in config.kwargs:
             self.set_descriptor_tiles(args, meta)
         grid = grid(meta) if callable(grid) else grid
         if not _overrides.get("compiled_launch", True):

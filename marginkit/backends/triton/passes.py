@@ -242,10 +242,12 @@ def backward(
     else:  # every split adds into grad_x (split stride 0)
         dx_acc, dx_strides = grad_x, (grad_x.stride(0), grad_x.stride(1), 0)
 
-    # TMA operands (tuning(tma=True)): W and X described once per call (each launch sets its own
-    # tile on them: a launch encodes a descriptor by value), the workspace per chunk
-    tma = launch.tma_operands(workspace, w, x)
-    w_desc, x_desc = (launch.descriptor(w), launch.descriptor(x)) if tma else (None, None)
+    # TMA operands (tuning(tma=True)): X and W described once per call (each launch sets its own
+    # tile on them: a launch encodes a descriptor by value), the workspace per chunk. dW reads only
+    # E and X; the recompute and dX read W too (fp32 master weights: dW alone takes descriptors).
+    x_desc = launch.descriptor(x) if launch.tma_operands(workspace, x) else None
+    w_desc = launch.descriptor(w) if x_desc is not None and launch.tma_operands(w, x) else None
+    xw_descs = (x_desc, w_desc) if w_desc is not None else (None, None)
 
     starts = list(range(0, num_classes, chunk))
     if deferred_dw is not None and num_classes % chunk and len(starts) > 1:
@@ -277,19 +279,19 @@ def backward(
                     num_rows, dim, start, n_chunk,
                     x.stride(0), x.stride(1), w.stride(0), w.stride(1), workspace.stride(0), colsum.stride(0),
                     float(scale), mod["quadratic"], mod["linear"], bucket,
-                    *((x_desc, w_desc) if tma else (None, None)),
-                    MODULATE=mod["MODULATE"], NORMALIZE=column_sums, BLOCK_B=block_b, **dot_meta,
+                    *xw_descs, MODULATE=mod["MODULATE"], NORMALIZE=column_sums, BLOCK_B=block_b, **dot_meta,
                     COLSUM_MMA=column_sums and launch.colsum_mma(workspace.dtype), pinned=deterministic,
                 )
-            chunk_tma = tma and (ws is workspace or launch.tma_operands(ws))  # a stored chunk's slice moves the base
-            ws_desc = launch.descriptor(ws, (num_rows, n_chunk)) if chunk_tma else None
+            # a stored chunk's slice moves the base: checked again
+            described = x_desc is not None and (ws is workspace or launch.tma_operands(ws))
+            ws_desc = launch.descriptor(ws, (num_rows, n_chunk)) if described else None
             DX(
                 lambda meta: (cdiv(num_rows, meta["BLOCK_M"]), cdiv(dim, meta["BLOCK_N"]), n_splits_here),
                 ws, w, dx_acc,
                 num_rows, dim, start, n_chunk, k_per_split,
                 ws.stride(0), w.stride(0), w.stride(1),
                 *dx_strides,
-                bucket, *((ws_desc, w_desc) if chunk_tma else (None, None)),
+                bucket, *((ws_desc, w_desc) if described and w_desc is not None else (None, None)),
                 USE_ATOMICS=use_atomics, **dot_meta, pinned=deterministic,
             )
             if not need_weight_grad:
@@ -297,7 +299,7 @@ def backward(
 
             def chunk_weight_grad(ws=ws, start=start, n_chunk=n_chunk, from_store=from_store, ws_desc=ws_desc):
                 if from_store and normalize:
-                    stored_weight_grad(ws, x, w, w_inv, kappa, grad_w, start, n_chunk, deterministic)
+                    stored_weight_grad(ws, x, w, w_inv, kappa, grad_w, start, n_chunk, deterministic, x_desc)
                     return
                 # the same descriptor as dX's: a launch encodes it with its own tile (host side, by value)
                 DW(
@@ -328,20 +330,19 @@ def backward(
     return grad_x, grad_w
 
 
-def stored_weight_grad(workspace, x, w, w_inv, kappa, grad_w, start, n_chunk, deterministic):
+def stored_weight_grad(workspace, x, w, w_inv, kappa, grad_w, start, n_chunk, deterministic, x_desc=None):
     """dW rows [start, start + n_chunk) of a stored chunk with normalised weights.
 
     The stored path has no column sums (they came from the recompute), so: R = Eᵀ·X/κ with the
     dW GEMM (fp32), then dW_j = R_j − w_inv_j²·(w_j·R_j)·w_j, since w_j·R_j = Σ_i dS_ij·cos_ij
     (algebraically the recompute path's formula), in fp32 and rounded once into grad_w
     (``project_weight_rows_kernel``: one launch per ≤ 32 MiB piece).
-    workspace (B, ≥ n_chunk) holds the chunk's E.
+    workspace (B, ≥ n_chunk) holds the chunk's E; ``x_desc``: X's TMA descriptor (None: pointer loads).
     """
     num_rows, dim = x.shape
     in_place = grad_w.dtype == torch.float32  # R goes straight into grad_w
     step = n_chunk if in_place else max(launch.GRANULE, STORED_DW_BYTES // (4 * dim) // launch.GRANULE * launch.GRANULE)
     unused = torch.empty((1, 1), dtype=torch.float32, device=x.device)
-    x_desc = launch.descriptor(x) if launch.tma_operands(workspace, x) else None
     for off in range(0, n_chunk, step):
         n = min(step, n_chunk - off)
         rows = slice(start + off, start + off + n)
