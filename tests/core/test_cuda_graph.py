@@ -154,6 +154,24 @@ def test_stateless_heads_capture_without_a_host_read(pretend_capture):
         assert torch.equal(g, e)
 
 
+def test_tma_operands_capture_without_a_host_read(pretend_capture):
+    """tuning(tma=True): the descriptors are made from tensor metadata on the host (no value read), so
+    a capture of the step with TMA operands reads nothing either, and gives the eager numbers."""
+    from marginkit.backends.triton import tuning
+
+    x, w, y = cpu_inputs(seed=4)
+    x, w = x.bfloat16(), w.bfloat16()  # 16-bit rows of 32 bytes: the copy engine can read them
+    with tuning(tma=True):
+        want = loss_and_grads(mk.margin_cross_entropy, x, w, y, mk.ArcFace(0.5), 16.0, backend="triton")
+        mk.functional.check_pending_labels(wait=True)
+        pretend_capture["on"] = True
+        with SyncCounter() as reads:
+            got = loss_and_grads(mk.margin_cross_entropy, x, w, y, mk.ArcFace(0.5), 16.0, backend="triton")
+    assert reads.syncs == []
+    for g, e in zip(got, want):
+        assert torch.equal(g, e)
+
+
 # ----------------------------------------------------------------------------------------
 # On a GPU: real capture and replay
 # ----------------------------------------------------------------------------------------
@@ -202,6 +220,27 @@ def test_gpu_a_captured_step_replays_to_the_eager_numbers_on_new_inputs(determin
         else:  # atomics in the column sums and dX: equal up to summation order
             errors = [rel_err(got, ref) for got, ref in zip((loss, x.grad, w.grad), want)]
             assert errors[0] < 1e-5 and max(errors[1:]) < 1e-2, errors
+
+
+@gpu
+@needs_cuda
+def test_gpu_a_captured_step_with_tma_operands_replays_to_the_eager_bits():
+    """CPU twin: test_tma_operands_capture_without_a_host_read. Descriptors are encoded into the
+    captured launches by value; the static tensors keep their addresses, so a replay on new inputs
+    is the eager step (pinned tiles: bit for bit)."""
+    from marginkit.backends.triton import tuning
+
+    x, w, y = cuda_inputs(5, 256, 70000, 128)
+    with tuning(tma=True):
+        graph, loss = capture_step(x, w, y, mk.ArcFace(0.5), deterministic=True)
+        nx, nw, ny = cuda_inputs(6, 256, 70000, 128)
+        with torch.no_grad():
+            x.copy_(nx)
+            w.copy_(nw)
+        y.copy_(ny)
+        graph.replay()
+        want = loss_and_grads(mk.margin_cross_entropy, x, w, y, mk.ArcFace(0.5), 64.0, deterministic=True)
+    assert torch.equal(loss, want[0]) and torch.equal(x.grad, want[1]) and torch.equal(w.grad, want[2])
 
 
 @gpu
