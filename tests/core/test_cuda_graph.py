@@ -202,11 +202,18 @@ def capture_step(x, w, y, spec, warmup=2, **kw):
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic", "autotuned"])
-def test_gpu_a_captured_step_replays_to_the_eager_numbers_on_new_inputs(deterministic):
+@pytest.mark.parametrize(
+    "deterministic, tma", [(True, False), (False, False), (True, True)], ids=["deterministic", "autotuned", "tma"]
+)
+def test_gpu_a_captured_step_replays_to_the_eager_numbers_on_new_inputs(deterministic, tma):
+    """With TMA operands (CPU twin: test_tma_operands_capture_without_a_host_read) the descriptors are
+    encoded into the captured launches by value; the static tensors keep their addresses."""
+    from marginkit.backends.triton import tuning
+
     # C = 70 000 at B = 256 bf16: two backward chunks, the second partial
     x, w, y = cuda_inputs(0, 256, 70000, 128)
-    graph, loss = capture_step(x, w, y, mk.ArcFace(0.5), deterministic=deterministic)
+    with tuning(tma=tma):
+        graph, loss = capture_step(x, w, y, mk.ArcFace(0.5), deterministic=deterministic)
     for seed in (1, 2):
         nx, nw, ny = cuda_inputs(seed, 256, 70000, 128)
         with torch.no_grad():
@@ -214,33 +221,15 @@ def test_gpu_a_captured_step_replays_to_the_eager_numbers_on_new_inputs(determin
             w.copy_(nw)
         y.copy_(ny)
         graph.replay()
-        want = loss_and_grads(mk.margin_cross_entropy, x, w, y, mk.ArcFace(0.5), 64.0, deterministic=deterministic)
+        with tuning(tma=tma):
+            want = loss_and_grads(
+                mk.margin_cross_entropy, x, w, y, mk.ArcFace(0.5), 64.0, deterministic=deterministic
+            )
         if deterministic:  # pinned tiles: the replay is the eager step, bit for bit
             assert torch.equal(loss, want[0]) and torch.equal(x.grad, want[1]) and torch.equal(w.grad, want[2])
         else:  # atomics in the column sums and dX: equal up to summation order
             errors = [rel_err(got, ref) for got, ref in zip((loss, x.grad, w.grad), want)]
             assert errors[0] < 1e-5 and max(errors[1:]) < 1e-2, errors
-
-
-@gpu
-@needs_cuda
-def test_gpu_a_captured_step_with_tma_operands_replays_to_the_eager_bits():
-    """CPU twin: test_tma_operands_capture_without_a_host_read. Descriptors are encoded into the
-    captured launches by value; the static tensors keep their addresses, so a replay on new inputs
-    is the eager step (pinned tiles: bit for bit)."""
-    from marginkit.backends.triton import tuning
-
-    x, w, y = cuda_inputs(5, 256, 70000, 128)
-    with tuning(tma=True):
-        graph, loss = capture_step(x, w, y, mk.ArcFace(0.5), deterministic=True)
-        nx, nw, ny = cuda_inputs(6, 256, 70000, 128)
-        with torch.no_grad():
-            x.copy_(nx)
-            w.copy_(nw)
-        y.copy_(ny)
-        graph.replay()
-        want = loss_and_grads(mk.margin_cross_entropy, x, w, y, mk.ArcFace(0.5), 64.0, deterministic=True)
-    assert torch.equal(loss, want[0]) and torch.equal(x.grad, want[1]) and torch.equal(w.grad, want[2])
 
 
 @gpu
