@@ -24,6 +24,7 @@ from marginkit.backends import triton as tb  # noqa: E402
 from marginkit.backends.triton import launch, launchers, passes  # noqa: E402
 from marginkit.backends.triton.configs import SCORES_TMA_CONFIGS  # noqa: E402
 from tests.backends.test_triton_backend import gpu, make, reference_rows, rel, run, triton_rows  # noqa: E402
+from tests.helpers import SPECS, spec_id  # noqa: E402
 
 #: Several forward splits and backward chunks (the last partial: its tiles read past C), split-K of dX.
 SMALL = dict(class_splits=3, chunk_classes=64, dx_splits=2)
@@ -81,6 +82,26 @@ def test_tma_operands_give_the_pointer_paths_bits(monkeypatch, dtype, determinis
     ref = run(reference_rows, x, w, y, mk.ArcFace(0.5), scale, None, normalize)
     errs = [rel(o, r) for o, r in zip(tma, ref)]
     assert all(e < 1e-2 for e in errs), f"relative errors (loss, dX, dW) against float64 = {errs}"
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=spec_id)
+@pytest.mark.parametrize("margins", ["class", "sample"])
+def test_every_spec_with_adaptive_margins_and_the_filter_gives_the_pointer_paths_bits(monkeypatch, spec, margins):
+    """The public API with ignored rows, per-class or per-sample margins where the spec takes them, and
+    insightface's inter-class filter (a MODULATE kernel variant): the TMA path changes only where the
+    operand tiles come from, so every output keeps the pointer path's bits (which the float64 tests of
+    test_triton_backend.py pin for each spec)."""
+    x, w, y = make(B=12, C=100, D=32, dtype=torch.bfloat16, seed=66, ignored=2)
+    kwargs = dict(reduction="none", backend="triton", interclass_filtering_threshold=0.2)
+    if type(spec) in (mk.CosFace, mk.ArcFace, mk.CombinedMargin) and not getattr(spec, "easy_margin", False):
+        values = torch.rand(100 if margins == "class" else 12, generator=torch.Generator().manual_seed(1)) * 0.4
+        kwargs[f"{margins}_margins"] = values.to(x.device)
+    pointer, tma, calls = both_paths(
+        monkeypatch, run, lambda x, w, y: mk.margin_cross_entropy(x, w, y, spec, 30.0, **kwargs), x, w, y
+    )
+    assert calls == {"FWD": 1, "FWD_STORE": 0, "SCORES": 2, "DX": 2, "DW": 2}
+    for a, b in zip(pointer, tma):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("normalize", [True, False], ids=["normalized", "raw"])
