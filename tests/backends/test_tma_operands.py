@@ -163,6 +163,38 @@ def test_stored_chunks_take_tma_operands_too(monkeypatch, budget_chunks):
     assert rel(tma[0], ref) < 1e-3 and rel(tma[1], ref_x.grad) < 1e-2 and rel(tma[2], ref_w.grad) < 1e-2
 
 
+@pytest.mark.parametrize("w_dtype", [torch.bfloat16, torch.float32], ids=["bf16", "master-fp32"])
+@pytest.mark.parametrize("normalize", [True, False], ids=["normalized", "raw"])
+@pytest.mark.parametrize("pieces", [False, True], ids=["whole", "pieces"])
+def test_the_deferred_stored_path_gives_the_pointer_paths_bits(monkeypatch, w_dtype, normalize, pieces):
+    """The two-phase protocol with a store and ``grad_x_ready`` (the partitioned head's path): stored
+    chunks' dS overwrites the store in place and their dW runs after grad_x is final, reading E from the
+    store's own slice (its own descriptor base) and, normalised, through ``stored_weight_grad`` (in
+    pieces when STORED_DW_BYTES is small). Same bits as the pointer path."""
+    x = make(B=24, C=200, D=32, seed=67)[0].bfloat16()
+    w = make(B=24, C=200, D=32, seed=68)[1].to(w_dtype)
+    y = torch.randint(0, 200, (24,), generator=torch.Generator().manual_seed(2))
+    if pieces:
+        monkeypatch.setattr(passes, "STORED_DW_BYTES", 32 * 4 * 32)  # pieces of 32 classes
+    slices = []
+    descriptor = launch.descriptor
+    monkeypatch.setattr(launch, "descriptor", lambda t, shape=None: slices.append(t) or descriptor(t, shape))
+
+    def two_phase():
+        store = []
+        row_max, row_sumexp = tb.lse_partials(x, w, y, 64.0, normalize, memory_budget=None, store=store)
+        lse = (row_max + torch.log(row_sumexp)).float()
+        grad_rows = torch.linspace(0.5, 1.5, 24)
+        out = tb.grads_from_lse(x, w, y, lse, grad_rows, 64.0, normalize, store=store,
+                                grad_x_ready=lambda grad_x: None)
+        return out, store[0]
+
+    (pointer, _), (tma, stored), _ = both_paths(monkeypatch, two_phase)
+    assert torch.equal(pointer[0], tma[0]) and torch.equal(pointer[1], tma[1])
+    base, end = stored.data_ptr(), stored.data_ptr() + stored.shape[0] * stored.stride(0) * stored.element_size()
+    assert any(base <= t.data_ptr() < end for t in slices)  # E read through descriptors of the store's slices
+
+
 def test_operands_the_copy_engine_cannot_read_take_the_pointer_path(monkeypatch):
     """A row stride that is not a multiple of 16 bytes (bf16, D = 50) and fp32 operands: no descriptor,
     the pointer path. fp32 master weights (W fp32, X bf16): only dW, which reads E and X, takes
@@ -219,6 +251,43 @@ def test_each_launch_gives_the_descriptors_its_configs_tile(name):
                 launcher.set_descriptor_tiles([descriptors.get(arg) for arg in names[: last + 1]], meta)
             for arg, dims in TILES[name].items():
                 assert descriptors[arg].block_shape == [meta[d] for d in dims], (route, config, arg)
+
+
+def test_descriptors_for_some_operands_but_not_all_are_an_error():
+    names = passes.DX.fn.arg_names
+    operand = launch.descriptor(torch.zeros(64, 64, dtype=torch.bfloat16))
+    for a_desc, b_desc in ((operand, None), (None, operand)):
+        named = {"a_desc": a_desc, "b_desc": b_desc}
+        args = [named.get(n) for n in names[: names.index("b_desc") + 1]]
+        with pytest.raises(ValueError, match="every operand or for none"):
+            passes.DX.tile_set(args, {})
+
+
+def test_a_cached_or_direct_launch_sets_the_tiles_of_its_config(monkeypatch):
+    """The launcher's own route on a GPU (``launch_config``: pinned configs, recorded picks), here with the
+    kernel replaced by a recorder: each descriptor carries the config's tile when the kernel is called."""
+    launcher = passes.DW
+    seen = []
+
+    class Recorder:
+        arg_names = launcher.fn.arg_names
+
+        def __getitem__(self, grid):
+            def launch_(*args, **meta):
+                named = dict(zip(self.arg_names, args))
+                seen.append((named["a_desc"].block_shape, named["b_desc"].block_shape, meta["BLOCK_M"]))
+            return launch_
+
+    monkeypatch.setattr(launcher, "fn", Recorder())
+    names = launcher.fn.arg_names
+    for config in launcher.configs["tma"][:3]:
+        descriptors = {"a_desc": launch.descriptor(torch.zeros(256, 256, dtype=torch.bfloat16)),
+                       "b_desc": launch.descriptor(torch.zeros(256, 512, dtype=torch.bfloat16))}
+        args = [descriptors.get(n, 0) for n in names[: names.index("b_desc") + 1]]
+        with tb.tuning(compiled_launch=False):
+            launcher.launch_config(config, (1, 1), args, dict(NORMALIZE=True, DOT_PRECISION="ieee", UPCAST=False))
+        k, m, n = (config.kwargs[d] for d in ("BLOCK_K", "BLOCK_M", "BLOCK_N"))
+        assert seen[-1] == ([k, m], [k, n], m)
 
 
 @gpu

@@ -170,10 +170,12 @@ class KernelLauncher:
 
     def tile_set(self, args, kwargs) -> str:
         """"tma" when the call passes TMA descriptors, "fma" for fp32 without TF32, else "mma"."""
-        if self.descriptor_tiles and args[self.descriptor_tiles[0][0]] is not None:
-            if any(args[position] is None for position, _ in self.descriptor_tiles):
+        if self.descriptor_tiles:
+            described = [args[position] is not None for position, _ in self.descriptor_tiles]
+            if all(described):
+                return "tma"
+            if any(described):
                 raise ValueError(f"{self.name}: pass a TMA descriptor for every operand or for none")
-            return "tma"
         return "fma" if self.uses_fma(args, kwargs) else "mma"
 
     def tuning_key(self, tile_set, args, kwargs) -> tuple:
@@ -333,7 +335,8 @@ def split_k_size(chunk: int, splits: int) -> int:
 
 def cache_autotuning() -> bool:
     """Whether autotune picks are kept on disk across processes: yes, unless Triton's own switch
-    TRITON_CACHE_AUTOTUNING is set and not true (Triton reads 1/true/on/yes, any case, as true)."""
+    TRITON_CACHE_AUTOTUNING is set and not true (Triton reads 1/true/on/yes, any case, as true).
+    The "tma" tile sets never are: Triton keeps no disk cache for configs with a pre_hook."""
     value = os.environ.get("TRITON_CACHE_AUTOTUNING")
     return value is None or value.strip().lower() in {"1", "true", "on", "yes"}
 
