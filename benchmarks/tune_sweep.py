@@ -7,8 +7,10 @@
 
 Each variant is a ``tuning(...)`` override of the Triton backend (0 = the launcher's
 own choice; the backend comes from ``marginkit.backends.resolve``, so on a CPU, where the
-torch backend runs, the overrides do nothing) timed with the bench's ``measure`` on the bench's inputs, so its numbers
-line up with ``marginkit bench``. The backward's workspace is B · chunk_classes
+torch backend runs, the overrides do nothing), checked against float64 as ``marginkit bench``
+checks its rows (a mismatch prints ``error``, never a time: a variant that computes something
+else must not win an A/B), then timed with the bench's ``measure`` on the bench's inputs, so its
+numbers line up with ``marginkit bench``. The backward's workspace is B · chunk_classes
 elements: bigger chunks mean fewer launches and more memory.
 """
 
@@ -19,6 +21,7 @@ import itertools
 import torch
 
 from marginkit.backends import resolve
+from marginkit.bench.check import check_against_float64
 from marginkit.bench.config import add_shape_arguments, config_from_args, make_spec, parse_size, resolve_device
 from marginkit.bench.providers import get_provider, make_inputs
 from marginkit.bench.timing import measure
@@ -70,17 +73,23 @@ def main(argv=None) -> None:
     tuning = getattr(resolve("auto", torch.device(device)), "tuning", lambda **_: contextlib.nullcontext())
     inputs = make_inputs(cfg)
     print(f"marginkit B={cfg.B} D={cfg.D} C={cfg.C} {cfg.dtype} {cfg.margin} on {device}")
-    print(f"{'variant':<40} {'ms median':>10} {'p20-p80':>17} {'peak extra MiB':>15}")
+    print(f"{'variant':<40} {'ms median':>10} {'p20-p80':>17} {'peak extra MiB':>15} {'rel err vs f64':>15}")
     direct = [int(v) for v in args.direct_launch.split(",") if v.strip()]
     compiled = [int(v) for v in args.compiled_launch.split(",") if v.strip()]
     colsum = [int(v) for v in args.colsum_mma.split(",") if v.strip()]
     tma = [int(v) for v in args.tma.split(",") if v.strip()]
+    spec = make_spec(provider.row_margin(cfg.margin))
     for override in variants(choices(args.chunk_classes), choices(args.dx_splits), direct, compiled, colsum, tma):
-        with tuning(**override):
-            case = provider.build(inputs, make_spec(provider.row_margin(cfg.margin)))
-            m = measure(case, device, reps=args.reps)
         name = ", ".join(f"{k}={v}" for k, v in override.items()) or "launcher's choice"
-        print(f"{name:<40} {m.ms_median:>10.3f} {m.ms_p20:>8.3f}-{m.ms_p80:<8.3f} {m.peak_extra_mib:>15.1f}")
+        with tuning(**override):
+            case = provider.build(inputs, spec)
+            check = check_against_float64(case, inputs, spec)  # also the first call (compile, autotuning)
+            if not check.ok:
+                print(f"{name:<40} error: {check.summary()}", flush=True)
+                continue
+            m = measure(case, device, reps=args.reps, warmed_up=True)
+        print(f"{name:<40} {m.ms_median:>10.3f} {m.ms_p20:>8.3f}-{m.ms_p80:<8.3f} {m.peak_extra_mib:>15.1f} "
+              f"{check.max_rel_err:>15.2g}", flush=True)
 
 
 if __name__ == "__main__":

@@ -289,6 +289,26 @@ def test_tune_sweep_times_every_variant():
         "launcher's choice", "tma=True", "dx_splits=2", "dx_splits=2, tma=True", "chunk_classes=256",
         "chunk_classes=256, tma=True", "chunk_classes=256, dx_splits=2", "chunk_classes=256, dx_splits=2, tma=True"]
     assert all(math.isfinite(float(line[40:].split()[0])) for line in lines)
+    assert all(float(line.split()[-1]) < 1e-3 for line in lines)  # each variant checked against float64 first
+
+
+def test_tune_sweep_prints_error_not_a_time_for_a_variant_that_fails_the_float64_check(monkeypatch, capsys):
+    """A variant that computes something else must not win an A/B: it gets an error line, and no timing."""
+    import importlib.util
+
+    from marginkit.bench.check import CheckResult
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "tune_sweep.py"
+    spec = importlib.util.spec_from_file_location("tune_sweep_under_test", path)
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    timed = []
+    monkeypatch.setattr(sweep, "check_against_float64", lambda case, inputs, spec: CheckResult(
+        0.5, 0.5, 0.0, 0.0, tolerance=1e-3, step_s=0.0))
+    monkeypatch.setattr(sweep, "measure", lambda *a, **k: timed.append(a))
+    sweep.main(["--device", "cpu", "--C", "300", "--B", "4", "--D", "8", "--dtype", "fp32", "--reps", "1"])
+    lines = capsys.readouterr().out.strip().splitlines()[2:]
+    assert len(lines) == 1 and "error: max rel err 0.5" in lines[0] and not timed
 
 
 def test_cuda_graph_ab_imports_and_says_it_needs_cuda():
