@@ -147,7 +147,7 @@ done
 # the ~23 TMA configs autotune afresh in each process (Triton keeps no disk cache for configs with a pre_hook)
 for C in $(echo "${MK_TMA_C-1M}" | tr ',' ' '); do
   phase "TMA A/B at C=$C"
-  timeout "${MK_TMA_S:-150}" $PY benchmarks/tune_sweep.py --device cuda --C "$C" --tma 0,1 >> "$OUTDIR/profile.txt" 2>&1
+  TRITON_PRINT_AUTOTUNING=1 timeout "${MK_TMA_S:-150}" $PY benchmarks/tune_sweep.py --device cuda --C "$C" --tma 0,1 >> "$OUTDIR/profile.txt" 2>&1
   tail -n 3 "$OUTDIR/profile.txt"
 done
 
