@@ -136,27 +136,25 @@ for C in $(echo "${MK_GRAPH_C-100K}" | tr ',' ' '); do
   tail -n 3 "$OUTDIR/profile.txt"
 done
 
+# 7-9. A/Bs of launcher choices (benchmarks/tune_sweep.py: each variant checked against float64, then
+# timed), per C: sweep_ab LABEL "C list" TIME_BOX TUNE_SWEEP_FLAGS...
+sweep_ab() {
+  local label=$1 counts=$2 box=$3
+  shift 3
+  for C in $(echo "$counts" | tr ',' ' '); do
+    phase "$label A/B at C=$C"
+    timeout "$box" $PY benchmarks/tune_sweep.py --device cuda --C "$C" "$@" >> "$OUTDIR/profile.txt" 2>&1
+    tail -n 3 "$OUTDIR/profile.txt"
+  done
+}
 # 7. the scores kernel's bf16 column sums: tensor-core product (default) vs row reduction (issue 14)
-for C in $(echo "${MK_COLSUM_C-1M}" | tr ',' ' '); do
-  phase "column-sum A/B at C=$C"
-  timeout 60 $PY benchmarks/tune_sweep.py --device cuda --C "$C" --colsum-mma 1,0 >> "$OUTDIR/profile.txt" 2>&1
-  tail -n 3 "$OUTDIR/profile.txt"
-done
-
+sweep_ab column-sum "${MK_COLSUM_C-1M}" 60 --colsum-mma 1,0
 # 8. the GEMM-shaped kernels' operands: pointer loads (default) vs TMA descriptors (tuning(tma=True), issue 14);
-# the ~23 TMA configs autotune afresh in each process (Triton keeps no disk cache for configs with a pre_hook)
-for C in $(echo "${MK_TMA_C-1M}" | tr ',' ' '); do
-  phase "TMA A/B at C=$C"
-  TRITON_PRINT_AUTOTUNING=1 timeout "${MK_TMA_S:-150}" $PY benchmarks/tune_sweep.py --device cuda --C "$C" --tma 0,1 >> "$OUTDIR/profile.txt" 2>&1
-  tail -n 3 "$OUTDIR/profile.txt"
-done
-
+# the ~23 TMA configs autotune afresh in each process (Triton keeps no disk cache for configs with a
+# pre_hook); the autotuner's picks are logged
+TRITON_PRINT_AUTOTUNING=1 sweep_ab TMA "${MK_TMA_C-1M}" "${MK_TMA_S:-150}" --tma 0,1
 # 9. host-overhead A/B: cached CompiledKernel handles (default) vs JITFunction.run per launch
-for C in $(echo "${MK_AB_C-100K}" | tr ',' ' '); do
-  phase "launch A/B at C=$C"
-  timeout 60 $PY benchmarks/tune_sweep.py --device cuda --C "$C" --compiled-launch 1,0 >> "$OUTDIR/profile.txt" 2>&1
-  tail -n 3 "$OUTDIR/profile.txt"
-done
+sweep_ab launch "${MK_AB_C-100K}" 60 --compiled-launch 1,0
 
 phase "done: bench rc=$BENCH (0 ok, 3 = some providers raised, 124 = timed out), gpu tests rc=$TESTS (124 = timed out)"
 ls -l "$OUTDIR"
