@@ -270,9 +270,10 @@ def test_a_bad_label_is_reported_before_a_bad_margin_as_on_the_unfused_path(monk
 def test_margin_cross_entropy_on_triton_traces_under_torch_compile():
     """fullgraph: the fused target terms, the row-loss op and the reduction in one graph (aot_eager)."""
     x, w, y = inputs(B=8, C=40, D=16, dtype=torch.float32, seed=13)
+    spec = mk.ArcFace(0.5)  # built outside: torch 2.11's dynamo cannot inline a dataclass with kw_only fields
 
     def step(x, w):
-        return mk.margin_cross_entropy(x, w, y, mk.ArcFace(0.5), 16.0, backend="triton")
+        return mk.margin_cross_entropy(x, w, y, spec, 16.0, backend="triton")
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     xs, ws = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
