@@ -97,7 +97,8 @@ def test_insightface_example_trains_and_resumes_exactly(tmp_path):
 
 
 def test_example_script_is_the_one_documented():
-    readme = open(os.path.join(REPO, "examples", "insightface", "README.md")).read()
+    with open(os.path.join(REPO, "examples", "insightface", "README.md")) as f:
+        readme = f.read()
     assert "torchrun --standalone --nproc_per_node=2 examples/insightface/train.py" in readme
     assert os.path.isfile(SCRIPT) and SCRIPT.endswith(os.path.join("insightface", "train.py"))
     sys.modules.pop("insightface_train_example", None)
