@@ -235,6 +235,29 @@ def test_autotune_picks_stay_on_disk_unless_tritons_switch_says_no(monkeypatch):
         assert launch.cache_autotuning() is cached, value
 
 
+def test_marginkit_autotune_ms_shortens_the_autotuners_timing(monkeypatch):
+    """The GPU test phase's knob: each config timed for that many ms; Triton's timer when unset."""
+    from triton.testing import do_bench
+
+    monkeypatch.delenv(launch.AUTOTUNE_MS_ENV, raising=False)
+    assert launch.autotune_bench() is None
+    monkeypatch.setenv(launch.AUTOTUNE_MS_ENV, "8")
+    bench = launch.autotune_bench()
+    assert bench.func is do_bench and bench.keywords == {"warmup": 2.0, "rep": 8.0}
+    monkeypatch.setattr(launch, "INTERPRETED", False)  # autotuners are built only off the interpreter
+    launcher = launch.KernelLauncher(
+        scores_kernel, configs.SCORES_CONFIGS, configs.FMA_SCORES_CONFIGS,
+        key=["D", "B_BUCKET", "MODULATE", "NORMALIZE"], interp_meta={}, tiles=("BLOCK_B", "BLOCK_C", "BLOCK_K"),
+    )
+    assert set(launcher.tuned) == {"mma", "fma"}
+    for tuner in launcher.tuned.values():
+        assert tuner.do_bench.func is do_bench and tuner.do_bench.keywords["rep"] == 8.0
+    for bad in ("fast", "0", "-5", "inf", "nan"):
+        monkeypatch.setenv(launch.AUTOTUNE_MS_ENV, bad)
+        with pytest.raises(ValueError, match=f"MARGINKIT_AUTOTUNE_MS='{bad}': give the milliseconds"):
+            launch.autotune_bench()
+
+
 def test_dw_prefetch_variants_are_timed_only_where_the_projection_runs():
     from marginkit.backends.triton.launchers import DW
 

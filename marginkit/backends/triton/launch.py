@@ -161,6 +161,9 @@ class KernelLauncher:
             kwargs = dict(key=key, restore_value=list(restore_value), prune_configs_by={"early_config_prune": self.prune})
             if "cache_results" in inspect.signature(triton.autotune).parameters:
                 kwargs["cache_results"] = cache_autotuning()
+            bench = autotune_bench()
+            if bench is not None:
+                kwargs["do_bench"] = bench
             self.tuned = {name: triton.autotune(configs=c, **kwargs)(fn) for name, c in self.configs.items()}
 
     @staticmethod
@@ -339,6 +342,32 @@ def cache_autotuning() -> bool:
     The "tma" tile sets never are: Triton keeps no disk cache for configs with a pre_hook."""
     value = os.environ.get("TRITON_CACHE_AUTOTUNING")
     return value is None or value.strip().lower() in {"1", "true", "on", "yes"}
+
+
+#: Milliseconds each autotune config is timed for, read when marginkit is imported (unset: Triton's
+#: 25 ms warm-up + 100 ms). For test runs on a GPU, where a pick only has to be valid: every new
+#: tuning key times every config, in every worker, on one shared GPU.
+AUTOTUNE_MS_ENV = "MARGINKIT_AUTOTUNE_MS"
+
+
+def autotune_bench():
+    """The autotuner's timer: None (Triton's) unless ``MARGINKIT_AUTOTUNE_MS`` is set, then
+    ``triton.testing.do_bench`` over that many milliseconds (and a quarter of it to warm up)."""
+    value = os.environ.get(AUTOTUNE_MS_ENV, "").strip()
+    if not value:
+        return None
+    try:
+        rep = float(value)
+    except ValueError:
+        rep = float("nan")
+    if not 0 < rep < float("inf"):
+        raise ValueError(
+            f"{AUTOTUNE_MS_ENV}={value!r}: give the milliseconds to time each autotune config for, a positive number "
+            "(e.g. 5 for a test run), or unset it for Triton's 100 ms"
+        )
+    from triton.testing import do_bench
+
+    return functools.partial(do_bench, warmup=rep / 4, rep=rep)
 
 
 def colsum_mma(workspace_dtype: torch.dtype) -> bool:
