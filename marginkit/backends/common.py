@@ -90,13 +90,15 @@ def normalization_backward(
 ) -> torch.Tensor:
     """Chain rule of r̂ = r/‖r‖: dr = (dr̂ − r̂·(dr̂·r̂))/‖r‖, row-wise, in grad_unit's dtype.
 
+    Overwrites and returns ``grad_unit`` (N, D), which callers pass as a fresh product: one (N, D)
+    temporary instead of three (at C = 1M, D = 512 each is 2 GB in fp32).
     ``unit``: r̂ (N, D) when the caller already holds it (else recomputed from rows and inv_norm)."""
     if not normalize:
         return grad_unit
     if unit is None:
         unit = rows.to(grad_unit.dtype) * inv_norm[:, None]
     radial = (grad_unit * unit).sum(dim=1, keepdim=True)
-    return (grad_unit - unit * radial) * inv_norm[:, None]
+    return grad_unit.addcmul_(unit, radial, value=-1.0).mul_(inv_norm[:, None])
 
 
 def combine_partials(

@@ -124,6 +124,28 @@ def test_dense_path_skips_the_backwards_recomputation(chunk_elements, gemms):
     assert counter.gemms == gemms
 
 
+def test_the_cpu_takes_the_dense_path_up_to_its_own_budget_beyond_one_chunk():
+    """On the CPU the dense path runs up to C·(B + D) = 2^23 elements, four chunks' worth: between
+    one chunk and that, 3 GEMMs instead of the chunked path's 2 per chunk + 2 per chunk again."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert torch_chunked.dense_budget(cpu) == torch_chunked.DENSE_ELEMENTS == 1 << 23
+    assert torch_chunked.dense_budget(cuda) == torch_chunked.CUDA_CHUNK_ELEMENTS
+    assert torch_chunked.dense_budget(cuda, 4096) == torch_chunked.dense_budget(cpu, 4096) == 4096
+    B, D = 4, 4
+    C = torch_chunked.CHUNK_ELEMENTS // (B + D) + 1000  # past one chunk, well inside the dense budget
+    assert len(list(torch_chunked.class_chunks(B, C, D))) == 2 and torch_chunked.dense_fits(B, C, D, 1)
+    assert not torch_chunked.dense_fits(B, (1 << 23) // (B + D) + 1, D, 1)
+    x, w, _ = make_inputs(B=B, C=C, D=D, seed=7)
+    labels = labels_with_ignored(C, B, seed=7, ignored=1)
+    with MatmulCounter() as counter:
+        dense = rows_losses_and_grads(x, w, labels, mk.ArcFace(0.5))
+    assert counter.gemms == 3
+    with MatmulCounter() as counter:
+        chunked = rows_losses_and_grads(x, w, labels, mk.ArcFace(0.5), chunk_elements=torch_chunked.CHUNK_ELEMENTS)
+    assert counter.gemms == 2 + 2 * 3
+    assert_same(dense, chunked, 1e-6)
+
+
 def test_chunks_are_gpu_sized_on_cuda_and_cpu_sized_elsewhere():
     """B = 1024, D = 512 at C = 1M: 92 chunks of 10 922 classes on CUDA (each chunk costs ~20 ops of
     host time), 733 of 1365 on the CPU; a caller's chunk_elements wins on both."""

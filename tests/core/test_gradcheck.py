@@ -18,6 +18,7 @@ from tests.helpers import SPECS, make_inputs, spec_id, with_gradient
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
     monkeypatch.setattr(torch_chunked, "CHUNK_ELEMENTS", 13)
+    monkeypatch.setattr(torch_chunked, "DENSE_ELEMENTS", 13)
 
 
 @pytest.mark.parametrize("normalize", [True, False])
