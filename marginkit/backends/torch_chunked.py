@@ -38,7 +38,7 @@ CHUNK_ELEMENTS = 1 << 21
 #: C = 1M instead of 733) keep the GPU, not the host, the bound (notes/PERF.md, item 4).
 CUDA_CHUNK_ELEMENTS = 1 << 24
 #: On the CPU the dense path runs up to C·(B + D) = 2^23 elements (32 MiB of fp32 kept for the
-#: backward, less than the textbook loss holds at that size): below it, the chunked path took 1.2-1.6x
+#: backward, less than the textbook loss holds at that size): below it, the chunked path took 1.0-1.6x
 #: the textbook loss's time, the dense path 0.7-1.0x (benchmarks/results/cpu-2026-12-02-dense-budget-*.csv).
 DENSE_ELEMENTS = 1 << 23
 
