@@ -110,9 +110,9 @@ if [ "$TESTS_S" -gt 0 ]; then
       >> "$OUTDIR/gpu-tests.log" 2>&1
     TESTS=$?
   fi
-  unset MARGINKIT_AUTOTUNE_MS  # the sweep and the A/Bs tune with Triton's full timing
   tail -n 30 "$OUTDIR/gpu-tests.log"
 fi
+unset MARGINKIT_AUTOTUNE_MS  # the sweep and the A/Bs tune with Triton's full timing, whatever the caller set
 # 4. the sweep (B=1024, D=512, bf16, arcface; each marginkit row checked against float64 before it is timed).
 # --time-limit-s: no new run starts after LIMIT s, so the sweep ends by itself (table, JSON, plot) before
 # the hard timeout. TRITON_PRINT_AUTOTUNING logs the tile configs the autotuner picked.

@@ -5,7 +5,7 @@ algorithm as the Triton kernels: the forward keeps an online log-sum-exp per row
 backward recomputes each chunk of logits. The largest temporaries are one chunk's
 (B, n) logits and (n, D) unit weights, with n·(B·K + D) ≤ ``CHUNK_ELEMENTS`` (``CUDA_CHUNK_ELEMENTS``
 on CUDA, where per-chunk host work would otherwise bound the step).
-When every class fits ``dense_budget`` (small B·C), ``row_losses`` takes the dense path instead:
+When every class fits one chunk (small B·C), ``row_losses`` takes the dense path instead:
 the forward keeps its (B, C) logits and (C, D) unit weights for the backward, which then
 skips the recomputation (one GEMM, the weight normalisation, the target mask).
 
@@ -37,10 +37,6 @@ CHUNK_ELEMENTS = 1 << 21
 #: small ops of host time, so GPU-sized tiles (B = 1024, D = 512: 10 922 classes, 92 chunks at
 #: C = 1M instead of 733) keep the GPU, not the host, the bound (notes/PERF.md, item 4).
 CUDA_CHUNK_ELEMENTS = 1 << 24
-#: On the CPU the dense path runs up to C·(B + D) = 2^23 elements (32 MiB of fp32 kept for the
-#: backward, less than the textbook loss holds at that size): below it, the chunked path took 1.0-1.6x
-#: the textbook loss's time, the dense path 0.7-1.0x (benchmarks/results/cpu-2026-12-02-dense-budget-*.csv).
-DENSE_ELEMENTS = 1 << 23
 
 
 def chunk_budget(device: torch.device, chunk_elements: Optional[int] = None) -> int:
@@ -48,14 +44,6 @@ def chunk_budget(device: torch.device, chunk_elements: Optional[int] = None) -> 
     if chunk_elements:
         return chunk_elements
     return CUDA_CHUNK_ELEMENTS if device.type == "cuda" else CHUNK_ELEMENTS
-
-
-def dense_budget(device: torch.device, chunk_elements: Optional[int] = None) -> int:
-    """Elements of C·(B + D) up to which ``row_losses`` takes the dense path: the caller's chunk size,
-    else ``CUDA_CHUNK_ELEMENTS`` on CUDA, ``DENSE_ELEMENTS`` elsewhere."""
-    if chunk_elements:
-        return chunk_elements
-    return CUDA_CHUNK_ELEMENTS if device.type == "cuda" else DENSE_ELEMENTS
 
 
 def class_chunks(
@@ -201,7 +189,7 @@ def grads_from_lse(
 
 def dense_fits(num_rows: int, num_classes: int, dim: int, sub_centers: int, budget: Optional[int] = None) -> bool:
     """Whether one chunk holds every class: then ``row_losses`` keeps (B, C) + (C, D) elements for the backward."""
-    return sub_centers == 1 and num_rows > 0 and 0 < num_classes * (num_rows + dim) <= (budget or DENSE_ELEMENTS)
+    return sub_centers == 1 and num_rows > 0 and 0 < num_classes * (num_rows + dim) <= (budget or CHUNK_ELEMENTS)
 
 
 @torch.no_grad()
@@ -257,7 +245,7 @@ class _ChunkedMarginCE(torch.autograd.Function):
     def forward(ctx, embeddings, weight, labels_local, target_rows, target_logit, dtarget, scale, normalize, options):
         ctx.dense = dense_fits(
             embeddings.shape[0], weight.shape[0], embeddings.shape[1], options["sub_centers"],
-            dense_budget(embeddings.device, options["chunk_elements"]),
+            chunk_budget(embeddings.device, options["chunk_elements"]),
         )
         dense_saved = ()
         if ctx.dense:

@@ -16,7 +16,6 @@ TOL = 1e-5
 def small_chunks(monkeypatch):
     # Force several class chunks even at test sizes, so the online log-sum-exp is exercised.
     monkeypatch.setattr(torch_chunked, "CHUNK_ELEMENTS", 97)
-    monkeypatch.setattr(torch_chunked, "DENSE_ELEMENTS", 97)
 
 
 def check_against_reference(x, w, y, spec, scale=32.0, tol=TOL, **kwargs):

@@ -124,26 +124,24 @@ def test_dense_path_skips_the_backwards_recomputation(chunk_elements, gemms):
     assert counter.gemms == gemms
 
 
-def test_the_cpu_takes_the_dense_path_up_to_its_own_budget_beyond_one_chunk():
-    """On the CPU the dense path runs up to C·(B + D) = 2^23 elements, four chunks' worth: between
-    one chunk and that, 3 GEMMs instead of the chunked path's 2 per chunk + 2 per chunk again."""
-    cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert torch_chunked.dense_budget(cpu) == torch_chunked.DENSE_ELEMENTS == 1 << 23
-    assert torch_chunked.dense_budget(cuda) == torch_chunked.CUDA_CHUNK_ELEMENTS
-    assert torch_chunked.dense_budget(cuda, 4096) == torch_chunked.dense_budget(cpu, 4096) == 4096
-    B, D = 4, 4
-    C = torch_chunked.CHUNK_ELEMENTS // (B + D) + 1000  # past one chunk, well inside the dense budget
-    assert len(list(torch_chunked.class_chunks(B, C, D))) == 2 and torch_chunked.dense_fits(B, C, D, 1)
-    assert not torch_chunked.dense_fits(B, (1 << 23) // (B + D) + 1, D, 1)
-    x, w, _ = make_inputs(B=B, C=C, D=D, seed=7)
-    labels = labels_with_ignored(C, B, seed=7, ignored=1)
-    with MatmulCounter() as counter:
-        dense = rows_losses_and_grads(x, w, labels, mk.ArcFace(0.5))
-    assert counter.gemms == 3
-    with MatmulCounter() as counter:
-        chunked = rows_losses_and_grads(x, w, labels, mk.ArcFace(0.5), chunk_elements=torch_chunked.CHUNK_ELEMENTS)
-    assert counter.gemms == 2 + 2 * 3
-    assert_same(dense, chunked, 1e-6)
+@pytest.mark.parametrize("chunk_elements", [None, CHUNKED], ids=["dense", "chunked"])
+def test_a_second_backward_through_a_retained_graph_adds_the_same_gradients(chunk_elements):
+    """The backward overwrites only what it makes (the chain rule runs in place on fresh products),
+    never a tensor the forward saved: a second backward gives the first's gradients again."""
+    x, w, y = make_inputs(B=9, C=61, D=24, ignored=2, seed=8)
+    labels = labels_with_ignored(61, 9, seed=8)
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    cos = common.target_cosine(x, w, labels, True)
+    psi, dpsi = mk.ArcFace(0.5).target_terms(cos, None)
+    losses = torch_chunked.row_losses(x, w, labels, psi, dpsi, 32.0, True, chunk_elements=chunk_elements)
+    losses.sum().backward(retain_graph=True)
+    first = (x.grad.clone(), w.grad.clone())
+    losses.sum().backward()
+    assert torch.equal(x.grad, 2 * first[0]) and torch.equal(w.grad, 2 * first[1])
+    ref = loss_and_grads(mk.reference.margin_cross_entropy, x.detach(), w.detach(), labels.clamp_min(-100),
+                         mk.ArcFace(0.5), 32.0, reduction="sum", ignore_index=-1)
+    assert rel_err(first[0], ref[1]) < 1e-5 and rel_err(first[1], ref[2]) < 1e-5
 
 
 def test_chunks_are_gpu_sized_on_cuda_and_cpu_sized_elsewhere():

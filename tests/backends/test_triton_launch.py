@@ -236,14 +236,19 @@ def test_autotune_picks_stay_on_disk_unless_tritons_switch_says_no(monkeypatch):
 
 
 def test_marginkit_autotune_ms_shortens_the_autotuners_timing(monkeypatch):
-    """The GPU test phase's knob: each config timed for that many ms; Triton's timer when unset."""
+    """The GPU test phase's knob: each config timed for that many ms and its pick kept off the disk;
+    Triton's timer when unset."""
     from triton.testing import do_bench
 
     monkeypatch.delenv(launch.AUTOTUNE_MS_ENV, raising=False)
+    monkeypatch.delenv("TRITON_CACHE_AUTOTUNING", raising=False)
     assert launch.autotune_bench() is None
+    assert launch.autotune_options() == {"cache_results": True}
     monkeypatch.setenv(launch.AUTOTUNE_MS_ENV, "8")
     bench = launch.autotune_bench()
     assert bench.func is do_bench and bench.keywords == {"warmup": 2.0, "rep": 8.0}
+    options = launch.autotune_options()  # short-timed picks never reach the disk cache
+    assert options["cache_results"] is False and options["do_bench"].keywords == bench.keywords
     monkeypatch.setattr(launch, "INTERPRETED", False)  # autotuners are built only off the interpreter
     launcher = launch.KernelLauncher(
         scores_kernel, configs.SCORES_CONFIGS, configs.FMA_SCORES_CONFIGS,

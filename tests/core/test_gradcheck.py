@@ -15,10 +15,12 @@ from marginkit.backends.common import target_cosine
 from tests.helpers import SPECS, make_inputs, spec_id, with_gradient
 
 
-@pytest.fixture(autouse=True)
-def small_chunks(monkeypatch):
-    monkeypatch.setattr(torch_chunked, "CHUNK_ELEMENTS", 13)
-    monkeypatch.setattr(torch_chunked, "DENSE_ELEMENTS", 13)
+@pytest.fixture(autouse=True, params=["chunked", "dense"])
+def torch_path(request, monkeypatch):
+    """Both torch-backend paths: one class per chunk (13 elements), or every class at once."""
+    if request.param == "chunked":
+        monkeypatch.setattr(torch_chunked, "CHUNK_ELEMENTS", 13)
+    return request.param
 
 
 @pytest.mark.parametrize("normalize", [True, False])

@@ -98,7 +98,6 @@ def curricular_oracle(x, w, y, t, m, s):
 def test_curricular_loss_and_grads(t, chunk, monkeypatch):
     if chunk:  # a few classes per chunk: the modulation must hold across chunk edges
         monkeypatch.setattr(torch_chunked, "CHUNK_ELEMENTS", chunk)
-        monkeypatch.setattr(torch_chunked, "DENSE_ELEMENTS", chunk)
     x, w, y = data()
     _, hard = curricular_oracle(x, w, y, t, 0.5, 64.0)
     assert bool(hard.any())  # the data exercises the hard-negative branch
@@ -176,7 +175,6 @@ def test_adacos_chunked_b_avg_matches_small_chunks(monkeypatch):
         head.weight.copy_(w)
     big = head.dynamic_scale(x, y)
     monkeypatch.setattr(torch_chunked, "CHUNK_ELEMENTS", 16 * 3)  # 17 class chunks
-    monkeypatch.setattr(torch_chunked, "DENSE_ELEMENTS", 16 * 3)
     small = head.dynamic_scale(x, y)
     assert abs(big - small) / big < 1e-6
 
@@ -339,7 +337,6 @@ def sub_center_oracle(x, w, y, k, m=0.5, s=64.0):
 def test_sub_center_loss_and_grads(k, chunk, monkeypatch):
     if chunk:
         monkeypatch.setattr(torch_chunked, "CHUNK_ELEMENTS", chunk)
-        monkeypatch.setattr(torch_chunked, "DENSE_ELEMENTS", chunk)
     x, w, y = data(C=11 * k, seed=6 + k)
     y = torch.where(y >= 0, y % 11, y)
     check_against(

@@ -158,12 +158,8 @@ class KernelLauncher:
         self.handles = {}
         self.tuned = None
         if not INTERPRETED:
-            kwargs = dict(key=key, restore_value=list(restore_value), prune_configs_by={"early_config_prune": self.prune})
-            if "cache_results" in inspect.signature(triton.autotune).parameters:
-                kwargs["cache_results"] = cache_autotuning()
-            bench = autotune_bench()
-            if bench is not None:
-                kwargs["do_bench"] = bench
+            kwargs = dict(key=key, restore_value=list(restore_value), prune_configs_by={"early_config_prune": self.prune},
+                          **autotune_options())
             self.tuned = {name: triton.autotune(configs=c, **kwargs)(fn) for name, c in self.configs.items()}
 
     @staticmethod
@@ -368,6 +364,17 @@ def autotune_bench():
     from triton.testing import do_bench
 
     return functools.partial(do_bench, warmup=rep / 4, rep=rep)
+
+
+def autotune_options() -> dict:
+    """``triton.autotune``'s keywords for disk caching and timing. Picks timed short
+    (``MARGINKIT_AUTOTUNE_MS``) stay off the disk: Triton's cache key does not hold the timer, so
+    a later fully timed run would load them (only ``TRITON_CACHE_AUTOTUNING=1`` overrides this)."""
+    bench = autotune_bench()
+    options = {} if bench is None else {"do_bench": bench}
+    if "cache_results" in inspect.signature(triton.autotune).parameters:
+        options["cache_results"] = bench is None and cache_autotuning()
+    return options
 
 
 def colsum_mma(workspace_dtype: torch.dtype) -> bool:
