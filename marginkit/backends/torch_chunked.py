@@ -28,6 +28,7 @@ from marginkit.backends.common import (
     normalization_backward,
     target_classes,
     target_gradient,
+    without_autocast,
 )
 from marginkit.modulation import NegativeModulation
 
@@ -263,6 +264,7 @@ class _ChunkedMarginCE(torch.autograd.Function):
         return losses.to(compute_dtype(embeddings))
 
     @staticmethod
+    @without_autocast
     def backward(ctx, grad_losses):
         embeddings, weight, labels_local, target_rows, dtarget, losses, lse, *dense_saved = ctx.saved_tensors
         target_rows = labels_local if target_rows is None else target_rows

@@ -47,6 +47,25 @@ def test_autocast_equals_explicit_cast_and_the_float64_truth():
     assert rel_err(grads[0], x64.grad) < 1e-2  # delivered in bf16, as the embeddings
 
 
+def test_a_backward_called_inside_autocast_equals_one_called_after_it():
+    """The head's backward runs with autocast off, as its forward: inside the autocast block or
+    after it, the same bits (its backend's GEMMs ran in bf16 inside)."""
+    head = PartitionedMarginSoftmax(50, 8, mk.ArcFace(0.5), 16.0, max_local_batch=16)
+    x, y = _batch(seed=3)
+    grads = {}
+    for inside in (False, True):
+        head.zero_grad()
+        xa = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = head(xa, y)
+            if inside:
+                loss.backward()
+        if not inside:
+            loss.backward()
+        grads[inside] = xa.grad.clone(), head.weight.grad.clone()
+    assert torch.equal(grads[True][0], grads[False][0]) and torch.equal(grads[True][1], grads[False][1])
+
+
 def test_updated_rows_stay_bounded_under_a_plain_optimizer():
     """A sampling head stepped by torch.optim keeps one (C_r,) mask, not a tensor per step."""
     head = PartitionedMarginSoftmax(200, 8, mk.CosFace(0.3), 16.0, sample_rate=0.1, max_local_batch=12)

@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from marginkit.backends.common import as_float64, compute_dtype
+from marginkit.backends.common import as_float64, compute_dtype, without_autocast
 from marginkit.backends.triton.budget import STORE_GROUP, store_scale, stored_classes
 from marginkit.backends.triton.launch import cdiv
 from marginkit.backends.triton.passes import backward, check_inputs, compute_operands, forward, inverse_norms
@@ -157,6 +157,7 @@ def _setup_context(ctx, inputs, output):
     ctx.modulation = modulation  # [threshold, quadratic, linear] when given
 
 
+@without_autocast
 def _autograd_backward(ctx, grad_losses, *_auxiliaries):
     # the float64 losses, lse, the norms and the stored logits are saved auxiliaries, not differentiated through.
     embeddings, weight, labels_local, dtarget, losses, lse, x_inv, w_inv, stored, tile_max = ctx.saved_tensors
