@@ -182,6 +182,29 @@ def test_autocast_on_cuda_equals_explicit_cast_and_the_float64_truth(dtype, back
     assert rel_err(gx, r_gx) < tol and rel_err(gw, r_gw) < tol
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA (CPU twin: test_a_backward_called_inside_autocast_equals_one_called_after_it)"
+)
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_gpu_a_backward_called_inside_autocast_equals_one_called_after_it(backend):
+    """On CUDA the autograd engine's device thread inherits autocast: a backward inside the block
+    gives the gradients of one after it (up to the order of atomic adds)."""
+    x, w, y = make_inputs(64, 1000, 128, seed=14, ignored=4)
+    x, w, y = x.cuda(), w.cuda(), y.cuda()
+    grads = {}
+    for inside in (False, True):
+        xs, ws = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = mk.margin_cross_entropy(xs, ws, y, mk.ArcFace(0.5), 64.0, backend=backend)
+            if inside:
+                loss.backward()
+        if not inside:
+            loss.backward()
+        grads[inside] = xs.grad, ws.grad
+    assert rel_err(grads[True][0], grads[False][0]) < 1e-6 and rel_err(grads[True][1], grads[False][1]) < 1e-6
+
+
 # ----------------------------------------------------------------------------------------
 # Point 7: fp32 master weights with half-precision embeddings
 # ----------------------------------------------------------------------------------------

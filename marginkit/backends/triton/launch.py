@@ -158,8 +158,8 @@ class KernelLauncher:
         self.handles = {}
         self.tuned = None
         if not INTERPRETED:
-            kwargs = dict(key=key, restore_value=list(restore_value), prune_configs_by={"early_config_prune": self.prune},
-                          **autotune_options())
+            kwargs = dict(key=key, restore_value=list(restore_value),
+                          prune_configs_by={"early_config_prune": self.prune}, **autotune_options())
             self.tuned = {name: triton.autotune(configs=c, **kwargs)(fn) for name, c in self.configs.items()}
 
     @staticmethod
