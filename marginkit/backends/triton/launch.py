@@ -405,6 +405,12 @@ def descriptor(t: torch.Tensor, shape=None):
     return TensorDescriptor(t, list(shape or t.shape), [t.stride(0), 1], list(_PLACEHOLDER_TILE))
 
 
+def described_pair(a, b) -> tuple:
+    """(a, b) when both operands have TMA descriptors, else (None, None): a launch takes descriptors for
+    every operand or for none (the pointer path)."""
+    return (a, b) if a is not None and b is not None else (None, None)
+
+
 def dot_meta(dtype: torch.dtype) -> dict:
     """The GEMM kernels' dtype-dependent constexprs."""
     # The interpreter multiplies bf16 tiles as raw bits: widen them there (see _mma).

@@ -247,7 +247,7 @@ def backward(
     # E and X; the recompute and dX read W too (fp32 master weights: dW alone takes descriptors).
     x_desc = launch.descriptor(x) if launch.tma_operands(workspace, x) else None
     w_desc = launch.descriptor(w) if x_desc is not None and launch.tma_operands(w, x) else None
-    xw_descs = (x_desc, w_desc) if w_desc is not None else (None, None)
+    xw_descs = launch.described_pair(x_desc, w_desc)
 
     starts = list(range(0, num_classes, chunk))
     if deferred_dw is not None and num_classes % chunk and len(starts) > 1:
@@ -291,7 +291,7 @@ def backward(
                 num_rows, dim, start, n_chunk, k_per_split,
                 ws.stride(0), w.stride(0), w.stride(1),
                 *dx_strides,
-                bucket, *((ws_desc, w_desc) if described and w_desc is not None else (None, None)),
+                bucket, *launch.described_pair(ws_desc, w_desc),
                 USE_ATOMICS=use_atomics, **dot_meta, pinned=deterministic,
             )
             if not need_weight_grad:
@@ -308,7 +308,7 @@ def backward(
                     num_rows, dim, start, n_chunk, row_blocks,
                     ws.stride(0), x.stride(0), x.stride(1), w.stride(0), w.stride(1),
                     colsum.stride(0), grad_w.stride(0), grad_w.stride(1),
-                    bucket, *((ws_desc, x_desc) if ws_desc is not None else (None, None)),
+                    bucket, *launch.described_pair(ws_desc, x_desc),
                     NORMALIZE=bool(normalize), **dot_meta, pinned=deterministic,
                 )
 
@@ -355,7 +355,7 @@ def stored_weight_grad(workspace, x, w, w_inv, kappa, grad_w, start, n_chunk, de
             num_rows, dim, 0, n, 1,
             ws.stride(0), x.stride(0), x.stride(1), w.stride(0), w.stride(1),
             unused.stride(0), raw.stride(0), raw.stride(1),
-            launch.b_bucket(num_rows), *((ws_desc, x_desc) if ws_desc is not None else (None, None)),
+            launch.b_bucket(num_rows), *launch.described_pair(ws_desc, x_desc),
             NORMALIZE=False, **launch.dot_meta(x.dtype), pinned=deterministic,
         )
         out = grad_w[rows]
