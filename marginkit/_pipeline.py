@@ -267,7 +267,7 @@ def margin_loss(
     ``negatives``: builds the non-target modulation from the target terms (CurricularFace).
     ``interclass_filtering_threshold`` > 0: insightface's filter, the other user of that hook.
     ``sub_centers``: weight is (C·K, D), K rows per class.
-    ``memory_budget``: bytes the Triton backend may keep from forward to backward (None: unlimited).
+    ``memory_budget``: bytes the backend may keep from forward to backward (None: unlimited).
     """
     check_real("interclass_filtering_threshold", interclass_filtering_threshold, low=0.0, high=1.0)
     check_bool("feature_norm_scale", feature_norm_scale)
@@ -292,8 +292,7 @@ def margin_loss(
     if memory_budget is not None:
         check_real("memory_budget", memory_budget, low=0.0)
     check_pending_labels()
-    engine_name = backends.resolve_name(backend, embeddings.device, sub_centers=sub_centers)
-    engine = backends.resolve(engine_name, embeddings.device, sub_centers=sub_centers)
+    engine = backends.resolve(backend, embeddings.device, sub_centers=sub_centers)
     embeddings, weight = autocast_inputs(embeddings, weight)
     with no_autocast(embeddings.device):
         row_margins = per_row_margins(labels, ignore_index, class_margins, sample_margins)
@@ -320,8 +319,7 @@ def margin_loss(
         options = {"modulation": modulation, "deterministic": deterministic}
         if sub_centers > 1:
             options.update(sub_centers=sub_centers, target_rows=rows)
-        if engine_name == "triton":
-            options["memory_budget"] = memory_budget  # the torch backend has no store: it ignores the budget
+        options["memory_budget"] = memory_budget
         if feature_norm_scale:
             losses = _norm_scaled_row_losses(engine, embeddings, weight, labels_local, psi, dpsi, cos, scale, options)
         else:

@@ -52,13 +52,13 @@ def margin_cross_entropy(
             on labelled rows, non-target cosines above it count as 0 (likely duplicate identities
             neither push the row nor get a gradient). 0 (default) turns it off.
         memory_budget: bytes of extra memory the loss may hold from the forward to the backward to
-            go faster (Triton backend). The forward keeps the exp-scaled logits (compute dtype,
-            B·(element size + 1/8) bytes per class) of as many whole backward chunks as fit, and the
-            backward skips recomputing them (three GEMM passes instead of four). 0 (default): none
-            kept, the bounded workspace (peak extra ~64 MiB at B = 1024). None: unlimited, all C
-            kept (2.03 GiB at B = 1024, C = 1M in bf16), the fastest setting. The torch backend
-            ignores it (when all classes fit one chunk it keeps that chunk, ≤ 8 MiB, whatever the
-            budget; otherwise it recomputes).
+            go faster. The forward keeps the exp-scaled logits of as many whole backward chunks as
+            fit, and the backward skips recomputing them (three GEMM passes instead of four).
+            Triton: compute dtype, B·(element size + 1/8) bytes per class; torch backend: float32,
+            B·4 bytes per class and B·4 per chunk. 0 (default): none kept, the bounded workspace
+            (peak extra ~64 MiB at B = 1024). None: unlimited, all C kept (2.03 GiB at B = 1024,
+            C = 1M in bf16 on Triton), the fastest setting. The torch backend keeps its one chunk
+            (≤ 8 MiB) whatever the budget when every class fits in it.
         feature_norm_scale: A-Softmax as published (SphereFace, L-Softmax, pytorch-metric-learning's
             SphereFaceLoss): every logit of row i is further multiplied by ‖x_i‖, and the gradient
             includes that norm's (radial) part. Needs ``normalize=True``; holds a normalised (C, D)

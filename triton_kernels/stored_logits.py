@@ -7,7 +7,9 @@ The forward (``lse_partials_kernel`` with STORE) leaves, for the stored classes,
 with z = logit·log2(e), and the tile maxima m_it of z (one per STORE_GROUP classes). Given the
 global lse, ``stored_to_workspace_kernel`` writes the workspace ``scores_kernel`` would write,
     E_ij = κ·dS_ij·x_inv_i·w_inv_j,   dS_ij = g_i·scale·exp2(m_it − lse_i·log2(e))·S_ij/σ,
-with one read and one write per element and no GEMM (m_it ≤ lse_i·log2(e): no overflow).
+with one read and one write per element and no GEMM. m_it ≤ lse_i·log2(e), except for a tile
+with no class of the row (m_it = 0, S = 0), where exp2(−lse·log2(e)) could overflow (lse < −88:
+0·inf = NaN); the exponent is clamped at 0, exact everywhere else.
 """
 
 import triton
@@ -96,7 +98,7 @@ def stored_to_workspace_kernel(
 
     row_factor = grad * x_inv * (kappa * scale_over_sigma)
     # m is in log2 units (the forward's z = logit·log2(e))
-    e = s * tl.exp2(m - lse[:, None] * 1.4426950408889634) * row_factor[:, None] * w_inv[None, :]
+    e = s * tl.exp2(tl.minimum(m - lse[:, None] * 1.4426950408889634, 0.0)) * row_factor[:, None] * w_inv[None, :]
     e = tl.where((grad != 0.0)[:, None], e, 0.0)
     tl.store(ws_ptr + rows[:, None] * stride_ws + lcols[None, :], e.to(ws_ptr.dtype.element_ty), mask=mask)
 

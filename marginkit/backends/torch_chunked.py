@@ -8,6 +8,9 @@ on CUDA, where per-chunk host work would otherwise bound the step).
 When every class fits one chunk (small B·C), ``row_losses`` takes the dense path instead:
 the forward keeps its (B, C) logits and (C, D) unit weights for the backward, which then
 skips the recomputation (one GEMM, the weight normalisation, the target mask).
+Memory-budget mode (``memory_budget``, as the Triton backend's): the forward keeps the
+exponentials of as many leading chunks as the budget holds, and the backward takes those
+chunks' probabilities from them instead of recomputing the logits GEMM.
 
 Backend protocol (``marginkit.backends``): ``lse_partials``, ``grads_from_lse``,
 ``row_losses``. ``sub_centers=K`` reads the weight as (C·K, D), K rows per class, and
@@ -59,13 +62,40 @@ def class_chunks(
 
 def online_lse_step(
     row_max: torch.Tensor, row_sumexp: torch.Tensor, logits: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge a (B, n) chunk of logits (−inf where excluded) into the running (max, Σexp)."""
-    new_max = torch.maximum(row_max, logits.max(dim=1).values)
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Merge a (B, n) chunk of logits (−inf where excluded) into the running (max, Σexp).
+
+    Returns (max, Σexp, shift (B,), exp(logits − shift) (B, n)); the exponentials are computed
+    in place of ``logits`` (the memory-budget mode keeps them: p = exp(logit − shift)·exp(shift − lse)).
+    """
+    new_max = torch.maximum(row_max, logits.amax(dim=1))
     # Rows whose max is still -inf shift by 0 instead (exp(-inf - -inf) would be NaN).
-    shift = torch.where(torch.isinf(new_max), torch.zeros_like(new_max), new_max)
-    row_sumexp = row_sumexp * torch.exp(row_max - shift) + torch.exp(logits - shift[:, None]).sum(dim=1)
-    return new_max, row_sumexp
+    shift = torch.where(torch.isinf(new_max), 0.0, new_max)
+    scaled_exp = logits.sub_(shift[:, None]).exp_()
+    row_sumexp = row_sumexp * torch.exp(row_max - shift) + scaled_exp.sum(dim=1)
+    return new_max, row_sumexp, shift, scaled_exp
+
+
+def shift_factor(shift: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """exp(shift − lse), the factor from exp(logit − shift) to p = exp(logit − lse).
+
+    shift ≤ max logit ≤ lse, except on a row with no class here (all logits −inf), whose shift
+    is 0: there exp(−lse) could overflow (lse = s·ψ < −88 in fp32) and 0·inf would be NaN.
+    Clamping the exponent at 0 is exact elsewhere and gives such rows their 0 probabilities.
+    """
+    return torch.exp((shift - lse).clamp_max_(0.0))
+
+
+def stored_chunk_bytes(num_rows: int, num_classes: int, element_size: int, sub_centers: int) -> int:
+    """Bytes the memory-budget mode keeps for one chunk of ``num_classes`` classes: its (B, n)
+    exponentials and (B,) shift, plus the (B, n) int64 winning sub-center with ``sub_centers > 1``."""
+    winner = 8 * num_rows * num_classes if sub_centers > 1 else 0
+    return num_rows * (num_classes + 1) * element_size + winner
+
+
+def _chunk_store_size(sub_centers: int) -> int:
+    """Tensors stored per chunk: exponentials, shift (and the winning sub-center)."""
+    return 3 if sub_centers > 1 else 2
 
 
 def _scaled_cos_chunk(x_unit, weight, w_inv_norm, start, stop, labels_local, scale, modulation, sub_centers):
@@ -103,8 +133,11 @@ def lse_partials(
     store: Optional[list] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row (max, Σ exp(logit − max)) over this weight's non-target classes.
-    ``memory_budget`` and ``store``: the protocol's memory-budget mode, accepted and ignored
-    (this backend keeps nothing: ``store`` stays empty and the backward recomputes).
+    ``memory_budget`` (bytes, None: no limit) and ``store`` (a list): the protocol's memory-budget
+    mode. For as many leading class chunks as the budget holds (``stored_chunk_bytes`` each), the
+    chunk's exp(logit − shift)·dN/dcos (B, n), its shift (B,) and, with sub-centers, its winning
+    sub-center (B, n) are appended to ``store`` for ``grads_from_lse``, which then skips their
+    logits GEMM. Nothing is kept with the default budget 0 or without a ``store``.
 
     embeddings (B, D), weight (C·K, D); labels_local (B,) int64: the class of the row's
     target in this weight (-1 when it is not here). Both outputs (B,), float32 (float64
@@ -119,11 +152,23 @@ def lse_partials(
     row_sumexp = torch.zeros(num_rows, dtype=dtype, device=embeddings.device)
     num_classes = weight.shape[0] // sub_centers
     budget = chunk_budget(embeddings.device, chunk_elements)
+    # bytes left for stored chunks: None (unlimited) → inf; no store → nothing is kept
+    room = 0.0 if store is None else (float("inf") if memory_budget is None else float(memory_budget))
     for start, stop in class_chunks(num_rows, num_classes, dim, budget, sub_centers):
-        logits, _, is_target, _, _ = _scaled_cos_chunk(
+        logits, _, is_target, slope, winner = _scaled_cos_chunk(
             x_unit, weight, w_inv_norm, start, stop, labels_local, scale, modulation, sub_centers
         )
-        row_max, row_sumexp = online_lse_step(row_max, row_sumexp, logits.masked_fill_(is_target, float("-inf")))
+        row_max, row_sumexp, shift, scaled_exp = online_lse_step(
+            row_max, row_sumexp, logits.masked_fill_(is_target, float("-inf"))
+        )
+        cost = stored_chunk_bytes(num_rows, stop - start, scaled_exp.element_size(), sub_centers)
+        if cost <= room:  # whole chunks from the first on, as the backward's loop meets them
+            room -= cost
+            store.extend((scaled_exp.mul_(slope) if slope is not None else scaled_exp, shift))
+            if sub_centers > 1:
+                store.append(winner)
+        else:
+            room = 0.0
     return row_max, row_sumexp
 
 
@@ -147,7 +192,8 @@ def grads_from_lse(
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Non-target share of the gradients of Σ_i grad_rows_i · loss_i, given the global
     log-sum-exp ``lse`` (B,). The target column is left out (``common.apply_target_gradients``).
-    ``store`` is ignored (always empty here); ``grad_x_ready`` is called with the embedding
+    ``store``: what ``lse_partials`` kept (its leading chunks need no logits GEMM; read, never
+    changed, so a second backward can reuse it); ``grad_x_ready`` is called with the embedding
     gradient just before returning (nothing of the weight gradient is deferred here).
 
     Returns (grad_embeddings (B, D) float32 (float64 for float64 inputs), grad_weight
@@ -164,15 +210,25 @@ def grads_from_lse(
     grad_weight = torch.empty_like(weight) if need_weight_grad else None
     num_classes = weight.shape[0] // sub_centers
     budget = chunk_budget(embeddings.device, chunk_elements)
-    for start, stop in class_chunks(num_rows, num_classes, dim, budget, sub_centers):
-        logits, w_unit, is_target, slope, winner = _scaled_cos_chunk(
-            x_unit, weight, w_inv_norm, start, stop, labels_local, scale, modulation, sub_centers
-        )
-        # d loss / d cos_j = s·g·p_j (· dN/dcos_j when modulated) off the target column.
-        grad_cos = torch.exp(logits - lse).mul_(g_scaled)
-        if slope is not None:
-            grad_cos.mul_(slope)
-        grad_cos.masked_fill_(is_target, 0.0)
+    per_chunk = _chunk_store_size(sub_centers)
+    for index, (start, stop) in enumerate(class_chunks(num_rows, num_classes, dim, budget, sub_centers)):
+        stored = store[index * per_chunk:(index + 1) * per_chunk]
+        if stored:
+            rows = slice(start * sub_centers, stop * sub_centers)
+            w_unit = weight[rows].to(x_unit.dtype) * w_inv_norm[rows, None]
+            scaled_exp, shift, *winners = stored
+            winner = winners[0] if winners else None
+            # p = exp(logit − shift)·exp(shift − lse); the forward folded dN/dcos in and zeroed the target
+            grad_cos = scaled_exp * (shift_factor(shift[:, None], lse) * g_scaled)
+        else:
+            logits, w_unit, is_target, slope, winner = _scaled_cos_chunk(
+                x_unit, weight, w_inv_norm, start, stop, labels_local, scale, modulation, sub_centers
+            )
+            # d loss / d cos_j = s·g·p_j (· dN/dcos_j when modulated) off the target column.
+            grad_cos = torch.exp(logits - lse).mul_(g_scaled)
+            if slope is not None:
+                grad_cos.mul_(slope)
+            grad_cos.masked_fill_(is_target, 0.0)
         if winner is not None:  # each (row, class) gradient goes to its winning sub-center
             routed = torch.zeros(num_rows, stop - start, sub_centers, dtype=grad_cos.dtype, device=grad_cos.device)
             grad_cos = routed.scatter_(2, winner[:, :, None], grad_cos[:, :, None]).view(num_rows, (stop - start) * sub_centers)
@@ -225,7 +281,7 @@ def dense_backward(embeddings, weight, saved, lse, grad_rows, scale, normalize, 
     x_inv, w_inv, x_unit, w_unit, shift, scaled_exp, slope = saved
     # p = exp(logit − lse) = exp(logit − shift)·exp(shift − lse): one (B, C) product, no second exp
     # (0 on the target column, whose exponential the forward already zeroed).
-    row_factor = torch.exp(shift - lse.to(shift.dtype)) * (grad_rows.to(shift.dtype) * scale)
+    row_factor = shift_factor(shift, lse.to(shift.dtype)) * (grad_rows.to(shift.dtype) * scale)
     grad_cos = scaled_exp * row_factor[:, None]
     if slope is not None:
         grad_cos.mul_(slope)
@@ -240,50 +296,56 @@ def dense_backward(embeddings, weight, saved, lse, grad_rows, scale, normalize, 
 
 
 class _ChunkedMarginCE(torch.autograd.Function):
-    """Per-row margin cross-entropy; saves O(B) tensors and recomputes in backward."""
+    """Per-row margin cross-entropy; saves O(B) tensors (plus what the dense path or the memory
+    budget keeps) and recomputes the rest in backward."""
 
     @staticmethod
-    def forward(ctx, embeddings, weight, labels_local, target_rows, target_logit, dtarget, scale, normalize, options):
+    def forward(
+        ctx, embeddings, weight, labels_local, target_rows, target_logit, dtarget, scale, normalize, options,
+        memory_budget,
+    ):
         ctx.dense = dense_fits(
             embeddings.shape[0], weight.shape[0], embeddings.shape[1], options["sub_centers"],
             chunk_budget(embeddings.device, options["chunk_elements"]),
         )
-        dense_saved = ()
+        kept = []  # the dense path's saved tensors, or the memory-budget store
         if ctx.dense:
-            row_max, row_sumexp, dense_saved = dense_forward(
+            row_max, row_sumexp, kept = dense_forward(
                 embeddings, weight, labels_local, scale, normalize, options["modulation"]
             )
         else:
-            row_max, row_sumexp = lse_partials(embeddings, weight, labels_local, scale, normalize, **options)
+            row_max, row_sumexp = lse_partials(
+                embeddings, weight, labels_local, scale, normalize, memory_budget=memory_budget, store=kept, **options
+            )
         losses, lse = combine_partials(row_max, row_sumexp, target_logit, scale)
         losses = torch.where(labels_local >= 0, losses, 0.0)
         # target_rows None: the target is the label's own row (passing labels_local twice would
         # be a duplicate input, which torch.compile cannot trace)
-        ctx.save_for_backward(embeddings, weight, labels_local, target_rows, dtarget, losses, lse, *dense_saved)
+        ctx.save_for_backward(embeddings, weight, labels_local, target_rows, dtarget, losses, lse, *kept)
         ctx.scale, ctx.normalize, ctx.options = scale, normalize, options
         return losses.to(compute_dtype(embeddings))
 
     @staticmethod
     @without_autocast
     def backward(ctx, grad_losses):
-        embeddings, weight, labels_local, target_rows, dtarget, losses, lse, *dense_saved = ctx.saved_tensors
+        embeddings, weight, labels_local, target_rows, dtarget, losses, lse, *kept = ctx.saved_tensors
         target_rows = labels_local if target_rows is None else target_rows
         grad_rows = torch.where(labels_local >= 0, grad_losses, 0.0)
         if ctx.dense:
             grad_embeddings, grad_weight = dense_backward(
-                embeddings, weight, dense_saved, lse, grad_rows, ctx.scale, ctx.normalize, ctx.needs_input_grad[1]
+                embeddings, weight, kept, lse, grad_rows, ctx.scale, ctx.normalize, ctx.needs_input_grad[1]
             )
         else:
             grad_embeddings, grad_weight = grads_from_lse(
                 embeddings, weight, labels_local, lse, grad_rows, ctx.scale, ctx.normalize,
-                need_weight_grad=ctx.needs_input_grad[1], **ctx.options,
+                need_weight_grad=ctx.needs_input_grad[1], store=kept, **ctx.options,
             )
         target_grad = target_gradient(losses, dtarget, grad_rows, ctx.scale)
         grad_embeddings = apply_target_gradients(
             grad_embeddings, grad_weight, embeddings, weight, target_rows, target_grad, ctx.normalize,
             embeddings.dtype,
         )
-        return grad_embeddings, grad_weight, None, None, None, None, None, None, None
+        return grad_embeddings, grad_weight, None, None, None, None, None, None, None, None
 
 
 def row_losses(
@@ -300,14 +362,18 @@ def row_losses(
     sub_centers: int = 1,
     target_rows: Optional[torch.Tensor] = None,
     chunk_elements: Optional[int] = None,
+    memory_budget: Optional[float] = 0,
 ) -> torch.Tensor:
     """Per-row losses (B,) (0 where labels_local < 0), differentiable in both inputs.
 
     target_logit / dtarget (B,): ψ(cos θ_y) and dψ/dcos θ_y, precomputed by the spec.
     target_rows (B,): the weight row of each target (default labels_local; the winning
     sub-center's row with ``sub_centers > 1``). float32 out (float64 for float64 inputs).
+    memory_budget: bytes of exponentials the forward may keep for the backward (None: no
+    limit; see ``lse_partials``); the dense path keeps its one chunk whatever it says.
     """
     options = dict(modulation=modulation, sub_centers=sub_centers, chunk_elements=chunk_elements)
     return _ChunkedMarginCE.apply(
-        embeddings, weight, labels_local, target_rows, target_logit, dtarget, float(scale), normalize, options
+        embeddings, weight, labels_local, target_rows, target_logit, dtarget, float(scale), normalize, options,
+        memory_budget,
     )

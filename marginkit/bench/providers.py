@@ -177,10 +177,10 @@ class MarginKitFast(MarginKit):
     name = "marginkit-fast"
     description = (
         "marginkit.margin_cross_entropy, memory_budget=None (the forward keeps every class's exp-scaled "
-        "logits, B*C*2 bytes in bf16: no recompute GEMM in the backward)"
+        "logits, B*C*2 bytes in bf16 on Triton, B*C*4 in fp32 on the torch backend: no recompute GEMM "
+        "in the backward)"
     )
     memory_budget = None
-    default_on_cpu = False  # the torch backend ignores the budget: on the CPU the marginkit row is this code
 
 
 # --------------------------------------------------------------------------------------

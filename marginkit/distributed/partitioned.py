@@ -115,10 +115,10 @@ class PartitionedMarginSoftmax(nn.Module):
             float64 for float64 inputs). ``torch.bfloat16`` halves the reduce-scatter's bytes;
             its rounding is measured in tests/distributed (about 2e-3 relative).
         memory_budget: bytes this rank may keep from the forward to the backward to skip
-            recomputing logits, as in ``mk.MarginSoftmax`` (Triton backend; the torch backend
-            ignores it): the exp-scaled logits of as many whole backward chunks of the rank's
-            classes as fit, over the global batch's N rows (N·C_r·(element size + 1/8) bytes
-            for all of them). 0 (default): none, the bounded workspace; None: no limit. With
+            recomputing logits, as in ``mk.MarginSoftmax``: the exp-scaled logits of as many
+            whole backward chunks of the rank's classes as fit, over the global batch's N rows
+            (all of them: N·C_r·(element size + 1/8) bytes on Triton, about N·C_r·4 on the torch
+            backend). 0 (default): none, the bounded workspace; None: no limit. With
             Partial FC the store covers the sampled rows (what the kernels see). Those chunks'
             dW GEMMs then run after the embedding gradient's reduce-scatter has been started,
             so it is on the wire behind them. A second backward through the same graph

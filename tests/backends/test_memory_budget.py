@@ -325,7 +325,7 @@ def test_the_backward_of_a_stored_chunk_allocates_no_recompute_buffers():
 
 
 # ------------------------------------------------------------------------------------------
-# The keyword on the modules, the torch backend, bad values
+# The keyword on the modules, a class-less tile, bad values
 # ------------------------------------------------------------------------------------------
 def test_margin_softmax_and_other_heads_take_the_budget():
     x, w, y = make(B=8, C=140, D=16, seed=16)
@@ -342,11 +342,18 @@ def test_margin_softmax_and_other_heads_take_the_budget():
     assert curricular.memory_budget == 0  # every head has it through ClassWeightHead
 
 
-def test_the_torch_backend_ignores_the_budget():
-    x, w, y = make(B=8, C=50, D=16, seed=17)
-    a = mk.margin_cross_entropy(x, w, y, backend="torch", memory_budget=None)
-    b = mk.margin_cross_entropy(x, w, y, backend="torch")
-    assert torch.equal(a, b)
+@pytest.mark.parametrize("budget", [0, None], ids=["recompute", "stored"])
+def test_a_row_with_no_other_class_gets_zero_gradients_at_a_large_scale(budget):
+    """One class (the target): loss and gradients are exactly 0. A stored tile with no class of
+    the row has tile max 0, and exp2(0 − lse·log2 e) overflowed at lse = s·ψ ≈ −270: 0·inf = NaN."""
+    w = torch.randn(1, 8, generator=torch.Generator().manual_seed(17))
+    x = (-w).expand(5, 8).clone().requires_grad_(True)  # cos θ_y = −1: ψ = −1.35 (CosFace 0.35)
+    w.requires_grad_(True)
+    labels = torch.zeros(5, dtype=torch.long)
+    with tb.tuning(**SMALL):
+        loss = mk.margin_cross_entropy(x, w, labels, mk.CosFace(0.35), 200.0, backend="triton", memory_budget=budget)
+        loss.backward()
+    assert all(torch.equal(t, torch.zeros_like(t)) for t in (loss.detach(), x.grad, w.grad))
 
 
 @pytest.mark.parametrize("bad", [-1, float("nan"), "2GB", True])

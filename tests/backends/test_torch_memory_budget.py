@@ -1,0 +1,200 @@
+"""The torch backend's memory-budget mode (``memory_budget``): the forward keeps the exponentials
+of as many leading class chunks as the budget holds, and the backward skips those chunks' logits
+GEMM. Every accuracy test runs the settings that matter (None: every chunk kept; a budget that
+holds only some chunks) against the float64 reference, and checks which path ran by counting
+GEMMs (each stored chunk saves exactly one)."""
+
+import pytest
+import torch
+
+import marginkit as mk
+from marginkit.backends import common, torch_chunked
+from marginkit.bench.memory import LiveTensorBytes
+from marginkit.modulation import NegativeModulation, curricular
+from tests.helpers import SPECS, loss_and_grads, make_inputs, rel_err, spec_id
+
+B, C, D = 9, 61, 8
+#: 2^8 elements per chunk at B + D = 17: 15 classes, so C = 61 is 5 chunks (4 of 15, one of 1).
+CHUNK_ELEMENTS = 256
+CHUNK_CLASSES = CHUNK_ELEMENTS // (B + D)
+NUM_CHUNKS = -(-C // CHUNK_CLASSES)
+
+
+def budget_for(chunks, element_size=4, rows=B, sub_centers=1):
+    """Bytes of exactly the first ``chunks`` whole chunks."""
+    return chunks * torch_chunked.stored_chunk_bytes(rows, CHUNK_CLASSES, element_size, sub_centers)
+
+
+class GemmCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts matrix products (each stored chunk skips one in the backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.gemms = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.gemms += func.overloadpacket.__name__ in ("mm", "addmm", "bmm", "matmul")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    monkeypatch.setattr(torch_chunked, "CHUNK_ELEMENTS", CHUNK_ELEMENTS)
+
+
+def public_step(x, w, y, spec, budget, **kwargs):
+    """(loss, grad x, grad w, GEMMs run) of the public call on the torch backend."""
+    with GemmCounter() as counter:
+        out = loss_and_grads(mk.margin_cross_entropy, x, w, y, spec, 32.0, backend="torch", memory_budget=budget,
+                             **kwargs)
+    return (*out, counter.gemms)
+
+
+def gemms_with(stored_chunks):
+    """Forward: one GEMM per chunk; backward: dX and dW per chunk, plus the recompute of unstored ones."""
+    return 3 * NUM_CHUNKS + (NUM_CHUNKS - stored_chunks)
+
+
+def assert_matches_reference(out, ref, tol):
+    for name, o, r in zip(("loss", "grad embeddings", "grad weight"), out, ref):
+        assert torch.isfinite(o).all(), name
+        assert rel_err(o, r) < tol, f"{name}: rel err {rel_err(o, r):.2e}"
+
+
+@pytest.mark.parametrize("stored", [NUM_CHUNKS, 2], ids=["all-chunks", "two-chunks"])
+@pytest.mark.parametrize("spec", SPECS, ids=spec_id)
+def test_every_spec_matches_the_float64_reference(spec, stored, small_chunks):
+    x, w, y = make_inputs(B, C, D, ignored=2, seed=1)
+    budget = None if stored == NUM_CHUNKS else budget_for(stored) + 100  # two chunks and change
+    *out, gemms = public_step(x, w, y, spec, budget)
+    assert gemms == gemms_with(stored)
+    assert_matches_reference(out, loss_and_grads(mk.reference.margin_cross_entropy, x, w, y, spec, 32.0), 1e-5)
+
+
+@pytest.mark.parametrize("margins", ["class_margins", "sample_margins"])
+def test_class_and_sample_margins_in_float64(margins, small_chunks):
+    """float64 inputs: the stored path is the recompute path's maths to rounding (1e-12)."""
+    x, w, y = make_inputs(B, C, D, dtype=torch.float64, ignored=1, seed=2)
+    size = C if margins == "class_margins" else B
+    values = torch.linspace(0.1, 0.6, size, dtype=torch.float64)
+    kwargs = {margins: values}
+    spec = mk.ArcFace(0.5)
+    ref = loss_and_grads(mk.reference.margin_cross_entropy, x, w, y, spec, 32.0, **kwargs)
+    for budget in (None, budget_for(3, element_size=8)):
+        *out, _ = public_step(x, w, y, spec, budget, **kwargs)
+        assert_matches_reference(out, ref, 1e-12)
+
+
+@pytest.mark.parametrize("kind", ["curricular", "interclass-filter"])
+def test_a_negative_modulation_is_folded_into_the_stored_chunks(kind, small_chunks):
+    """dN/dcos multiplies the kept exponentials once, in the forward: the gradients equal the recompute path's."""
+    x, w, _ = make_inputs(B, C, D, seed=3)
+    labels = torch.randint(0, C, (B,), generator=torch.Generator().manual_seed(3))
+    labels[0] = -1
+    if kind == "curricular":  # thresholds low enough that many negatives are modulated
+        modulation = curricular(torch.full((B,), -0.1), 0.3)
+    else:
+        modulation = NegativeModulation(torch.where(labels >= 0, 0.05, float("inf")), 0.0, 0.0)
+
+    def rows(budget):
+        xs, ws = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        psi, dpsi = mk.ArcFace(0.5).target_terms(common.target_cosine(xs, ws, labels, True), None)
+        losses = torch_chunked.row_losses(xs, ws, labels, psi, dpsi, 32.0, True, modulation=modulation,
+                                          memory_budget=budget)
+        weights = torch.linspace(0.5, 1.5, B)
+        return (losses.detach(), *torch.autograd.grad((losses * weights).sum(), (xs, ws)))
+
+    recompute = rows(0)
+    for budget in (None, budget_for(2)):
+        for name, a, b in zip(("losses", "grad x", "grad w"), rows(budget), recompute):
+            assert rel_err(a, b) < 1e-6, f"{name} (budget {budget}): {rel_err(a, b):.2e}"
+
+
+def test_sub_centers_keep_their_winners(small_chunks):
+    """Sub-center ArcFace (the torch backend's own territory on CUDA): the stored chunks keep each
+    class's winning sub-center, and the routed gradients equal the recompute path's and the reference's."""
+    k = 3
+    x, w, y = make_inputs(B, C * k, D, seed=4)
+    y = y % C
+    head = mk.SubCenterArcFace(C, D, k=k, margin=mk.ArcFace(0.5), scale=32.0)
+    with torch.no_grad():
+        head.weight.copy_(w)
+    results = {}
+    for budget in (0, None, budget_for(2, sub_centers=k) * k):
+        head.memory_budget = budget
+        head.zero_grad()
+        xs = x.clone().requires_grad_(True)
+        head(xs, y).backward()
+        results[budget] = (xs.grad, head.weight.grad.clone())
+    # the reference: ArcFace on each row's best sub-center per class, through the float64 oracle
+    cos = torch.nn.functional.normalize(x.double(), dim=1) @ torch.nn.functional.normalize(w.double(), dim=1).T
+    best = cos.view(B, C, k).argmax(dim=2)
+    w_best = w.double().view(C, k, D)[torch.arange(C), best[0]]  # row 0's winners, to check one row exactly
+    ref = loss_and_grads(mk.reference.margin_cross_entropy, x[:1].double(), w_best, y[:1], mk.ArcFace(0.5), 32.0)
+    for budget, (gx, gw) in results.items():
+        assert rel_err(gx, results[0][0]) < 1e-6 and rel_err(gw, results[0][1]) < 1e-6, budget
+    one_row = mk.SubCenterArcFace(C, D, k=k, margin=mk.ArcFace(0.5), scale=32.0)
+    one_row.memory_budget = None
+    with torch.no_grad():
+        one_row.weight.copy_(w)
+    x0 = x[:1].clone().requires_grad_(True)
+    one_row(x0, y[:1]).backward()
+    assert rel_err(x0.grad, ref[1]) < 1e-5
+
+
+def test_which_chunks_are_kept_follows_the_budget():
+    """Whole chunks from the first on; a chunk that does not fit ends the store (no gaps)."""
+    x, w, y = make_inputs(B, C, D, seed=5)
+    one = torch_chunked.stored_chunk_bytes(B, CHUNK_CLASSES, 4, 1)
+    assert one == B * (CHUNK_CLASSES + 1) * 4
+    for budget, chunks in ((0, 0), (one - 1, 0), (one, 1), (3 * one + 5, 3), (None, NUM_CHUNKS)):
+        store = []
+        torch_chunked.lse_partials(x, w, y, 32.0, True, chunk_elements=CHUNK_ELEMENTS, memory_budget=budget,
+                                   store=store)
+        assert len(store) == 2 * chunks, budget
+        assert [t.shape for t in store[:2]] == ([(B, CHUNK_CLASSES), (B,)] if chunks else [])
+
+
+def test_peak_extra_memory_follows_the_budget(small_chunks):
+    """What the loss holds from forward to backward: exactly the kept chunks on top of the default."""
+    x, w, y = make_inputs(B, C, D, seed=6)
+
+    def peak(budget):
+        xs, ws = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        tracker = LiveTensorBytes(exclude=[xs, ws, y])
+        with tracker:
+            mk.margin_cross_entropy(xs, ws, y, backend="torch", memory_budget=budget).backward()
+        return tracker.peak
+
+    default = peak(0)
+    kept_all = NUM_CHUNKS * B * 4 + C * B * 4  # every shift and every exponential
+    assert kept_all - 64 <= peak(None) - default <= kept_all + 1024
+    two = budget_for(2)
+    assert two - 64 <= peak(two) - default <= two + 1024
+
+
+def test_a_second_backward_reuses_the_untouched_store(small_chunks):
+    x, w, y = make_inputs(B, C, D, seed=7)
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    loss = mk.margin_cross_entropy(x, w, y, backend="torch", memory_budget=None)
+    first = torch.autograd.grad(loss, (x, w), retain_graph=True)
+    second = torch.autograd.grad(loss, (x, w))
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+@pytest.mark.parametrize("budget", [0, None], ids=["recompute", "stored"])
+@pytest.mark.parametrize("chunk_elements", [None, 5], ids=["dense", "one-class-chunks"])
+def test_a_row_with_no_other_class_gets_zero_gradients_at_a_large_scale(budget, chunk_elements):
+    """One class (the target): no other class, so loss and gradients are exactly 0. A stored or
+    dense chunk turns exp(logit − shift) into p with exp(shift − lse); with shift 0 and
+    lse = s·ψ ≈ −260 that factor overflowed to inf, and 0·inf made every gradient NaN."""
+    x, w, _ = make_inputs(5, 1, D, seed=8)
+    x = -w.expand(5, D).clone()  # cos θ_y = −1: ψ = −1.35, the target logit −270 at s = 200
+    labels = torch.zeros(5, dtype=torch.long)
+    psi, dpsi = mk.CosFace(0.35).target_terms(common.target_cosine(x, w, labels, True), None)
+    xs, ws = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    losses = torch_chunked.row_losses(xs, ws, labels, psi, dpsi, 200.0, True, chunk_elements=chunk_elements,
+                                      memory_budget=budget)
+    grads = torch.autograd.grad(losses.sum(), (xs, ws))
+    assert all(torch.equal(t, torch.zeros_like(t)) for t in (losses.detach(), *grads))
