@@ -1,4 +1,4 @@
-"""Shared test data: the margin specs every backend is checked with, error measures, and a host-read counter."""
+"""Shared test data: the margin specs every backend is checked with, error measures, a host-read counter and a GEMM counter."""
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -69,4 +69,16 @@ class SyncCounter(TorchDispatchMode):
         name = func.__name__.split(".")[0]
         if name in self.SYNCS:
             self.syncs.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+class GemmCounter(TorchDispatchMode):
+    """Counts the matrix products (mm, addmm, bmm, matmul) run while it is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.gemms = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.gemms += func.overloadpacket.__name__ in ("mm", "addmm", "bmm", "matmul")
         return func(*args, **(kwargs or {}))

@@ -7,7 +7,9 @@ import torch
 import marginkit as mk
 from marginkit.backends import common, torch_chunked
 from marginkit.modulation import NegativeModulation, curricular
-from tests.helpers import GRADIENT_MODES, SPECS, loss_and_grads, make_inputs, rel_err, spec_id, with_gradient
+from tests.helpers import (
+    GRADIENT_MODES, SPECS, GemmCounter, loss_and_grads, make_inputs, rel_err, spec_id, with_gradient,
+)
 
 #: A budget of 5 elements: one class per chunk at any B, D, so the chunked path runs.
 CHUNKED = 5
@@ -103,23 +105,13 @@ def test_dense_path_with_fp32_master_weights_and_a_frozen_weight():
         mk.margin_cross_entropy, x, w, y, mk.ArcFace(0.5), 32.0, backend="torch")[1], rtol=0, atol=0)
 
 
-class MatmulCounter(torch.utils._python_dispatch.TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.gemms = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.gemms += func.overloadpacket.__name__ in ("mm", "addmm", "bmm", "matmul")
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("chunk_elements, gemms", [(None, 3), (1 << 30, 3), (180, 2 + 2 * 3)])
 def test_dense_path_skips_the_backwards_recomputation(chunk_elements, gemms):
     """Dense: logits, dX, dW (3 GEMMs). Chunked (180 elements: 18 classes of B + D = 10, so
     2 chunks): the forward's logits per chunk, then the backward recomputes them, dX, dW."""
     x, w, _ = make_inputs(B=6, C=20, D=4, seed=6)
     labels = labels_with_ignored(20, 6, seed=6)
-    with MatmulCounter() as counter:
+    with GemmCounter() as counter:
         rows_losses_and_grads(x, w, labels, mk.CosFace(), chunk_elements=chunk_elements)
     assert counter.gemms == gemms
 

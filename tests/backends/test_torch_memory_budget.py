@@ -11,7 +11,7 @@ import marginkit as mk
 from marginkit.backends import common, torch_chunked
 from marginkit.bench.memory import LiveTensorBytes
 from marginkit.modulation import NegativeModulation, curricular
-from tests.helpers import SPECS, loss_and_grads, make_inputs, rel_err, spec_id
+from tests.helpers import SPECS, GemmCounter, loss_and_grads, make_inputs, rel_err, spec_id
 
 B, C, D = 9, 61, 8
 #: 2^8 elements per chunk at B + D = 17: 15 classes, so C = 61 is 5 chunks (4 of 15, one of 1).
@@ -23,18 +23,6 @@ NUM_CHUNKS = -(-C // CHUNK_CLASSES)
 def budget_for(chunks, element_size=4, rows=B, sub_centers=1):
     """Bytes of exactly the first ``chunks`` whole chunks."""
     return chunks * torch_chunked.stored_chunk_bytes(rows, CHUNK_CLASSES, element_size, sub_centers)
-
-
-class GemmCounter(torch.utils._python_dispatch.TorchDispatchMode):
-    """Counts matrix products (each stored chunk skips one in the backward)."""
-
-    def __init__(self):
-        super().__init__()
-        self.gemms = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.gemms += func.overloadpacket.__name__ in ("mm", "addmm", "bmm", "matmul")
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.fixture
@@ -112,34 +100,31 @@ def test_a_negative_modulation_is_folded_into_the_stored_chunks(kind, small_chun
 
 def test_sub_centers_keep_their_winners(small_chunks):
     """Sub-center ArcFace (the torch backend's own territory on CUDA): the stored chunks keep each
-    class's winning sub-center, and the routed gradients equal the recompute path's and the reference's."""
+    class's winning sub-center, so the routed gradients equal the recompute path's; and one row
+    equals ArcFace on its winning sub-centers through the float64 reference."""
     k = 3
     x, w, y = make_inputs(B, C * k, D, seed=4)
     y = y % C
     head = mk.SubCenterArcFace(C, D, k=k, margin=mk.ArcFace(0.5), scale=32.0)
     with torch.no_grad():
         head.weight.copy_(w)
-    results = {}
-    for budget in (0, None, budget_for(2, sub_centers=k) * k):
+
+    def grads(rows, budget):
         head.memory_budget = budget
         head.zero_grad()
-        xs = x.clone().requires_grad_(True)
-        head(xs, y).backward()
-        results[budget] = (xs.grad, head.weight.grad.clone())
-    # the reference: ArcFace on each row's best sub-center per class, through the float64 oracle
-    cos = torch.nn.functional.normalize(x.double(), dim=1) @ torch.nn.functional.normalize(w.double(), dim=1).T
-    best = cos.view(B, C, k).argmax(dim=2)
-    w_best = w.double().view(C, k, D)[torch.arange(C), best[0]]  # row 0's winners, to check one row exactly
-    ref = loss_and_grads(mk.reference.margin_cross_entropy, x[:1].double(), w_best, y[:1], mk.ArcFace(0.5), 32.0)
-    for budget, (gx, gw) in results.items():
-        assert rel_err(gx, results[0][0]) < 1e-6 and rel_err(gw, results[0][1]) < 1e-6, budget
-    one_row = mk.SubCenterArcFace(C, D, k=k, margin=mk.ArcFace(0.5), scale=32.0)
-    one_row.memory_budget = None
-    with torch.no_grad():
-        one_row.weight.copy_(w)
-    x0 = x[:1].clone().requires_grad_(True)
-    one_row(x0, y[:1]).backward()
-    assert rel_err(x0.grad, ref[1]) < 1e-5
+        xs = x[:rows].clone().requires_grad_(True)
+        head(xs, y[:rows]).backward()
+        return xs.grad, head.weight.grad.clone()
+
+    recompute = grads(B, 0)
+    for budget in (None, budget_for(2, sub_centers=k) * k):
+        for name, a, b in zip(("grad x", "grad w"), grads(B, budget), recompute):
+            assert rel_err(a, b) < 1e-6, f"{name} (budget {budget}): {rel_err(a, b):.2e}"
+    unit = torch.nn.functional.normalize
+    winners = (unit(x[:1].double(), dim=1) @ unit(w.double(), dim=1).T).view(C, k).argmax(dim=1)
+    w_winners = w.double().view(C, k, D)[torch.arange(C), winners]
+    ref = loss_and_grads(mk.reference.margin_cross_entropy, x[:1].double(), w_winners, y[:1], mk.ArcFace(0.5), 32.0)
+    assert rel_err(grads(1, None)[0], ref[1]) < 1e-5
 
 
 def test_which_chunks_are_kept_follows_the_budget():
