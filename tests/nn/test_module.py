@@ -33,8 +33,18 @@ def test_module_rejects_bad_sizes():
         mk.MarginSoftmax(10, 8, scale=0)
 
 
-def test_model_with_the_head_compiles_fullgraph():
-    """torch.compile(fullgraph=True) traces the whole loss (value checks run eagerly only)."""
+@pytest.mark.parametrize(
+    "chunk_elements, memory_budget",
+    [(None, 0), (16 * (6 + 16), 0), (16 * (6 + 16), None)],
+    ids=["dense", "chunked", "chunked-every-chunk-stored"],
+)
+def test_model_with_the_head_compiles_fullgraph(chunk_elements, memory_budget, monkeypatch):
+    """torch.compile(fullgraph=True) traces the whole loss (value checks run eagerly only), on the
+    torch backend's dense path and its chunked one (16-class chunks), with and without the store."""
+    from marginkit.backends import torch_chunked
+
+    if chunk_elements is not None:
+        monkeypatch.setattr(torch_chunked, "CHUNK_ELEMENTS", chunk_elements)
     torch._dynamo.reset()
     torch.manual_seed(0)
 
@@ -42,7 +52,7 @@ def test_model_with_the_head_compiles_fullgraph():
         def __init__(self):
             super().__init__()
             self.proj = torch.nn.Linear(12, 16)
-            self.head = mk.MarginSoftmax(40, 16, mk.ArcFace(0.5), 32.0, backend="torch")
+            self.head = mk.MarginSoftmax(40, 16, mk.ArcFace(0.5), 32.0, backend="torch", memory_budget=memory_budget)
 
         def forward(self, feats, labels):
             return self.head(self.proj(feats), labels)
