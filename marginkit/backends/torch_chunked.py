@@ -86,10 +86,15 @@ def shift_factor(shift: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
     return torch.exp((shift - lse).clamp_max_(0.0))
 
 
+def winner_dtype(sub_centers: int) -> torch.dtype:
+    """The stored winning sub-center's dtype: the smallest that holds K − 1 (1 byte up to K = 256)."""
+    return torch.uint8 if sub_centers <= 256 else torch.int32
+
+
 def stored_chunk_bytes(num_rows: int, num_classes: int, element_size: int, sub_centers: int) -> int:
     """Bytes the memory-budget mode keeps for one chunk of ``num_classes`` classes: its (B, n)
-    exponentials and (B,) shift, plus the (B, n) int64 winning sub-center with ``sub_centers > 1``."""
-    winner = 8 * num_rows * num_classes if sub_centers > 1 else 0
+    exponentials and (B,) shift, plus the (B, n) winning sub-center with ``sub_centers > 1``."""
+    winner = num_rows * num_classes * winner_dtype(sub_centers).itemsize if sub_centers > 1 else 0
     return num_rows * (num_classes + 1) * element_size + winner
 
 
@@ -166,7 +171,7 @@ def lse_partials(
             room -= cost
             store.extend((scaled_exp.mul_(slope) if slope is not None else scaled_exp, shift))
             if sub_centers > 1:
-                store.append(winner)
+                store.append(winner.to(winner_dtype(sub_centers)))
         else:
             room = 0.0
     return row_max, row_sumexp
@@ -217,7 +222,7 @@ def grads_from_lse(
             rows = slice(start * sub_centers, stop * sub_centers)
             w_unit = weight[rows].to(x_unit.dtype) * w_inv_norm[rows, None]
             scaled_exp, shift, *winners = stored
-            winner = winners[0] if winners else None
+            winner = winners[0].long() if winners else None  # scatter_ takes int64 indices
             # p = exp(logit − shift)·exp(shift − lse); the forward folded dN/dcos in and zeroed the target
             grad_cos = scaled_exp * (shift_factor(shift[:, None], lse) * g_scaled)
         else:

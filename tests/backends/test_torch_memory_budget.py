@@ -38,9 +38,11 @@ def public_step(x, w, y, spec, budget, **kwargs):
     return (*out, counter.gemms)
 
 
-def gemms_with(stored_chunks):
-    """Forward: one GEMM per chunk; backward: dX and dW per chunk, plus the recompute of unstored ones."""
-    return 3 * NUM_CHUNKS + (NUM_CHUNKS - stored_chunks)
+def gemms_with(stored_chunks, chunk_classes=CHUNK_CLASSES, sub_centers=1):
+    """Forward: one GEMM per chunk (and the target column's with sub-centers); backward: dX and dW
+    per chunk, plus the recompute of unstored ones."""
+    chunks = -(-C // chunk_classes)
+    return 4 * chunks - stored_chunks + (sub_centers > 1)
 
 
 def assert_matches_reference(out, ref, tol):
@@ -117,8 +119,13 @@ def test_sub_centers_keep_their_winners(small_chunks):
         return xs.grad, head.weight.grad.clone()
 
     recompute = grads(B, 0)
-    for budget in (None, budget_for(2, sub_centers=k) * k):
-        for name, a, b in zip(("grad x", "grad w"), grads(B, budget), recompute):
+    classes = CHUNK_ELEMENTS // ((B + D) * k)  # 5 classes (15 weight rows) a chunk: 13 chunks
+    two_chunks = 2 * torch_chunked.stored_chunk_bytes(B, classes, 4, k)
+    for budget, stored in ((None, -(-C // classes)), (two_chunks, 2)):
+        with GemmCounter() as counter:
+            got = grads(B, budget)
+        assert counter.gemms == gemms_with(0, classes, k) - stored
+        for name, a, b in zip(("grad x", "grad w"), got, recompute):
             assert rel_err(a, b) < 1e-6, f"{name} (budget {budget}): {rel_err(a, b):.2e}"
     unit = torch.nn.functional.normalize
     winners = (unit(x[:1].double(), dim=1) @ unit(w.double(), dim=1).T).view(C, k).argmax(dim=1)
