@@ -319,7 +319,9 @@ def margin_loss(
         options = {"modulation": modulation, "deterministic": deterministic}
         if sub_centers > 1:
             options.update(sub_centers=sub_centers, target_rows=rows)
-        options["memory_budget"] = memory_budget
+        # nothing to keep for a backward that will not run (no_grad, inference, everything frozen)
+        backward_runs = torch.is_grad_enabled() and (embeddings.requires_grad or weight.requires_grad)
+        options["memory_budget"] = memory_budget if backward_runs else 0
         if feature_norm_scale:
             losses = _norm_scaled_row_losses(engine, embeddings, weight, labels_local, psi, dpsi, cos, scale, options)
         else:

@@ -54,8 +54,10 @@ def margin_cross_entropy(
         memory_budget: bytes of extra memory the loss may hold from the forward to the backward to
             go faster. The forward keeps the exp-scaled logits of as many whole backward chunks as
             fit, and the backward skips recomputing them (three GEMM passes instead of four).
-            Triton: compute dtype, B·(element size + 1/8) bytes per class; torch backend: float32,
-            B·4 bytes per class and B·4 per chunk. 0 (default): none kept, the bounded workspace
+            Triton: compute dtype, B·(element size + 1/8) bytes per class; torch backend: compute
+            dtype (float32, float64 for float64 inputs), B·element size per class (+ B for sub-center
+            heads' winners) and B·element size per chunk. Nothing is kept when no backward will run
+            (``torch.no_grad()``, no input requiring grad). 0 (default): none kept, the bounded workspace
             (peak extra ~64 MiB at B = 1024). None: unlimited, all C kept (2.03 GiB at B = 1024,
             C = 1M in bf16 on Triton), the fastest setting. The torch backend keeps its one chunk
             (≤ 8 MiB) whatever the budget when every class fits in it.

@@ -69,11 +69,16 @@ def online_lse_step(
     in place of ``logits`` (the memory-budget mode keeps them: p = exp(logit − shift)·exp(shift − lse)).
     """
     new_max = torch.maximum(row_max, logits.amax(dim=1))
-    # Rows whose max is still -inf shift by 0 instead (exp(-inf - -inf) would be NaN).
-    shift = torch.where(torch.isinf(new_max), 0.0, new_max)
-    scaled_exp = logits.sub_(shift[:, None]).exp_()
+    shift, scaled_exp = exp_below(logits, new_max)
     row_sumexp = row_sumexp * torch.exp(row_max - shift) + scaled_exp.sum(dim=1)
     return new_max, row_sumexp, shift, scaled_exp
+
+
+def exp_below(logits: torch.Tensor, row_max: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(shift (B,), exp(logits − shift) (B, n) in place of ``logits``): shift is the row's max,
+    or 0 where that max is −inf (no class: exp(−inf − −inf) would be NaN)."""
+    shift = torch.where(torch.isinf(row_max), 0.0, row_max)
+    return shift, logits.sub_(shift[:, None]).exp_()
 
 
 def shift_factor(shift: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
@@ -103,14 +108,19 @@ def _chunk_store_size(sub_centers: int) -> int:
     return 3 if sub_centers > 1 else 2
 
 
+def _unit_rows(weight, w_inv_norm, start, stop, sub_centers, dtype):
+    """The unit weight rows (n·K, D) of classes [start, stop), in ``dtype``."""
+    rows = slice(start * sub_centers, stop * sub_centers)
+    return weight[rows].to(dtype) * w_inv_norm[rows, None]
+
+
 def _scaled_cos_chunk(x_unit, weight, w_inv_norm, start, stop, labels_local, scale, modulation, sub_centers):
     """s·N(cos) of classes [start, stop).
 
     Returns (logits (B, n), w_unit (n·K, D), target mask (B, n), dN/dcos (B, n) or None,
     winning sub-center (B, n) or None).
     """
-    rows = slice(start * sub_centers, stop * sub_centers)
-    w_unit = weight[rows].to(x_unit.dtype) * w_inv_norm[rows, None]
+    w_unit = _unit_rows(weight, w_inv_norm, start, stop, sub_centers, x_unit.dtype)
     cos = x_unit @ w_unit.T
     winner = None
     if sub_centers > 1:
@@ -219,8 +229,7 @@ def grads_from_lse(
     for index, (start, stop) in enumerate(class_chunks(num_rows, num_classes, dim, budget, sub_centers)):
         stored = store[index * per_chunk:(index + 1) * per_chunk]
         if stored:
-            rows = slice(start * sub_centers, stop * sub_centers)
-            w_unit = weight[rows].to(x_unit.dtype) * w_inv_norm[rows, None]
+            w_unit = _unit_rows(weight, w_inv_norm, start, stop, sub_centers, x_unit.dtype)
             scaled_exp, shift, *winners = stored
             winner = winners[0].long() if winners else None  # scatter_ takes int64 indices
             # p = exp(logit − shift)·exp(shift − lse); the forward folded dN/dcos in and zeroed the target
@@ -274,9 +283,7 @@ def dense_forward(embeddings, weight, labels_local, scale, normalize, modulation
     column, owned = target_classes(labels_local[:, None], weight.shape[0])
     logits.scatter_(1, column, torch.where(owned, float("-inf"), logits.gather(1, column)))
     row_max = logits.amax(dim=1)
-    # Rows whose max is −inf (no other class) shift by 0 (exp(−inf − −inf) would be NaN).
-    shift = torch.where(torch.isinf(row_max), 0.0, row_max)
-    scaled_exp = logits.sub_(shift[:, None]).exp_()
+    shift, scaled_exp = exp_below(logits, row_max)
     return row_max, scaled_exp.sum(dim=1), (x_inv, w_inv, x_unit, w_unit, shift, scaled_exp, slope)
 
 

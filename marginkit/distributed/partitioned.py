@@ -122,7 +122,7 @@ class PartitionedMarginSoftmax(nn.Module):
             Partial FC the store covers the sampled rows (what the kernels see). Those chunks'
             dW GEMMs then run after the embedding gradient's reduce-scatter has been started,
             so it is on the wire behind them. A second backward through the same graph
-            (``retain_graph=True``) recomputes every chunk (the first consumed the store).
+            (``retain_graph=True``) recomputes every chunk (on Triton the first consumed the store).
             Ranks may use different budgets (same results to rounding); settable later as
             ``head.memory_budget``.
         dtype, device: of ``.weight``.

@@ -21,8 +21,8 @@ backward
 
 Memory-budget mode (``StepPlan.memory_budget``): the forward's ``lse_partials`` stores the
 exp-scaled logits of as many whole chunks of the local (sampled, with Partial FC) weight as
-the budget holds, saved for the backward; the first backward consumes them in place, so a
-second backward through the same graph (``retain_graph=True``) recomputes every chunk.
+the budget holds, saved for the backward; the first backward consumes them (Triton's in place),
+so a second backward through the same graph (``retain_graph=True``) recomputes every chunk.
 
 The Function touches no module state: it returns what it sampled and a device-side record
 of what went wrong (bad labels, a rank's rejected input, a configuration digest mismatch).

@@ -70,8 +70,9 @@ def test_class_and_sample_margins_in_float64(margins, small_chunks):
     kwargs = {margins: values}
     spec = mk.ArcFace(0.5)
     ref = loss_and_grads(mk.reference.margin_cross_entropy, x, w, y, spec, 32.0, **kwargs)
-    for budget in (None, budget_for(3, element_size=8)):
-        *out, _ = public_step(x, w, y, spec, budget, **kwargs)
+    for budget, stored in ((None, NUM_CHUNKS), (budget_for(3, element_size=8), 3)):
+        *out, gemms = public_step(x, w, y, spec, budget, **kwargs)
+        assert gemms == gemms_with(stored)
         assert_matches_reference(out, ref, 1e-12)
 
 
@@ -163,6 +164,22 @@ def test_peak_extra_memory_follows_the_budget(small_chunks):
     assert kept_all - 64 <= peak(None) - default <= kept_all + 1024
     two = budget_for(2)
     assert two - 64 <= peak(two) - default <= two + 1024
+
+
+def test_nothing_is_kept_when_no_backward_will_run(small_chunks):
+    """Inference (no_grad) and frozen inputs keep nothing, whatever the budget."""
+    x, w, y = make_inputs(B, C, D, seed=9)
+
+    def peak(budget, grad_enabled, requires_grad):
+        xs, ws = x.clone().requires_grad_(requires_grad), w.clone().requires_grad_(requires_grad)
+        tracker = LiveTensorBytes(exclude=[xs, ws, y])
+        with tracker, torch.set_grad_enabled(grad_enabled):
+            mk.margin_cross_entropy(xs, ws, y, backend="torch", memory_budget=budget)
+        return tracker.peak
+
+    for grad_enabled, requires_grad in ((False, True), (True, False)):
+        assert peak(None, grad_enabled, requires_grad) == peak(0, grad_enabled, requires_grad)
+    assert peak(None, True, True) > peak(0, True, True)  # the store, when a backward will run
 
 
 def test_a_second_backward_reuses_the_untouched_store(small_chunks):

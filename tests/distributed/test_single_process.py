@@ -89,6 +89,29 @@ def test_single_process_head_with_a_memory_budget_on_the_torch_backend(case, bud
     assert gemms[0] - gemms[budget] == (7 if budget is None else 2)  # C = 103: 7 chunks of 16 classes
 
 
+@pytest.mark.parametrize("sparse_grad", [False, True], ids=["dense-grad", "sparse-grad"])
+def test_partial_fc_with_a_memory_budget_on_the_torch_backend(sparse_grad, monkeypatch):
+    """Partial FC stores over the sampled rows: the same sample, loss and gradients as without a
+    budget (the sampler's seed is the head's), and fewer GEMMs."""
+    from marginkit.backends import torch_chunked
+
+    monkeypatch.setattr(torch_chunked, "CHUNK_ELEMENTS", 16 * (23 + D))
+    x, labels = global_batch(2)
+    results = {}
+    for kept in (0, None):
+        head = make_head("arcface", sample_rate=0.5, sparse_grad=sparse_grad, memory_budget=kept)
+        xg = x.clone().requires_grad_(True)
+        with GemmCounter() as counter:
+            loss = head(xg, labels)
+            loss.backward()
+        grad_w = head.weight.grad.to_dense() if sparse_grad else head.weight.grad
+        results[kept] = (loss.detach(), xg.grad, grad_w, counter.gemms)
+    for name, a, b in zip(("loss", "grad x", "grad w"), results[None], results[0]):
+        assert rel_err(a, b) < 1e-6, name
+    assert results[0][2].abs().sum(dim=1).gt(0).sum() < C  # the sample left classes out
+    assert results[None][3] < results[0][3]
+
+
 def test_seeded_init_does_not_depend_on_sharding():
     full = seeded_normal_rows(0, 10_000, 10_000, 4, seed=3, std=0.01, device="cpu", dtype=torch.float32)
     for world in (2, 3, 7):
