@@ -15,6 +15,7 @@ from torch import nn
 from marginkit import backends
 from marginkit._pipeline import autocast_inputs, no_autocast, reduce_losses
 from marginkit.cuda_graphs import refuse_capture
+from marginkit.recomputation import refuse_recomputation
 from marginkit.distributed.agreement import FLOAT_DIGEST_BITS, check_agreement, config_digest, head_config
 from marginkit.distributed.checkpoint import gather_full_state, load_full_state, sharded_state
 from marginkit.distributed.device_sampling import fixed_sample_size
@@ -328,6 +329,8 @@ class PartitionedMarginSoftmax(nn.Module):
     def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
         """local_embeddings (b, D), local_labels (b,) global ids -> the global loss (every rank alike)."""
         refuse_capture(self, "checks every rank's input alike on the host (each step, or a record read at the next call)")
+        if self.training and self.sampling:  # every rank alike: the refusal precedes any collective
+            refuse_recomputation(self, "Partial FC sampler step")
         raise_recorded(self, self._pending.take())
         x, labels = local_embeddings, local_labels
         if isinstance(x, torch.Tensor) and x.dim() == 2:

@@ -10,6 +10,7 @@ import torch
 from marginkit import backends
 from marginkit.backends.common import target_cosine
 from marginkit.cuda_graphs import refuse_capture
+from marginkit.recomputation import refuse_recomputation
 from marginkit.nn._head import ClassWeightHead
 from marginkit.specs import COS_CLAMP, NoMargin
 
@@ -86,6 +87,8 @@ class AdaCos(ClassWeightHead):
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         refuse_capture(self, "reads its running scale on the host every step (a kernel argument)")
+        if self.training:
+            refuse_recomputation(self, "scale")
         self.check_batch(embeddings, labels, refuse_non_finite=self.training)
         s_new = self.dynamic_scale(embeddings, labels) if self.training else None
         s = float(self.scale) if s_new is None else s_new

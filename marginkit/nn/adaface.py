@@ -9,6 +9,7 @@ import torch
 from marginkit.backends.common import compute_dtype
 from marginkit.errors import check_real
 from marginkit.nn._head import ClassWeightHead
+from marginkit.recomputation import refuse_recomputation
 from marginkit.specs import AdaFaceMargin
 
 __all__ = ["AdaFace", "AdaFaceMargin"]
@@ -87,6 +88,8 @@ class AdaFace(ClassWeightHead):
         return ((norms - mean) / (std + self.eps) * self.h).clamp(-1.0, 1.0)
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            refuse_recomputation(self, "feature-norm statistics")
         self.check_batch(embeddings, labels, refuse_non_finite=True)  # a NaN norm has no margin, even in eval
         with torch.no_grad():
             norms = torch.linalg.vector_norm(embeddings.detach().to(torch.float64), dim=1).clamp(0.001, 100.0)

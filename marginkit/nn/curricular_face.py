@@ -34,6 +34,7 @@ import torch
 
 from marginkit._pipeline import margin_loss
 from marginkit.cuda_graphs import refuse_capture
+from marginkit.recomputation import refuse_recomputation
 from marginkit.errors import check_real
 from marginkit.modulation import curricular
 from marginkit.nn._head import ClassWeightHead
@@ -119,6 +120,8 @@ class CurricularFace(ClassWeightHead):
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         refuse_capture(self, "reads its running t on the host every step (a kernel argument)")
+        if self.training:
+            refuse_recomputation(self, "running t")
         self.check_batch(embeddings, labels, refuse_non_finite=self.training)
         proposed = {}
 

@@ -22,6 +22,7 @@ from torch import nn
 
 from marginkit.ops import class_statistics_update_
 from marginkit.cuda_graphs import refuse_capture
+from marginkit.recomputation import refuse_recomputation
 from marginkit.errors import check_positive_ints, check_real
 from marginkit.functional import margin_cross_entropy
 from marginkit.nn._head import KeepBufferDtypes
@@ -318,6 +319,7 @@ class FairLoss(KeepBufferDtypes):
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self.training:
             refuse_capture(self, "checks each training batch on the host and its agent steps on the host")
+            refuse_recomputation(self, "class statistics, step count and margins")
         group = sync_group(self.sync_statistics, self.process_group) if self.training else None
         loss, error = local_loss(lambda: self._checked_loss(embeddings, labels), group)
         if not self.training:

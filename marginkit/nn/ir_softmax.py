@@ -14,6 +14,7 @@ import torch
 
 from marginkit.ops import class_center_update_
 from marginkit.cuda_graphs import refuse_capture
+from marginkit.recomputation import refuse_recomputation
 from marginkit.errors import check_positive_ints, check_real
 from marginkit.functional import margin_cross_entropy
 from marginkit.nn._head import KeepBufferDtypes
@@ -102,6 +103,7 @@ class IRSoftmax(KeepBufferDtypes):
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self.training:
             refuse_capture(self, "checks each training batch on the host before it moves the class centers")
+            refuse_recomputation(self, "class centers")
         group = sync_group(self.sync_statistics, self.process_group) if self.training else None
         if group is not None and not self._centers_shared:
             broadcast_from_first_([self.centers], group)

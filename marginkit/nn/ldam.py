@@ -9,6 +9,7 @@ import torch
 
 from marginkit.errors import check_real
 from marginkit.nn._head import ClassWeightHead
+from marginkit.recomputation import refuse_recomputation
 from marginkit.specs import ArcFace, CosFace, MarginSpec
 
 __all__ = ["LDAMSoftmax", "ldam_margins"]
@@ -81,6 +82,8 @@ class LDAMSoftmax(ClassWeightHead):
         self.register_buffer("class_margins", ldam_margins(counts, self.max_margin).to(device))
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.training and self.online:
+            refuse_recomputation(self, "class counts and margins")
         self.check_batch(embeddings, labels, refuse_non_finite=self.training and self.online)
         counts, margins = self.class_counts, self.class_margins
         if self.training and self.online:
