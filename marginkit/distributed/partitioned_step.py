@@ -211,7 +211,7 @@ class PartitionedMarginCE(torch.autograd.Function):
         x, w, labels_local, live, dpsi, losses, lse, index, *store = ctx.saved_tensors
         if ctx.store_spent:  # retain_graph: the first backward overwrote the stored logits; recompute
             store = ()
-        ctx.store_spent = bool(store)
+        ctx.store_spent = ctx.store_spent or bool(store)  # spent for every later backward, not just the next
         plan = ctx.plan
         need_w = ctx.needs_input_grad[1]
         dtype = compute_dtype(x)

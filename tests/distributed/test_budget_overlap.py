@@ -7,7 +7,7 @@ on the Triton backend (interpreter) over gloo at W = 2.
   which chunks the backward took from the store (kernel launches counted);
 * the order of a backward: every kernel launch through passes.py's launchers and the
   reduce-scatter, recorded: the reduce-scatter is issued before the deferred dW launches;
-* a second backward through the same graph (``retain_graph=True``) recomputes and is right;
+* a second and a third backward through the same graph (``retain_graph=True``) recompute and are right;
 * Partial FC with the store over the sampled rows equals the same head without a store;
 * nothing new on the wire, and still 0 host syncs in a declared step.
 """
@@ -114,9 +114,11 @@ def _step(head, rank, log: EventLog, seed=1, retain=False):
     log.take()
     loss.backward(retain_graph=retain)
     out = dict(loss=loss.detach(), grad_x=xl.grad.clone(), grad_w=head.weight.grad.clone(), events=log.take())
-    if retain:
-        loss.backward()
+    if retain:  # a second and a third backward through the same graph
+        loss.backward(retain_graph=True)
         out.update(grad_x2=xl.grad.clone(), grad_w2=head.weight.grad.clone(), events2=log.take())
+        loss.backward()
+        out.update(grad_x3=xl.grad.clone(), grad_w3=head.weight.grad.clone(), events3=log.take())
     return out
 
 
@@ -235,15 +237,17 @@ def test_the_reduce_scatter_is_issued_before_the_deferred_dw_launches(runs):
         assert r["order"] == expected
 
 
-def test_a_second_backward_through_the_graph_recomputes_and_is_right(runs):
+def test_a_second_and_third_backward_through_the_graph_recompute_and_are_right(runs):
     recs = [r["retain"] for r in runs]
     truth = _float64_truth("arcface")
     _assert_close(_gathered(recs), truth, "first backward")
-    _assert_close(_gathered(recs, "2"), (truth[0], 2 * truth[1], 2 * truth[2]), "second backward (grads accumulate)")
+    for k in (2, 3):  # gradients accumulate
+        _assert_close(_gathered(recs, str(k)), (truth[0], k * truth[1], k * truth[2]), f"backward {k}")
     for r in recs:
         assert r["events"].count("stored") == 2 and r["events"].count("scores") == 0
-        # the store was consumed in place by the first: every chunk recomputed
-        assert r["events2"].count("stored") == 0 and r["events2"].count("scores") == 2
+        # the store was consumed in place by the first: every later backward recomputes every chunk
+        for later in ("events2", "events3"):
+            assert r[later].count("stored") == 0 and r[later].count("scores") == 2
 
 
 def test_partial_fc_stores_over_the_sampled_rows(runs):
