@@ -15,10 +15,13 @@ from marginkit.errors import MarginKitTypeError, check_bool, check_choice, check
 from marginkit.specs import MarginSpec, NoMargin
 from marginkit.validation import REDUCTIONS, check_head_arguments, check_labels, validate_inputs
 
-__all__ = ["KeepBufferDtypes", "ClassWeightHead", "check_loss_keywords"]
+__all__ = ["KeepBufferDtypes", "ClassWeightHead", "check_loss_keywords", "check_keyword_names", "take_loss_keywords"]
 
 #: insightface's heads start from normal(0, 0.01): small, so early cosines are near 0.
 WEIGHT_INIT_STD = 0.01
+#: keywords of ``margin_cross_entropy`` a head holds as attributes, and those it passes on per call
+HEAD_KEYWORDS = ("reduction", "ignore_index", "normalize", "backend", "deterministic", "memory_budget")
+PER_CALL_KEYWORDS = ("class_margins", "sample_margins", "interclass_filtering_threshold", "feature_norm_scale")
 
 
 def check_loss_keywords(reduction, ignore_index, normalize, backend, deterministic) -> None:
@@ -29,6 +32,28 @@ def check_loss_keywords(reduction, ignore_index, normalize, backend, determinist
     check_bool("normalize", normalize)
     check_choice("backend", backend, BACKENDS)
     check_bool("deterministic", deterministic)
+
+
+def check_keyword_names(head: str, given, allowed, also: str = "") -> None:
+    """``MarginKitTypeError`` naming the unknown ones among ``given`` and listing ``allowed`` (+ ``also``)."""
+    unknown = sorted(set(given) - set(allowed))
+    if unknown:
+        raise MarginKitTypeError(f"{head} got unknown keyword(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}{also}")
+
+
+def take_loss_keywords(head: str, loss_kwargs: dict, allowed) -> Optional[float]:
+    """For heads that pass ``**loss_kwargs`` on to the loss themselves (IRSoftmax, FairLoss): check
+    their names and values now, not at the first forward, and pop ``memory_budget`` (returned,
+    checked; default 0) so that it can live as the ``head.memory_budget`` attribute."""
+    check_keyword_names(head, loss_kwargs, allowed)
+    check_loss_keywords(
+        loss_kwargs.get("reduction", "mean"), loss_kwargs.get("ignore_index", -100),
+        loss_kwargs.get("normalize", True), loss_kwargs.get("backend", "auto"), loss_kwargs.get("deterministic", False),
+    )
+    memory_budget = loss_kwargs.pop("memory_budget", 0)
+    if memory_budget is not None:
+        check_real("memory_budget", memory_budget, low=0.0)
+    return memory_budget
 
 
 class KeepBufferDtypes(nn.Module):
@@ -83,7 +108,7 @@ class ClassWeightHead(KeepBufferDtypes):
         self.backend, self.deterministic = backend, deterministic
         if memory_budget is not None:
             check_real("memory_budget", memory_budget, low=0.0)
-        # bytes the Triton backend may keep from forward to backward (0: none, None: unlimited);
+        # bytes the backend may keep from forward to backward (0: none, None: unlimited);
         # every head has it: set ``head.memory_budget`` where a head's constructor does not take it
         self.memory_budget = memory_budget
         rows = weight_rows or num_classes

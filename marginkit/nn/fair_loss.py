@@ -25,13 +25,16 @@ from marginkit.cuda_graphs import refuse_capture
 from marginkit.recomputation import refuse_recomputation
 from marginkit.errors import check_positive_ints, check_real
 from marginkit.functional import margin_cross_entropy
-from marginkit.nn._head import KeepBufferDtypes
+from marginkit.nn._head import HEAD_KEYWORDS, KeepBufferDtypes, take_loss_keywords
 from marginkit.distributed.statistics_sync import broadcast_from_first_, check_sync_args, global_batch, local_loss, sync_group
 from marginkit.nn.fair_loss_agent import NUM_COUNT_BINS, OnlineMarginDQN, QNetwork, encode_states
 from marginkit.nn.fair_loss_paper import FairLossTable
 from marginkit.nn.fair_loss_stats import group_spread, nearest_other_sqdist, standardised_rewards, tertile_bins
 from marginkit.validation import check_labels
 from marginkit.specs import CosFace
+
+#: the loss keywords FairLoss passes on (its class margins are the agent's)
+FAIR_LOSS_KEYWORDS = HEAD_KEYWORDS + ("interclass_filtering_threshold",)
 
 __all__ = ["FairLoss", "QNetwork", "PAPER_MARGIN_LEVELS"]
 
@@ -160,6 +163,8 @@ class FairLoss(KeepBufferDtypes):
         self.spread_thresholds = None if spread_thresholds is None else tuple(map(float, spread_thresholds))
         self.seed, self.chunk_elements = int(seed), chunk_elements
         self.sync_statistics, self.process_group = sync_statistics, process_group
+        # bytes the loss may keep from forward to backward; settable later as head.memory_budget
+        self.memory_budget = take_loss_keywords("FairLoss", loss_kwargs, FAIR_LOSS_KEYWORDS)
         self.loss_kwargs = loss_kwargs
         self.ignore_index = int(loss_kwargs.get("ignore_index", -100))
         self.policy = policy
@@ -314,7 +319,8 @@ class FairLoss(KeepBufferDtypes):
             # statistics op would then report a second time
             check_labels(labels, self.num_classes, self.ignore_index)
         return margin_cross_entropy(embeddings, self.weight, labels, CosFace(0.0), self.scale,
-                                    class_margins=self.class_margins, **self.loss_kwargs)
+                                    class_margins=self.class_margins, memory_budget=self.memory_budget,
+                                    **self.loss_kwargs)
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self.training:

@@ -17,7 +17,7 @@ from marginkit.cuda_graphs import refuse_capture
 from marginkit.recomputation import refuse_recomputation
 from marginkit.errors import check_positive_ints, check_real
 from marginkit.functional import margin_cross_entropy
-from marginkit.nn._head import KeepBufferDtypes
+from marginkit.nn._head import HEAD_KEYWORDS, PER_CALL_KEYWORDS, KeepBufferDtypes, take_loss_keywords
 from marginkit.distributed.statistics_sync import broadcast_from_first_, check_sync_args, global_batch, local_loss, sync_group
 from marginkit.specs import CosFace, MarginSpec
 from marginkit.validation import check_labels
@@ -40,7 +40,8 @@ class IRSoftmax(KeepBufferDtypes):
             stay identical on every rank (default True; no effect in a single process).
         process_group: the ranks that share the centers (default: the world).
         **loss_kwargs: passed to ``margin_cross_entropy`` (``reduction``, ``ignore_index``,
-            ``backend``...; ``class_margins``/``sample_margins`` with a single-m spec).
+            ``backend``...; ``class_margins``/``sample_margins`` with a single-m spec); checked
+            here. ``memory_budget`` becomes the ``head.memory_budget`` attribute.
 
     ``.centers`` is a (C, D) float32 buffer, initialised to random unit rows (torch's
     global RNG). ``forward(embeddings (B, D), labels (B,)) -> loss`` computes
@@ -89,6 +90,8 @@ class IRSoftmax(KeepBufferDtypes):
         check_real("momentum", momentum, low=0.0, high=1.0)
         self.num_classes, self.embedding_dim = num_classes, embedding_dim
         self.margin, self.scale, self.momentum = margin, float(scale), float(momentum)
+        # bytes the loss may keep from forward to backward; settable later as head.memory_budget
+        self.memory_budget = take_loss_keywords("IRSoftmax", loss_kwargs, HEAD_KEYWORDS + PER_CALL_KEYWORDS)
         self.loss_kwargs = loss_kwargs
         self.sync_statistics, self.process_group = sync_statistics, process_group
         self._centers_shared = False  # the first synchronised training forward broadcasts them
@@ -123,7 +126,8 @@ class IRSoftmax(KeepBufferDtypes):
                 # eager, before the loss: on CUDA the loss only flags a bad label for its next call, which
                 # the center update would then report a second time
                 check_labels(labels, self.num_classes, self.ignore_index)
-            return margin_cross_entropy(embeddings, centers, labels, self.margin, self.scale, **self.loss_kwargs)
+            return margin_cross_entropy(embeddings, centers, labels, self.margin, self.scale,
+                                        memory_budget=self.memory_budget, **self.loss_kwargs)
 
         loss, error = local_loss(compute, group)
         if self.training:

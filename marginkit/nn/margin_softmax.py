@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from marginkit.errors import MarginKitTypeError
-from marginkit.nn._head import ClassWeightHead
+from marginkit.nn._head import HEAD_KEYWORDS, PER_CALL_KEYWORDS, ClassWeightHead, check_keyword_names
 from marginkit.specs import ArcFace, MarginSpec
 from marginkit.validation import validate_inputs
 
-#: keywords of ``margin_cross_entropy`` a head passes on per call
-_PER_CALL_KEYWORDS = ("class_margins", "sample_margins", "interclass_filtering_threshold", "feature_norm_scale")
-_HEAD_KEYWORDS = ("reduction", "ignore_index", "normalize", "backend", "deterministic", "memory_budget")
 
 
 class MarginSoftmax(ClassWeightHead):
@@ -44,13 +40,8 @@ class MarginSoftmax(ClassWeightHead):
         device: torch.device | str | None = None,
         **loss_kwargs,
     ) -> None:
-        unknown = sorted(set(loss_kwargs) - set(_PER_CALL_KEYWORDS) - set(_HEAD_KEYWORDS))
-        if unknown:
-            raise MarginKitTypeError(
-                f"MarginSoftmax got unknown keyword(s) {', '.join(unknown)}; allowed: "
-                f"{', '.join(_HEAD_KEYWORDS + _PER_CALL_KEYWORDS)}, dtype, device"
-            )
-        head_kwargs = {k: loss_kwargs.pop(k) for k in _HEAD_KEYWORDS if k in loss_kwargs}
+        check_keyword_names("MarginSoftmax", loss_kwargs, HEAD_KEYWORDS + PER_CALL_KEYWORDS, ", dtype, device")
+        head_kwargs = {k: loss_kwargs.pop(k) for k in HEAD_KEYWORDS if k in loss_kwargs}
         super().__init__(num_classes, embedding_dim, margin, scale, dtype=dtype, device=device, **head_kwargs)
         self.loss_kwargs = loss_kwargs
         if loss_kwargs:  # margins checked against the weight now, not at the first forward

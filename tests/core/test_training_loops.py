@@ -7,6 +7,7 @@ the loss really computes on (the half-precision-rounded embeddings), or against 
 dense float64 re-implementation (insightface's formulas).
 """
 
+import copy
 import math
 
 import pytest
@@ -14,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 import marginkit as mk
-from tests.helpers import make_inputs, rel_err
+from marginkit.backends import torch_chunked
+from tests.helpers import GemmCounter, make_inputs, rel_err
 
 HALF = [torch.bfloat16, torch.float16]
 # Unit roundoff of each dtype: a correctly rounded value is within u·|x| of the exact one.
@@ -84,7 +86,6 @@ def test_a_backward_called_inside_autocast_equals_one_called_after_it(backend, o
     the loss's backward in the forward's precision: the same bits as a backward after the block (the
     torch backend's GEMMs ran in bf16 there, ~3e-3 off at C = 500, 4e-2 at C = 300K), and the float64
     truth at the rounded embeddings."""
-    from marginkit.backends import torch_chunked
 
     if chunk_elements:
         monkeypatch.setattr(torch_chunked, "CHUNK_ELEMENTS", chunk_elements)
@@ -357,3 +358,41 @@ def test_margin_softmax_bad_keywords_fail_at_construction():
         mk.MarginSoftmax(10, 4, foo=1)
     with pytest.raises(ValueError, match=r"class_margins contains 3\.5"):
         mk.MarginSoftmax(10, 4, mk.ArcFace(), class_margins=torch.full((10,), 3.5))
+
+
+@pytest.mark.parametrize("head", ["IRSoftmax", "FairLoss"])
+def test_heads_that_pass_loss_keywords_on_check_them_at_construction(head):
+    """IRSoftmax and FairLoss hand **loss_kwargs to the loss themselves: a typo or a bad value is
+    refused when the head is built, naming the head and the keyword, not at the first forward."""
+    build = getattr(mk, head)
+    with pytest.raises(TypeError, match=rf"{head} got unknown keyword\(s\) reducton; allowed: reduction"):
+        build(10, 4, reducton="sum")
+    with pytest.raises(ValueError, match="reduction must be one of 'mean', 'sum', 'none'; got 'avg'"):
+        build(10, 4, reduction="avg")
+    with pytest.raises(ValueError, match="memory_budget"):
+        build(10, 4, memory_budget=-1)
+    if head == "FairLoss":  # its class margins are the agent's
+        with pytest.raises(TypeError, match="unknown keyword.*class_margins"):
+            build(10, 4, class_margins=torch.zeros(10))
+
+
+@pytest.mark.parametrize("head", ["IRSoftmax", "FairLoss"])
+def test_memory_budget_set_on_the_head_after_construction_is_used(head, monkeypatch):
+    """``head.memory_budget = None`` keeps the chunks (fewer GEMMs) and changes no number."""
+    monkeypatch.setattr(torch_chunked, "CHUNK_ELEMENTS", 8 * (6 + 4))  # 8-class chunks: 5 of them at C = 40
+    torch.manual_seed(0)
+    module = getattr(mk, head)(40, 4)
+    assert module.memory_budget == 0
+    x, y = torch.randn(6, 4), torch.randint(0, 40, (6,))
+    results = {}
+    for budget in (0, None):
+        module.memory_budget = budget
+        state = copy.deepcopy(module.state_dict())
+        xs = x.clone().requires_grad_(True)
+        with GemmCounter() as counter:
+            loss = module(xs, y)
+            loss.backward()
+        results[budget] = (loss.detach(), xs.grad, counter.gemms)
+        module.load_state_dict(state)  # the same state for both runs
+    assert torch.allclose(results[None][0], results[0][0], rtol=1e-6) and rel_err(results[None][1], results[0][1]) < 1e-6
+    assert results[0][2] - results[None][2] == 5
