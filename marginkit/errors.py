@@ -43,7 +43,7 @@ def check_real(
         bound = f">= {low}" if low_inclusive else f"> {low}"
         raise ValueError(f"{name} must be {bound}, got {value!r}")
     if high is not None and (v > high or (v == high and not high_inclusive)):
-        bound = f"<= {high}" if high_inclusive else f"< {high}"
+        bound = (f"<= {high}" if high_inclusive else f"< {high}") + (" (π)" if high == math.pi else "")
         raise ValueError(f"{name} must be {bound}, got {value!r}")
     return v
 

@@ -169,7 +169,7 @@ class CosFace(MarginSpec):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_real("m", self.m, low=0.0)
+        check_real(f"{type(self).__name__} m", self.m, low=0.0)
 
     def default_margin(self):
         return float(self.m)
@@ -199,7 +199,7 @@ class ArcFace(MarginSpec):
     def __post_init__(self) -> None:
         super().__post_init__()
         # m ≥ π would turn the margin into a bonus (cos(θ + m) rises again past π).
-        check_real("m", self.m, low=0.0, high=math.pi, high_inclusive=False)
+        check_real(f"{type(self).__name__} m", self.m, low=0.0, high=math.pi, high_inclusive=False)
         if not isinstance(self.easy_margin, bool):
             raise TypeError(f"easy_margin must be a bool, got {self.easy_margin!r}")
 
@@ -283,8 +283,8 @@ class SphereFace(MarginSpec):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_real("m", self.m, low=1.0)
-        check_real("lambda_", self.lambda_, low=0.0)
+        check_real(f"{type(self).__name__} m", self.m, low=1.0)
+        check_real(f"{type(self).__name__} lambda_", self.lambda_, low=0.0)
 
     def _k_sign(self, theta):
         k = torch.floor(self.m * theta / math.pi)
@@ -321,9 +321,9 @@ class CombinedMargin(MarginSpec):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_real("m1", self.m1, low=1.0)
-        check_real("m2", self.m2, low=0.0)
-        check_real("m3", self.m3, low=0.0)
+        check_real(f"{type(self).__name__} m1", self.m1, low=1.0)
+        check_real(f"{type(self).__name__} m2", self.m2, low=0.0)
+        check_real(f"{type(self).__name__} m3", self.m3, low=0.0)
 
     def default_margin(self):
         return float(self.m2)
@@ -368,8 +368,8 @@ class AdaFaceMargin(MarginSpec):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_real("m", self.m, low=0.0)
-        check_real("eps", self.eps, low=0.0, high=0.5)
+        check_real(f"{type(self).__name__} m", self.m, low=0.0)
+        check_real(f"{type(self).__name__} eps", self.eps, low=0.0, high=0.5)
 
     def default_margin(self):
         return 1.0

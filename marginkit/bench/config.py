@@ -124,10 +124,13 @@ def parse_size(text) -> int:
     return int(value)
 
 
-def parse_sizes(text) -> list[int]:
-    if isinstance(text, (list, tuple)):
-        return [parse_size(t) for t in text]
-    return [parse_size(t) for t in str(text).split(",") if t.strip()]
+def parse_sizes(text, flag: str = "") -> list[int]:
+    """A comma list (or a list) of sizes; ``flag`` (e.g. '--C') prefixes the error."""
+    items = text if isinstance(text, (list, tuple)) else [t for t in str(text).split(",") if t.strip()]
+    try:
+        return [parse_size(t) for t in items]
+    except ValueError as exc:
+        raise ValueError(f"{flag}: {exc}" if flag else str(exc)) from None
 
 
 def parse_dtype(text) -> torch.dtype:

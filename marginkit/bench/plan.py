@@ -132,14 +132,35 @@ def select_providers(names, skip, device: str, include_compile: bool) -> list:
                 raise ValueError(f"unknown provider {n!r}; choose from {', '.join(PROVIDERS)}")
             chosen.append(n)
     else:
-        chosen = [n for n, p in PROVIDERS.items() if cuda or p.default_on_cpu or (n == "torch-compile" and include_compile)]
+        chosen = [n for n, p in PROVIDERS.items()
+                  if cuda or (p.default_on_cpu and not p.cuda_only) or (n == "torch-compile" and include_compile)]
     if include_compile and "torch-compile" not in chosen:
         chosen.append("torch-compile")
+    for n in skip or ():
+        if n not in PROVIDERS:
+            raise ValueError(f"--skip: unknown provider {n!r}; choose from {', '.join(PROVIDERS)}")
     chosen = [n for n in chosen if n not in set(skip or ())]
     if FLOOR not in chosen:
         chosen.append(FLOOR)  # floor_ms is a column of every row
     order = list(METHODS) + [n for n in PROVIDERS if n not in METHODS]  # providers added later go last
     return [n for n in order if n in chosen]
+
+
+def check_writable(path: Path) -> None:
+    """ValueError now, before any timing, if the CSV (and its .json beside it) cannot be written at ``path``."""
+    if path.is_dir():
+        raise ValueError(f"--out {path} is a directory; give a file path (or use --out-dir {path})")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"cannot create the output directory {path.parent} ({exc.strerror or exc}); "
+                         "choose another --out / --out-dir") from None
+    probe = path.with_name(path.name + ".tmp")  # the name the CSV is first written under
+    try:
+        probe.open("w").close()
+        probe.unlink()
+    except OSError as exc:
+        raise ValueError(f"cannot write {path} ({exc.strerror or exc}); choose another --out / --out-dir") from None
 
 
 def _dtypes(value, default) -> list:
@@ -153,9 +174,9 @@ def plan_sweep(options: SweepOptions) -> SweepPlan:
     device = resolve_device(options.device)
     cuda = device.startswith("cuda")
     default = DEFAULTS["cuda" if cuda else "cpu"]
-    Bs = parse_sizes(options.B) if options.B is not None else default["B"]
-    Ds = parse_sizes(options.D) if options.D is not None else default["D"]
-    Cs = list(dict.fromkeys(parse_sizes(options.C) if options.C is not None else default["C"]))
+    Bs = parse_sizes(options.B, "--B") if options.B is not None else default["B"]
+    Ds = parse_sizes(options.D, "--D") if options.D is not None else default["D"]
+    Cs = list(dict.fromkeys(parse_sizes(options.C, "--C") if options.C is not None else default["C"]))
     dtypes = _dtypes(options.dtype, default["dtype"])
     margins = split_list(options.margin) or default["margin"]
     for m in margins:
@@ -165,6 +186,13 @@ def plan_sweep(options: SweepOptions) -> SweepPlan:
         raise ValueError(f"scale must be > 0, got {options.scale}")
     if options.reps is not None and options.reps < 1:
         raise ValueError(f"--reps must be >= 1, got {options.reps}")
+    if options.warmup < 0:
+        raise ValueError(f"--warmup must be >= 0, got {options.warmup}")
+    for flag, value in (("--budget-s", options.budget_s), ("--rep-ms", options.rep_ms)):
+        if value is not None and not value > 0:
+            raise ValueError(f"{flag} must be > 0, got {value}")
+    if options.time_limit_s is not None and not options.time_limit_s >= 0:
+        raise ValueError(f"--time-limit-s must be >= 0, got {options.time_limit_s}")
     names = select_providers(split_list(options.providers), split_list(options.skip), device, options.include_compile)
     unavailable = {n: PROVIDERS[n].unavailable() for n in names}
     unavailable = {n: why for n, why in unavailable.items() if why}
@@ -172,6 +200,7 @@ def plan_sweep(options: SweepOptions) -> SweepPlan:
 
     date = _dt.date.today().isoformat()
     out = Path(options.out) if options.out is not None else Path(f"marginkit-bench-{device_slug(device)}-{date}.csv")
+    check_writable(out)
     plot = out.with_suffix(".png") if options.plot is True else (Path(options.plot) if options.plot else None)
     budget_s = options.budget_s if options.budget_s is not None else (3.0 if cuda else 1.0)
     # C in the order given: a time-boxed run can put its headline size first

@@ -7,6 +7,7 @@ import datetime as _dt
 import importlib.metadata
 import json
 import math
+import os
 import platform
 import sys
 from dataclasses import asdict
@@ -132,6 +133,18 @@ def format_table(rows) -> str:
     return "\n".join(lines)
 
 
+def cpu_load_notes() -> list:
+    """Why CPU timings may not match the README's: its threads, and other work on the machine."""
+    threads, cores = torch.get_num_threads(), os.cpu_count() or 1
+    lines = [f"  note: {threads} CPU thread(s) on {cores} core(s); the README's CPU table used one "
+             "(OMP_NUM_THREADS=1), set it to compare."] if threads > 1 else []
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if load > cores / 2:  # other processes hold the cores: a thread descheduled mid-op stalls the others
+        lines.append(f"  note: load average {load:.1f} on {cores} core(s): other processes share this CPU, so "
+                     "timings vary between runs (most with several threads and small ops: marginkit's chunks).")
+    return lines
+
+
 def banner_lines(plan: SweepPlan) -> list:
     s = plan.sweep
     lines = [f"marginkit bench on {plan.label} ({plan.device}), {plan.date}; torch {torch.__version__}",
@@ -139,6 +152,7 @@ def banner_lines(plan: SweepPlan) -> list:
     if not plan.on_cuda:
         lines.append("  note: marginkit (backend='auto') resolves to the torch backend on CPU (the code "
                      "marginkit-torch names; add it with --providers to see the same numbers twice).")
+        lines += cpu_load_notes()
         if "torch-compile" not in plan.sweep["providers"]:
             lines.append("  note: torch-compile is opt-in on CPU (compiling takes long): add --compile.")
     lines += [f"skip {n}: {why}" for n, why in plan.unavailable.items()]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -176,6 +177,47 @@ def test_torch_compile_is_opt_in_on_cpu():
 def test_bad_arguments_exit_2(tmp_path, capsys):
     assert main(["bench", *TINY, "--margin", "bogus", "--out", str(tmp_path / "x.csv")]) == 2
     assert "unknown margin" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--skip", "pmll", "--skip: unknown provider 'pmll'; choose from"),
+    ("--warmup", "-1", "--warmup must be >= 0, got -1"),
+    ("--budget-s", "0", "--budget-s must be > 0, got 0.0"),
+    ("--rep-ms", "-5", "--rep-ms must be > 0, got -5.0"),
+    ("--time-limit-s", "-1", "--time-limit-s must be >= 0, got -1.0"),
+    ("--B", "-1", "--B: not a size: '-1'"),
+])
+def test_every_bad_flag_is_one_line_naming_it_before_any_timing(tmp_path, capsys, flag, value, message):
+    assert main(["bench", *TINY, flag, value, "--out", str(tmp_path / "x.csv")]) == 2
+    assert message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # nothing timed, nothing written
+
+
+def test_an_output_path_that_cannot_be_written_is_refused_before_any_timing(tmp_path, capsys):
+    """A directory, a path under a file, a read-only directory: one line naming the way out, and no
+    stray files (it used to be a traceback after the first row had been timed)."""
+    (tmp_path / "a_file").write_text("")
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    read_only.chmod(0o500)
+    cases = [(["--out", str(tmp_path)], "is a directory"),
+             (["--out", str(tmp_path / "a_file" / "x.csv")], "cannot create the output directory"),
+             (["--out-dir", str(tmp_path / "a_file" / "d")], "cannot create the output directory")]
+    if os.geteuid() != 0:  # root writes anywhere
+        cases.append((["--out", str(read_only / "x.csv")], "cannot write"))
+    for args, message in cases:
+        assert main(["bench", *TINY, *args]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "--out" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "ro"] and not list(read_only.iterdir())
+
+
+def test_cuda_only_peers_are_not_chosen_by_default_on_cpu():
+    """cce and liger run only on CUDA: a CPU run leaves them out instead of printing "install it"."""
+    from marginkit.bench.runner import select_providers
+
+    assert not {"cce", "liger"} & set(select_providers(None, None, "cpu", False))
+    assert {"cce", "liger"} <= set(select_providers(None, None, "cuda", False))
 
 
 def test_parse_sizes():
