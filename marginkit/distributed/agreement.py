@@ -18,7 +18,9 @@ import torch.distributed as dist
 
 from marginkit.distributed.collectives import all_gather_small
 
-__all__ = ["FIELDS", "head_config", "config_digest", "field_digests", "mismatch_error", "check_agreement"]
+__all__ = [
+    "FIELDS", "head_config", "tensor_digest", "config_digest", "field_digests", "mismatch_error", "check_agreement",
+]
 
 #: What every rank of a partitioned head must share, in the order errors report them.
 FIELDS = (
@@ -35,6 +37,8 @@ FIELDS = (
     "max_local_batch",
     "grad_reduce_dtype",
     "interclass_filtering_threshold",
+    "grad_scale",
+    "class_margins",
 )
 
 # Digests fit in 20 bits where they ride on a float64 all-reduce (sum and sum of squares stay exact).
@@ -42,10 +46,18 @@ FLOAT_DIGEST_BITS = 20
 
 
 def head_config(head) -> dict:
-    """Field -> its value as text (repr), for every field of ``FIELDS``."""
-    values = {name: getattr(head, name) for name in FIELDS if name != "dtype"}
+    """Field -> its value as text (repr), for every field of ``FIELDS``. ``class_margins``: the
+    digest of the whole (C,) tensor the head was given (each rank keeps only its slice)."""
+    values = {name: getattr(head, name) for name in FIELDS if name not in ("dtype", "class_margins")}
     values["dtype"] = head.weight.dtype
+    values["class_margins"] = head.class_margins_digest
     return {name: repr(values[name]) for name in FIELDS}
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    """A short digest of a tensor's values (float64 bytes, host copy): equal on every rank iff the values are."""
+    values = t.detach().to("cpu", torch.float64).contiguous().numpy().tobytes()
+    return hashlib.blake2b(values, digest_size=8).hexdigest()
 
 
 def _digest(text: str) -> int:
@@ -54,32 +66,34 @@ def _digest(text: str) -> int:
 
 
 def field_digests(config: dict) -> list:
-    return [_digest(f"{name}={config[name]}") for name in FIELDS]
+    return [_digest(f"{name}={value}") for name, value in config.items()]
 
 
 def config_digest(config: dict, bits: int = 63) -> int:
     """One digest of the whole configuration, ``bits`` wide."""
-    return _digest("|".join(f"{name}={config[name]}" for name in FIELDS)) >> (63 - bits)
+    return _digest("|".join(f"{name}={value}" for name, value in config.items())) >> (63 - bits)
 
 
-def mismatch_error(configs: Sequence[dict]) -> Optional[ValueError]:
-    """The ValueError for the first field (in ``FIELDS`` order) on which some rank differs from
-    rank 0, naming both values; None when all agree."""
-    for name in FIELDS:
+def mismatch_error(configs: Sequence[dict], module: str = "PartitionedMarginSoftmax") -> Optional[ValueError]:
+    """The ValueError for the first field (in the configs' order, ``FIELDS`` for the head) on which
+    some rank differs from rank 0, naming both values; None when all agree."""
+    for name in configs[0]:
         for rank, config in enumerate(configs[1:], start=1):
-            if config[name] != configs[0][name]:
+            if config.get(name) != configs[0][name]:
                 return ValueError(
-                    f"PartitionedMarginSoftmax ranks disagree on {name}: rank 0 has {configs[0][name]}, "
-                    f"rank {rank} has {config[name]}; build the head with the same arguments on every rank "
+                    f"{module} ranks disagree on {name}: rank 0 has {configs[0][name]}, "
+                    f"rank {rank} has {config.get(name)}; build the module with the same arguments on every rank "
                     f"of the process group"
                 )
     return None
 
 
-def check_agreement(config: dict, group: Optional[dist.ProcessGroup], device: torch.device) -> None:
-    """Raise the same ValueError on every rank when the ranks' configurations differ.
+def check_agreement(
+    config: dict, group: Optional[dist.ProcessGroup], device: torch.device, module: str = "PartitionedMarginSoftmax"
+) -> None:
+    """Raise the same ValueError on every rank when the ranks' configurations (field -> text) differ.
 
-    One all-gather of len(FIELDS) int64 per rank; on a mismatch one all_gather_object of the
+    One all-gather of len(config) int64 per rank; on a mismatch one all_gather_object of the
     configurations' text (the error path only), so every rank names the same field and values.
     """
     if group is None:
@@ -91,7 +105,7 @@ def check_agreement(config: dict, group: Optional[dist.ProcessGroup], device: to
         return
     configs: list = [None] * world
     dist.all_gather_object(configs, config, group=group)
-    raise mismatch_error(configs) or ValueError(
-        "PartitionedMarginSoftmax ranks disagree on their configuration (digests differ); "
-        "build the head with the same arguments on every rank"
+    raise mismatch_error(configs, module) or ValueError(
+        f"{module} ranks disagree on their configuration (digests differ); "
+        "build the module with the same arguments on every rank"
     )

@@ -27,6 +27,7 @@ ShardedTensor as deprecated; the warning is silenced inside these helpers.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import warnings
 from typing import Optional, Union
@@ -34,6 +35,7 @@ from typing import Optional, Union
 import torch
 
 from marginkit.distributed import collectives as coll
+from marginkit.distributed.agreement import tensor_digest
 from marginkit.distributed.sharding import PER_CLASS_STATE, shard_range
 
 __all__ = ["gather_full_state", "load_full_state", "sharded_state", "save_sharded", "load_sharded"]
@@ -98,6 +100,8 @@ def load_full_state(head, state_dict: dict, strict: bool = True) -> None:
                 raise ValueError(f"weight must have shape (C, D) = ({head.num_classes}, {head.embedding_dim}), "
                                  f"got {tuple(value.shape)}")
             rows = value[start:stop]
+            if name == "class_margins":  # the ranks compare the whole tensor's digest
+                head.class_margins_digest = tensor_digest(value)
             current = getattr(head, name, None)
             if current is None:
                 head.register_per_class_buffer(name, rows.to(head.weight.device, copy=True))
@@ -200,6 +204,9 @@ def load_sharded(head, checkpoint_id) -> None:
         dcp.load(state, checkpoint_id=checkpoint_id, **_dcp_kwargs(head))
     if seed is not None:
         head.seed = int(state["seed"])
+    if "class_margins" in state:  # every rank read the same checkpoint: the saver's digest, or its name
+        saved = state.get("config", {}).get("class_margins")  # repr of the saver's digest (head_config)
+        head.class_margins_digest = ast.literal_eval(saved) if isinstance(saved, str) else f"from {checkpoint_id}"
     if head._group is None:  # plain tensors may have been replaced rather than filled
         for name, value in state.items():
             if name in ("seed", "config"):

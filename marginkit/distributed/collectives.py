@@ -37,7 +37,23 @@ __all__ = [
     "broadcast_rows",
     "to_byte_rows",
     "from_byte_rows",
+    "DTYPE_CODES",
+    "dtype_mismatch_error",
 ]
+
+#: Floating dtypes as int64 codes, for exchanging them in a small all-gather.
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+
+
+def dtype_mismatch_error(what: str, codes: Sequence[int]) -> Optional[MarginKitTypeError]:
+    """The error for ranks whose ``what`` dtypes (``DTYPE_CODES``, one per rank) differ; None if they agree."""
+    if len(set(codes)) == 1:
+        return None
+    names = {v: k for k, v in DTYPE_CODES.items()}
+    return MarginKitTypeError(
+        f"{what} dtype differs between ranks: {[str(names.get(c)) for c in codes]}; "
+        f"use one dtype (and one autocast setting) on every rank"
+    )
 
 
 # The single-tensor collectives (named *_single since torch 2.13, *_into_tensor /
@@ -270,11 +286,16 @@ def all_gather_batch(
         return embeddings, labels
     world = dist.get_world_size(group)
     n, d = (0, 0) if error is not None else embeddings.shape[:2]
-    meta = all_gather_small(torch.tensor([n, d, error_kind(error)], device=embeddings.device), world, group).tolist()
-    raise_first_error([k for _, _, k in meta], None if error is None else str(error), group, embeddings.device)
-    if len({d for _, d, _ in meta}) != 1:
-        raise ValueError(f"embeddings must have the same D on every rank of the group, got {[d for _, d, _ in meta]}")
-    sizes = [n for n, _, _ in meta]
+    code = DTYPE_CODES.get(embeddings.dtype, -1) if error is None else -1
+    meta = all_gather_small(torch.tensor([n, d, error_kind(error), code], device=embeddings.device), world, group)
+    meta = meta.tolist()
+    raise_first_error([m[2] for m in meta], None if error is None else str(error), group, embeddings.device)
+    if len({m[1] for m in meta}) != 1:
+        raise ValueError(f"embeddings must have the same D on every rank of the group, got {[m[1] for m in meta]}")
+    mismatch = dtype_mismatch_error("embeddings", [m[3] for m in meta])  # rows of other sizes would abort gloo
+    if mismatch is not None:
+        raise mismatch
+    sizes = [m[0] for m in meta]
     row_bytes = to_byte_rows(embeddings[:0]).shape[1]
     payload = torch.cat([to_byte_rows(embeddings), to_byte_rows(labels.to(torch.int64))], dim=1)
     rows = all_gather_rows(payload, sizes, group)

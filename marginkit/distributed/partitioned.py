@@ -16,7 +16,9 @@ from marginkit import backends
 from marginkit._pipeline import autocast_inputs, no_autocast, reduce_losses
 from marginkit.cuda_graphs import refuse_capture
 from marginkit.recomputation import refuse_recomputation
-from marginkit.distributed.agreement import FLOAT_DIGEST_BITS, check_agreement, config_digest, head_config
+from marginkit.distributed.agreement import (
+    FLOAT_DIGEST_BITS, check_agreement, config_digest, head_config, tensor_digest,
+)
 from marginkit.distributed.checkpoint import gather_full_state, load_full_state, sharded_state
 from marginkit.distributed.device_sampling import fixed_sample_size
 from marginkit.distributed.partitioned_checks import (
@@ -214,6 +216,8 @@ class PartitionedMarginSoftmax(nn.Module):
             self.register_buffer("class_margins", local.clone().to(self.weight.device))
         else:
             self.class_margins = None
+        # what the ranks compare (they keep different slices): the whole tensor's digest, or None
+        self.class_margins_digest = None if class_margins is None else tensor_digest(class_margins)
         # Partial FC sampling step counter (same on every rank, on the device) and the rows
         # touched since the last optimizer step: a (C_r,) mask, bounded however many steps run.
         self.register_buffer("sample_step", torch.zeros((), dtype=torch.int64, device=self.weight.device))

@@ -86,9 +86,6 @@ def local_problem(head, x, labels, input_dtype: Optional[torch.dtype]) -> tuple[
     return b, OK, ""
 
 
-_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
-
-
 def exchange_sizes(head, x, labels, problem: tuple[int, int, str], digest: int, config: dict) -> list:
     """Every rank's local batch size (host list); raises the same error on every rank when any
     rank's input is bad, the ranks' configuration digests differ, or their embedding dtypes do.
@@ -103,7 +100,7 @@ def exchange_sizes(head, x, labels, problem: tuple[int, int, str], digest: int, 
         bad = out_of_range(labels, head.num_classes, head.ignore_index)
         first = labels.gather(0, bad.to(torch.int8).argmax().reshape(1))
         first_bad = torch.cat([bad.any().to(torch.int64).reshape(1), first])
-    dtype_code = _DTYPE_CODES.get(x.dtype, -1) if kind == OK else -1
+    dtype_code = coll.DTYPE_CODES.get(x.dtype, -1) if kind == OK else -1
     meta = torch.cat([torch.tensor([b, kind, digest, dtype_code], dtype=torch.int64, device=device), first_bad])
     if head._group is None:
         table = meta[None].cpu()
@@ -117,12 +114,9 @@ def exchange_sizes(head, x, labels, problem: tuple[int, int, str], digest: int, 
         coll.raise_first_error([r[1] for r in rows], msg, head._group, device)
         if len({r[2] for r in rows}) != 1:
             check_agreement(config, head._group, device)
-        if len({r[3] for r in rows}) != 1:
-            names = {v: k for k, v in _DTYPE_CODES.items()}
-            raise MarginKitTypeError(
-                f"local_embeddings dtype differs between ranks: {[str(names.get(r[3])) for r in rows]}; "
-                f"use one dtype (and one autocast setting) on every rank"
-            )
+        mismatch = coll.dtype_mismatch_error("local_embeddings", [r[3] for r in rows])
+        if mismatch is not None:
+            raise mismatch
     for rank, r in enumerate(rows):
         if r[4]:
             error = label_error(r[5], head.num_classes, head.ignore_index)

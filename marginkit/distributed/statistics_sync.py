@@ -15,10 +15,11 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from marginkit.distributed.agreement import check_agreement, tensor_digest
 from marginkit.distributed.collectives import all_gather_batch
 from marginkit.distributed.sharding import group_size_and_rank
 
-__all__ = ["check_sync_args", "sync_group", "local_loss", "global_batch", "broadcast_from_first_"]
+__all__ = ["check_sync_args", "sync_group", "agree_once", "local_loss", "global_batch", "broadcast_from_first_"]
 
 
 def check_sync_args(sync_statistics, process_group) -> None:
@@ -34,6 +35,17 @@ def sync_group(sync_statistics: bool, process_group) -> Optional[dist.ProcessGro
         return None
     group, world, _ = group_size_and_rank(process_group)
     return group if world > 1 else None
+
+
+def agree_once(module: torch.nn.Module, group, fields: dict, device: torch.device) -> None:
+    """At the first synchronised training forward, the same ValueError on every rank if the ranks
+    built ``module`` differently (``fields``: attribute -> value; tensors compared by digest):
+    different arguments would otherwise make its state diverge silently, or its collectives hang."""
+    if group is None or getattr(module, "_sync_agreed", False):
+        return
+    text = {name: repr(tensor_digest(v) if torch.is_tensor(v) else v) for name, v in fields.items()}
+    check_agreement(text, group, device, type(module).__name__)
+    module._sync_agreed = True
 
 
 def local_loss(compute: Callable[[], torch.Tensor], group) -> tuple[Optional[torch.Tensor], Optional[Exception]]:

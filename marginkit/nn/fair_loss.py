@@ -26,7 +26,9 @@ from marginkit.recomputation import refuse_recomputation
 from marginkit.errors import check_positive_ints, check_real
 from marginkit.functional import margin_cross_entropy
 from marginkit.nn._head import HEAD_KEYWORDS, KeepBufferDtypes, take_loss_keywords
-from marginkit.distributed.statistics_sync import broadcast_from_first_, check_sync_args, global_batch, local_loss, sync_group
+from marginkit.distributed.statistics_sync import (
+    agree_once, broadcast_from_first_, check_sync_args, global_batch, local_loss, sync_group,
+)
 from marginkit.nn.fair_loss_agent import NUM_COUNT_BINS, OnlineMarginDQN, QNetwork, encode_states
 from marginkit.nn.fair_loss_paper import FairLossTable
 from marginkit.nn.fair_loss_stats import group_spread, nearest_other_sqdist, standardised_rewards, tertile_bins
@@ -327,6 +329,7 @@ class FairLoss(KeepBufferDtypes):
             refuse_capture(self, "checks each training batch on the host and its agent steps on the host")
             refuse_recomputation(self, "class statistics, step count and margins")
         group = sync_group(self.sync_statistics, self.process_group) if self.training else None
+        agree_once(self, group, self._sync_fields(), self.weight.device)
         loss, error = local_loss(lambda: self._checked_loss(embeddings, labels), group)
         if not self.training:
             return loss
@@ -349,6 +352,13 @@ class FairLoss(KeepBufferDtypes):
                     self._restore(snapshot)
                 raise
         return loss
+
+    def _sync_fields(self) -> dict:
+        """What every rank that shares the statistics and the agent must agree on (``agree_once``)."""
+        return dict(num_classes=self.num_classes, embedding_dim=self.embedding_dim, scale=self.scale,
+                    update_every=self.update_every, margin_levels=self.margin_levels,
+                    count_thresholds=self.count_thresholds, spread_thresholds=self.spread_thresholds, seed=self.seed,
+                    policy=self.policy is not None, **dict(sorted(self.loss_kwargs.items())))
 
     def _moved_buffers(self) -> list:
         if self._agent is None:

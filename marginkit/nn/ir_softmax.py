@@ -18,7 +18,9 @@ from marginkit.recomputation import refuse_recomputation
 from marginkit.errors import check_positive_ints, check_real
 from marginkit.functional import margin_cross_entropy
 from marginkit.nn._head import HEAD_KEYWORDS, PER_CALL_KEYWORDS, KeepBufferDtypes, take_loss_keywords
-from marginkit.distributed.statistics_sync import broadcast_from_first_, check_sync_args, global_batch, local_loss, sync_group
+from marginkit.distributed.statistics_sync import (
+    agree_once, broadcast_from_first_, check_sync_args, global_batch, local_loss, sync_group,
+)
 from marginkit.specs import CosFace, MarginSpec
 from marginkit.validation import check_labels
 
@@ -108,6 +110,7 @@ class IRSoftmax(KeepBufferDtypes):
             refuse_capture(self, "checks each training batch on the host before it moves the class centers")
             refuse_recomputation(self, "class centers")
         group = sync_group(self.sync_statistics, self.process_group) if self.training else None
+        agree_once(self, group, self._sync_fields(), self.centers.device)
         if group is not None and not self._centers_shared:
             broadcast_from_first_([self.centers], group)
             self._centers_shared = True
@@ -134,6 +137,11 @@ class IRSoftmax(KeepBufferDtypes):
             x, y = global_batch(embeddings, labels, group, error)
             class_center_update_(self.centers, x, y, self.momentum, self.ignore_index)
         return loss
+
+    def _sync_fields(self) -> dict:
+        """What every rank that shares the centers must agree on (``agree_once``)."""
+        return dict(num_classes=self.num_classes, embedding_dim=self.embedding_dim, margin=self.margin,
+                    scale=self.scale, momentum=self.momentum, **dict(sorted(self.loss_kwargs.items())))
 
     def extra_repr(self) -> str:
         return (

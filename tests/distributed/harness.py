@@ -19,6 +19,15 @@ PRELOAD = ["torch", "torch._dynamo", "torch.distributed.checkpoint", "torch.nn.p
            "marginkit", "marginkit.distributed", "marginkit.ops", __name__]
 
 
+def caught(call: Callable[[], object]):
+    """None if ``call()`` returns, else (error type name, message) of the ValueError/TypeError it raised."""
+    try:
+        call()
+        return None
+    except (ValueError, TypeError) as err:
+        return type(err).__name__, str(err)
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import marginkit as mk
-from tests.distributed.harness import run_world, save_results
+from tests.distributed.harness import caught, run_world, save_results
 from tests.helpers import rel_err
 from marginkit.distributed import (
     PartialFCSGD,
@@ -206,6 +206,23 @@ def _check_bad_inputs(world, rank):
     return out
 
 
+def _check_stats_heads_agree(world, rank):
+    """IRSoftmax / FairLoss built differently on one rank, or fed another dtype: the same error on
+    every rank (their state diverged silently, the agent's broadcast hung, or gloo aborted)."""
+    x, labels = global_batch(1)
+    xl, yl = local_rows(x, world, rank), local_rows(labels, world, rank)
+    other = rank == 1
+    builds = {
+        "ir_momentum": lambda: mk.IRSoftmax(C, D, momentum=0.3 if other else 0.5),
+        "fair_update_every": lambda: mk.FairLoss(C, D, update_every=3 if other else 2),
+    }
+    out = {name: caught(lambda: build()(xl, yl)) for name, build in builds.items()}
+    head = mk.IRSoftmax(C, D)
+    out["ir_dtype"] = caught(lambda: head(xl.to(torch.bfloat16) if rank == 0 else xl, yl))
+    out["after"] = caught(lambda: head(xl, yl))  # still in step: a good call works
+    return out
+
+
 def _checkpoint_head(seed, device="cpu"):
     """A head with weight, class margins and momentum state (after one Partial FC step)."""
     head = PartitionedMarginSoftmax(C, D, mk.ArcFace(), 64.0, sample_rate=0.5, class_margins=class_margins(),
@@ -261,6 +278,7 @@ def _worker(rank, world, port, outdir):
             results["ddp"] = _check_ddp(world, rank)
             results["papers"] = _check_paper_heads(world, rank)
             results["bad"] = _check_bad_inputs(world, rank)
+            results["stats_agree"] = _check_stats_heads_agree(world, rank)
         return results
 
     save_results(compute, world, rank, outdir)
@@ -456,3 +474,18 @@ def test_bad_labels_raise_the_same_error_on_every_rank(runs, world):
     ref_loss, ref_gx, _ = reference("arcface", x, labels)
     assert rel_err(bad[0]["after"]["loss"], ref_loss) < TOL
     assert rel_err(torch.cat([b["after"]["grad_x"] for b in bad]), ref_gx) < TOL
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_stats_heads_built_or_fed_differently_raise_the_same_error_on_every_rank(runs, world):
+    outs = [res["stats_agree"] for res in runs[world]]
+    expected = {
+        "ir_momentum": ("ValueError", "IRSoftmax ranks disagree on momentum: rank 0 has 0.5, rank 1 has 0.3"),
+        "fair_update_every": ("ValueError", "FairLoss ranks disagree on update_every: rank 0 has 2, rank 1 has 3"),
+        "ir_dtype": ("MarginKitTypeError", "embeddings dtype differs between ranks: ['torch.bfloat16'"),
+    }
+    for name, (kind, text) in expected.items():
+        errors = [o[name] for o in outs]
+        assert all(e == errors[0] for e in errors), name
+        assert errors[0][0] == kind and text in errors[0][1], errors[0]
+    assert all(o["after"] is None for o in outs)

@@ -21,8 +21,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import marginkit as mk
 from marginkit.distributed import PartitionedMarginSoftmax
 from marginkit.distributed import collectives as coll
+from marginkit.distributed.agreement import tensor_digest
 from tests.distributed.cases import SIZES, C, D, full_weight, global_batch, local_rows
-from tests.distributed.harness import run_world, save_results
+from tests.distributed.harness import caught, run_world, save_results
 from tests.helpers import rel_err
 
 M = 16  # declared maximum local batch (>= every entry of SIZES)
@@ -169,14 +170,6 @@ def _check_accuracy(world, rank):
     return out
 
 
-def _catch(fn):
-    try:
-        fn()
-        return None
-    except (ValueError, TypeError) as err:
-        return type(err).__name__, str(err)
-
-
 def _check_disagreement(world, rank):
     out = {}
     x, labels = global_batch(1)
@@ -187,18 +180,23 @@ def _check_disagreement(world, rank):
         "embedding_dim": lambda: PartitionedMarginSoftmax(C, D + 8 if other else D, mk.ArcFace(0.5), 64.0),
         "dtype": lambda: PartitionedMarginSoftmax(C, D, mk.ArcFace(0.5), 64.0, dtype=torch.float64 if other else None),
         "seed": lambda: PartitionedMarginSoftmax(C, D, mk.ArcFace(0.5), 64.0, seed=3 if other else 0),
+        "grad_scale": lambda: PartitionedMarginSoftmax(
+            C, D, mk.ArcFace(0.5), 64.0, grad_scale="ddp" if other else "global"),
+        # each rank keeps its slice, so only the whole tensor's digest can tell that they were given different ones
+        "class_margins": lambda: PartitionedMarginSoftmax(
+            C, D, mk.ArcFace(0.5), 64.0, class_margins=torch.full((C,), 0.3 if other else 0.5)),
     }
     for field, build in builds.items():
         head = build()
         xf = xl.to(head.weight.dtype)
-        out[field] = _catch(lambda: head(xf if xf.shape[1] == head.embedding_dim else xf[:, :0], yl))
+        out[field] = caught(lambda: head(xf if xf.shape[1] == head.embedding_dim else xf[:, :0], yl))
     # A field changed after the first call (declared M): the digest catches it, the next call names it.
     head = _head(max_local_batch=M)
     head(xl, yl)
     if other:
         head.scale = 30.0
-    out["later_step"] = _catch(lambda: head(xl, yl))
-    out["later_next"] = _catch(lambda: head(xl, yl))
+    out["later_step"] = caught(lambda: head(xl, yl))
+    out["later_next"] = caught(lambda: head(xl, yl))
     return out
 
 
@@ -216,29 +214,29 @@ def _check_deferred(world, rank):
     loss = head(xl, bad)
     loss.backward()
     out["bad_step_loss"] = loss.detach()
-    out["bad_next"] = _catch(lambda: head(xl, yl))
+    out["bad_next"] = caught(lambda: head(xl, yl))
     out["good_after"] = head(xl, yl).detach()
     weight_before = head.weight.detach().clone()
     head.zero_grad()
     if rank == 1:
-        out["poison_step"] = _catch(lambda: head(xl.double(), yl))
+        out["poison_step"] = caught(lambda: head(xl.double(), yl))
     else:
         loss = head(xl, yl)
         loss.backward()
         out["poison_step"] = None
         out["poison_loss"] = loss.detach()
         out["poison_grad_w"] = head.weight.grad.clone()
-    out["poison_next"] = _catch(lambda: head(xl, yl))
+    out["poison_next"] = caught(lambda: head(xl, yl))
     out["weight_unchanged"] = torch.equal(weight_before, head.weight.detach())
     # a frozen head (backbone still trained): the others' backward sends dX, the rejected rank joins it
     # (the rejected input itself needs no gradient: an integer tensor)
     head.weight.requires_grad_(False)
     if rank == 1:
-        out["frozen_poison"] = _catch(lambda: head(xl.detach().long(), yl))
+        out["frozen_poison"] = caught(lambda: head(xl.detach().long(), yl))
     else:
         head(xl, yl).backward()
         out["frozen_poison"] = None
-    out["frozen_next"] = _catch(lambda: head(xl, yl))
+    out["frozen_next"] = caught(lambda: head(xl, yl))
     head.weight.requires_grad_(True)
     out["final"] = _step(head, world, rank)[0]
     return out
@@ -329,8 +327,9 @@ def test_bf16_gradient_reduce_costs_bf16_rounding_only(guard_runs):
 
 def test_ranks_that_disagree_raise_the_same_error_naming_field_and_values(guard_runs):
     runs = [r["disagree"] for r in guard_runs[2]]
+    digest = {m: repr(tensor_digest(torch.full((C,), m))) for m in (0.5, 0.3)}
     expected = {"scale": ("64.0", "30.0"), "embedding_dim": ("16", "24"), "dtype": ("torch.float32", "torch.float64"),
-                "seed": ("0", "3")}
+                "seed": ("0", "3"), "grad_scale": ("'global'", "'ddp'"), "class_margins": (digest[0.5], digest[0.3])}
     for field, (v0, v1) in expected.items():
         errors = [r[field] for r in runs]
         assert errors[0] == errors[1], field
