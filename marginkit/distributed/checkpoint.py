@@ -33,6 +33,7 @@ import warnings
 from typing import Optional, Union
 
 import torch
+import torch.distributed as dist
 
 from marginkit.distributed import collectives as coll
 from marginkit.distributed.agreement import tensor_digest
@@ -126,7 +127,9 @@ def _as_sharded(local: torch.Tensor, head):
         meta = ShardMetadata(
             shard_offsets=[head.class_start] + [0] * (local.dim() - 1),
             shard_sizes=list(local.shape),
-            placement=f"rank:{head.rank}/{local.device}",
+            # the global rank: a subgroup's rank r is not global rank r unless it is ranks 0..n-1
+            placement=f"rank:{head.rank if head._group is None else dist.get_global_rank(head._group, head.rank)}"
+                      f"/{local.device}",
         )
         shards.append(Shard(local, meta))
     return init_from_local_shards(shards, global_size, process_group=head._group)

@@ -223,6 +223,19 @@ def _check_stats_heads_agree(world, rank):
     return out
 
 
+def _check_subgroup_checkpoint(world, rank, outdir):
+    """A head over the subgroup of global ranks [1, 2] (not 0..n-1) saves and loads sharded."""
+    group = torch.distributed.new_group([1, 2])  # every rank creates it
+    if rank == 0:
+        return None
+    head = PartitionedMarginSoftmax(C, D, mk.ArcFace(), 64.0, seed=5, process_group=group)
+    path = os.path.join(outdir, "dcp_subgroup")
+    save_sharded(head, path)
+    fresh = PartitionedMarginSoftmax(C, D, mk.ArcFace(), 64.0, seed=6, process_group=group)
+    load_sharded(fresh, path)
+    return dict(saved=head.full_state_dict()["weight"], loaded=fresh.full_state_dict()["weight"])
+
+
 def _checkpoint_head(seed, device="cpu"):
     """A head with weight, class margins and momentum state (after one Partial FC step)."""
     head = PartitionedMarginSoftmax(C, D, mk.ArcFace(), 64.0, sample_rate=0.5, class_margins=class_margins(),
@@ -279,6 +292,8 @@ def _worker(rank, world, port, outdir):
             results["papers"] = _check_paper_heads(world, rank)
             results["bad"] = _check_bad_inputs(world, rank)
             results["stats_agree"] = _check_stats_heads_agree(world, rank)
+        if world == 3:
+            results["subgroup_checkpoint"] = _check_subgroup_checkpoint(world, rank, outdir)
         return results
 
     save_results(compute, world, rank, outdir)
@@ -489,3 +504,11 @@ def test_stats_heads_built_or_fed_differently_raise_the_same_error_on_every_rank
         assert all(e == errors[0] for e in errors), name
         assert errors[0][0] == kind and text in errors[0][1], errors[0]
     assert all(o["after"] is None for o in outs)
+
+
+def test_a_subgroup_of_other_ranks_saves_and_loads_sharded(runs):
+    outs = [res["subgroup_checkpoint"] for res in runs[3]]
+    assert outs[0] is None
+    for out in outs[1:]:
+        assert torch.equal(out["loaded"], out["saved"])
+    assert torch.equal(outs[1]["saved"], outs[2]["saved"])
