@@ -20,9 +20,9 @@ Optional (``_pipeline`` uses them where a backend has them; the Triton backend d
 not here. The two phases also take the memory-budget mode and the overlap hook (keywords):
 ``lse_partials(..., memory_budget=0, store=None)`` appends to the list ``store`` the tensors
 its backward can reuse (the exp-scaled logits of the chunks the budget holds: Triton's are
-overwritten by the backward, torch's only read), and ``grads_from_lse(..., store=(), grad_x_ready=None)`` takes them back and calls
-``grad_x_ready(grad_x)`` once, as soon as grad_x is final (Triton: before the deferred dW
-GEMMs; torch: just before returning). ``resolve`` is the only place that chooses a backend;
+overwritten by the backward, torch's only read), and ``grads_from_lse(..., store=(),
+grad_x_ready=None)`` takes them back and calls ``grad_x_ready(grad_x)`` once, as soon as
+grad_x is final (Triton: before the deferred dW GEMMs; torch: just before returning). ``resolve`` is the only place that chooses a backend;
 nothing outside this package and ``marginkit._pipeline`` imports a backend module by name.
 """
 

@@ -15,7 +15,10 @@ from marginkit.errors import MarginKitTypeError, check_bool, check_choice, check
 from marginkit.specs import MarginSpec, NoMargin
 from marginkit.validation import REDUCTIONS, check_head_arguments, check_labels, validate_inputs
 
-__all__ = ["KeepBufferDtypes", "ClassWeightHead", "check_loss_keywords", "check_keyword_names", "take_loss_keywords"]
+__all__ = [
+    "KeepBufferDtypes", "ClassWeightHead", "HEAD_KEYWORDS", "PER_CALL_KEYWORDS",
+    "check_loss_keywords", "check_keyword_names", "take_loss_keywords",
+]
 
 #: insightface's heads start from normal(0, 0.01): small, so early cosines are near 0.
 WEIGHT_INIT_STD = 0.01
@@ -38,7 +41,9 @@ def check_keyword_names(head: str, given, allowed, also: str = "") -> None:
     """``MarginKitTypeError`` naming the unknown ones among ``given`` and listing ``allowed`` (+ ``also``)."""
     unknown = sorted(set(given) - set(allowed))
     if unknown:
-        raise MarginKitTypeError(f"{head} got unknown keyword(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}{also}")
+        raise MarginKitTypeError(
+            f"{head} got unknown keyword(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}{also}"
+        )
 
 
 def take_loss_keywords(head: str, loss_kwargs: dict, allowed) -> Optional[float]:
