@@ -117,8 +117,8 @@ def _unit_rows(weight, w_inv_norm, start, stop, sub_centers, dtype):
 def _scaled_cos_chunk(x_unit, weight, w_inv_norm, start, stop, labels_local, scale, modulation, sub_centers):
     """s·N(cos) of classes [start, stop).
 
-    Returns (logits (B, n), w_unit (n·K, D), target mask (B, n), dN/dcos (B, n) or None,
-    winning sub-center (B, n) or None).
+    Returns (logits (B, n), w_unit (n·K, D), target (column (B, 1), owned (B, 1)) for
+    ``fill_target_``, dN/dcos (B, n) or None, winning sub-center (B, n) or None).
     """
     w_unit = _unit_rows(weight, w_inv_norm, start, stop, sub_centers, x_unit.dtype)
     cos = x_unit @ w_unit.T
@@ -128,8 +128,15 @@ def _scaled_cos_chunk(x_unit, weight, w_inv_norm, start, stop, labels_local, sca
     slope = None
     if modulation is not None:
         cos, slope = modulation.apply(cos)
-    cols = torch.arange(start, stop, device=labels_local.device)
-    return cos.mul_(scale), w_unit, labels_local[:, None] == cols[None, :], slope, winner
+    target = target_classes(labels_local[:, None] - start, stop - start)
+    return cos.mul_(scale), w_unit, target, slope, winner
+
+
+def fill_target_(t: torch.Tensor, target: tuple[torch.Tensor, torch.Tensor], value: float) -> torch.Tensor:
+    """``t`` (B, n) with ``value`` on each row's target column where the row owns one (``target``:
+    ``common.target_classes`` of the chunk-relative labels): a (B,) scatter, not a (B, n) mask."""
+    column, owned = target
+    return t.scatter_(1, column, torch.where(owned, value, t.gather(1, column)))
 
 
 @torch.no_grad()
@@ -170,11 +177,11 @@ def lse_partials(
     # bytes left for stored chunks: None (unlimited) → inf; no store → nothing is kept
     room = 0.0 if store is None else (float("inf") if memory_budget is None else float(memory_budget))
     for start, stop in class_chunks(num_rows, num_classes, dim, budget, sub_centers):
-        logits, _, is_target, slope, winner = _scaled_cos_chunk(
+        logits, _, target, slope, winner = _scaled_cos_chunk(
             x_unit, weight, w_inv_norm, start, stop, labels_local, scale, modulation, sub_centers
         )
         row_max, row_sumexp, shift, scaled_exp = online_lse_step(
-            row_max, row_sumexp, logits.masked_fill_(is_target, float("-inf"))
+            row_max, row_sumexp, fill_target_(logits, target, float("-inf"))
         )
         cost = stored_chunk_bytes(num_rows, stop - start, scaled_exp.element_size(), sub_centers)
         if cost <= room:  # whole chunks from the first on, as the backward's loop meets them
@@ -235,14 +242,14 @@ def grads_from_lse(
             # p = exp(logit − shift)·exp(shift − lse); the forward folded dN/dcos in and zeroed the target
             grad_cos = scaled_exp * (shift_factor(shift[:, None], lse) * g_scaled)
         else:
-            logits, w_unit, is_target, slope, winner = _scaled_cos_chunk(
+            logits, w_unit, target, slope, winner = _scaled_cos_chunk(
                 x_unit, weight, w_inv_norm, start, stop, labels_local, scale, modulation, sub_centers
             )
             # d loss / d cos_j = s·g·p_j (· dN/dcos_j when modulated) off the target column.
-            grad_cos = torch.exp(logits - lse).mul_(g_scaled)
+            grad_cos = logits.sub_(lse).exp_().mul_(g_scaled)
             if slope is not None:
                 grad_cos.mul_(slope)
-            grad_cos.masked_fill_(is_target, 0.0)
+            fill_target_(grad_cos, target, 0.0)
         if winner is not None:  # each (row, class) gradient goes to its winning sub-center
             routed = torch.zeros(num_rows, stop - start, sub_centers, dtype=grad_cos.dtype, device=grad_cos.device)
             grad_cos = routed.scatter_(2, winner[:, :, None], grad_cos[:, :, None]).view(num_rows, (stop - start) * sub_centers)
@@ -279,9 +286,7 @@ def dense_forward(embeddings, weight, labels_local, scale, normalize, modulation
     if modulation is not None:
         cos, slope = modulation.apply(cos)
     logits = cos.mul_(scale)
-    # The target column to −inf by a (B,) scatter, not a (B, C) mask; rows not here rewrite their column unchanged.
-    column, owned = target_classes(labels_local[:, None], weight.shape[0])
-    logits.scatter_(1, column, torch.where(owned, float("-inf"), logits.gather(1, column)))
+    fill_target_(logits, target_classes(labels_local[:, None], weight.shape[0]), float("-inf"))
     row_max = logits.amax(dim=1)
     shift, scaled_exp = exp_below(logits, row_max)
     return row_max, scaled_exp.sum(dim=1), (x_inv, w_inv, x_unit, w_unit, shift, scaled_exp, slope)
