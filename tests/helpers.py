@@ -80,5 +80,5 @@ class GemmCounter(TorchDispatchMode):
         self.gemms = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.gemms += func.overloadpacket.__name__ in ("mm", "addmm", "bmm", "matmul")
+        self.gemms += func.overloadpacket.__name__ in ("mm", "addmm", "addmm_", "bmm", "matmul")
         return func(*args, **(kwargs or {}))

@@ -253,12 +253,16 @@ def grads_from_lse(
         if winner is not None:  # each (row, class) gradient goes to its winning sub-center
             routed = torch.zeros(num_rows, stop - start, sub_centers, dtype=grad_cos.dtype, device=grad_cos.device)
             grad_cos = routed.scatter_(2, winner[:, :, None], grad_cos[:, :, None]).view(num_rows, (stop - start) * sub_centers)
-        grad_x_unit += grad_cos @ w_unit
+        grad_x_unit.addmm_(grad_cos, w_unit)
         if grad_weight is not None:
             rows = slice(start * sub_centers, stop * sub_centers)
-            grad_weight[rows] = normalization_backward(
-                grad_cos.T @ x_unit, weight[rows], w_inv_norm[rows], normalize
-            ).to(weight.dtype)
+            if grad_weight.dtype == x_unit.dtype:  # the GEMM and the chain rule write the rows in place
+                grad_unit = torch.mm(grad_cos.T, x_unit, out=grad_weight[rows])
+            else:  # half-precision weights: computed in the compute dtype, then rounded
+                grad_unit = grad_cos.T @ x_unit
+            grad_unit = normalization_backward(grad_unit, weight[rows], w_inv_norm[rows], normalize, unit=w_unit)
+            if grad_unit.dtype != grad_weight.dtype:
+                grad_weight[rows] = grad_unit
     grad_embeddings = normalization_backward(grad_x_unit, embeddings, x_inv_norm, normalize)
     if grad_x_ready is not None:
         grad_x_ready(grad_embeddings)
