@@ -19,7 +19,8 @@ __all__ = ["recomputing", "refuse_recomputation"]
 
 def recomputing() -> bool:
     """True while a forward runs inside the autograd engine's backward (a checkpoint recomputation)."""
-    task = getattr(torch._C, "_current_graph_task_id", None)  # private; absent: nothing is detected
+    # private API (torch 2.11, 2.13); absent, or while dynamo traces, nothing is detected
+    task = getattr(torch._C, "_current_graph_task_id", None)
     return task is not None and not torch.compiler.is_compiling() and task() != -1
 
 

@@ -73,12 +73,12 @@ class SyncCounter(TorchDispatchMode):
 
 
 class GemmCounter(TorchDispatchMode):
-    """Counts the matrix products (mm, addmm, bmm, matmul) run while it is active."""
+    """Counts the matrix products (mm, addmm, addmm_, bmm) run while it is active."""
 
     def __init__(self):
         super().__init__()
         self.gemms = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.gemms += func.overloadpacket.__name__ in ("mm", "addmm", "addmm_", "bmm", "matmul")
+        self.gemms += func.overloadpacket.__name__ in ("mm", "addmm", "addmm_", "bmm")
         return func(*args, **(kwargs or {}))

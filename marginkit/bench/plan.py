@@ -147,7 +147,8 @@ def select_providers(names, skip, device: str, include_compile: bool) -> list:
 
 
 def check_writable(path: Path) -> None:
-    """ValueError now, before any timing, if the CSV (and its .json beside it) cannot be written at ``path``."""
+    """ValueError now, before any timing, if the CSV cannot be written at ``path`` (its directory,
+    created here if missing, also takes the .json and the default .png)."""
     if path.is_dir():
         raise ValueError(f"--out {path} is a directory; give a file path (or use --out-dir {path})")
     try:

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from marginkit.distributed.collectives import all_gather_small
 
 __all__ = [
-    "FIELDS", "head_config", "tensor_digest", "config_digest", "field_digests", "mismatch_error", "check_agreement",
+    "FIELDS", "COMPARED_ONLY", "head_config", "tensor_digest", "config_digest", "field_digests", "mismatch_error", "check_agreement",
 ]
 
 #: What every rank of a partitioned head must share, in the order errors report them.
@@ -37,21 +37,24 @@ FIELDS = (
     "max_local_batch",
     "grad_reduce_dtype",
     "interclass_filtering_threshold",
-    "grad_scale",
-    "class_margins",
 )
+#: Compared across ranks too, but not recorded in checkpoints' ``config`` (checkpoints saved before
+#: they were compared lack them, and loading a sharded state dict must not ask for them).
+COMPARED_ONLY = ("grad_scale", "class_margins")
 
 # Digests fit in 20 bits where they ride on a float64 all-reduce (sum and sum of squares stay exact).
 FLOAT_DIGEST_BITS = 20
 
 
 def head_config(head) -> dict:
-    """Field -> its value as text (repr), for every field of ``FIELDS``. ``class_margins``: the
-    digest of the whole (C,) tensor the head was given (each rank keeps only its slice)."""
-    values = {name: getattr(head, name) for name in FIELDS if name not in ("dtype", "class_margins")}
+    """Field -> its value as text (repr), for every field of ``FIELDS`` and ``COMPARED_ONLY``.
+    ``class_margins``: the digest of the whole (C,) tensor the head was given (each rank keeps
+    only its slice)."""
+    names = FIELDS + COMPARED_ONLY
+    values = {name: getattr(head, name) for name in names if name not in ("dtype", "class_margins")}
     values["dtype"] = head.weight.dtype
     values["class_margins"] = head.class_margins_digest
-    return {name: repr(values[name]) for name in FIELDS}
+    return {name: repr(values[name]) for name in names}
 
 
 def tensor_digest(t: torch.Tensor) -> str:

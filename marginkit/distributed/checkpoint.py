@@ -27,7 +27,6 @@ ShardedTensor as deprecated; the warning is silenced inside these helpers.
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import warnings
 from typing import Optional, Union
@@ -36,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from marginkit.distributed import collectives as coll
-from marginkit.distributed.agreement import tensor_digest
+from marginkit.distributed.agreement import FIELDS, tensor_digest
 from marginkit.distributed.sharding import PER_CLASS_STATE, shard_range
 
 __all__ = ["gather_full_state", "load_full_state", "sharded_state", "save_sharded", "load_sharded"]
@@ -144,7 +143,7 @@ def sharded_state(head) -> dict:
             out[name] = local if head._group is None else _as_sharded(local, head)
     out["sample_step"] = head.sample_step
     out["seed"] = torch.tensor(head.seed, dtype=torch.int64)
-    out["config"] = head.config()
+    out["config"] = {name: value for name, value in head.config().items() if name in FIELDS}
     return out
 
 
@@ -207,9 +206,8 @@ def load_sharded(head, checkpoint_id) -> None:
         dcp.load(state, checkpoint_id=checkpoint_id, **_dcp_kwargs(head))
     if seed is not None:
         head.seed = int(state["seed"])
-    if "class_margins" in state:  # every rank read the same checkpoint: the saver's digest, or its name
-        saved = state.get("config", {}).get("class_margins")  # repr of the saver's digest (head_config)
-        head.class_margins_digest = ast.literal_eval(saved) if isinstance(saved, str) else f"from {checkpoint_id}"
+    if "class_margins" in state:  # every rank read the same checkpoint (whatever path it was given)
+        head.class_margins_digest = "from a sharded checkpoint"
     if head._group is None:  # plain tensors may have been replaced rather than filled
         for name, value in state.items():
             if name in ("seed", "config"):

@@ -16,8 +16,8 @@ from marginkit.specs import MarginSpec, NoMargin
 from marginkit.validation import REDUCTIONS, check_head_arguments, check_labels, validate_inputs
 
 __all__ = [
-    "KeepBufferDtypes", "ClassWeightHead", "HEAD_KEYWORDS", "PER_CALL_KEYWORDS",
-    "check_loss_keywords", "check_keyword_names", "take_loss_keywords",
+    "KeepBufferDtypes", "ClassWeightHead", "HEAD_KEYWORDS", "PER_CALL_KEYWORDS", "LOSS_KEYWORD_DEFAULTS",
+    "check_loss_keywords", "check_keyword_names", "take_loss_keywords", "resolved_loss_keywords",
 ]
 
 #: insightface's heads start from normal(0, 0.01): small, so early cosines are near 0.
@@ -25,6 +25,11 @@ WEIGHT_INIT_STD = 0.01
 #: keywords of ``margin_cross_entropy`` a head holds as attributes, and those it passes on per call
 HEAD_KEYWORDS = ("reduction", "ignore_index", "normalize", "backend", "deterministic", "memory_budget")
 PER_CALL_KEYWORDS = ("class_margins", "sample_margins", "interclass_filtering_threshold", "feature_norm_scale")
+#: ``margin_cross_entropy``'s default for each of them (what a keyword left out means)
+LOSS_KEYWORD_DEFAULTS = dict(
+    reduction="mean", ignore_index=-100, normalize=True, backend="auto", deterministic=False, memory_budget=0,
+    class_margins=None, sample_margins=None, interclass_filtering_threshold=0.0, feature_norm_scale=False,
+)
 
 
 def check_loss_keywords(reduction, ignore_index, normalize, backend, deterministic) -> None:
@@ -51,14 +56,18 @@ def take_loss_keywords(head: str, loss_kwargs: dict, allowed) -> Optional[float]
     their names and values now, not at the first forward, and pop ``memory_budget`` (returned,
     checked; default 0) so that it can live as the ``head.memory_budget`` attribute."""
     check_keyword_names(head, loss_kwargs, allowed)
-    check_loss_keywords(
-        loss_kwargs.get("reduction", "mean"), loss_kwargs.get("ignore_index", -100),
-        loss_kwargs.get("normalize", True), loss_kwargs.get("backend", "auto"), loss_kwargs.get("deterministic", False),
-    )
+    check_loss_keywords(**{k: loss_kwargs.get(k, LOSS_KEYWORD_DEFAULTS[k])
+                           for k in ("reduction", "ignore_index", "normalize", "backend", "deterministic")})
     memory_budget = loss_kwargs.pop("memory_budget", 0)
     if memory_budget is not None:
         check_real("memory_budget", memory_budget, low=0.0)
     return memory_budget
+
+
+def resolved_loss_keywords(loss_kwargs: dict, allowed) -> dict:
+    """Every allowed keyword but ``memory_budget`` (a rank's own choice) with its value, the default where
+    left out: the same keys on every rank, however each spelled its arguments (``agree_once``)."""
+    return {k: loss_kwargs.get(k, LOSS_KEYWORD_DEFAULTS[k]) for k in allowed if k != "memory_budget"}
 
 
 class KeepBufferDtypes(nn.Module):

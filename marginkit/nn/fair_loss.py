@@ -25,7 +25,7 @@ from marginkit.cuda_graphs import refuse_capture
 from marginkit.recomputation import refuse_recomputation
 from marginkit.errors import check_positive_ints, check_real
 from marginkit.functional import margin_cross_entropy
-from marginkit.nn._head import HEAD_KEYWORDS, KeepBufferDtypes, take_loss_keywords
+from marginkit.nn._head import HEAD_KEYWORDS, KeepBufferDtypes, resolved_loss_keywords, take_loss_keywords
 from marginkit.distributed.statistics_sync import (
     agree_once, broadcast_from_first_, check_sync_args, global_batch, local_loss, sync_group,
 )
@@ -36,7 +36,7 @@ from marginkit.validation import check_labels
 from marginkit.specs import CosFace
 
 #: the loss keywords FairLoss passes on (its class margins are the agent's)
-FAIR_LOSS_KEYWORDS = HEAD_KEYWORDS + ("interclass_filtering_threshold",)
+FAIR_LOSS_KEYWORDS = HEAD_KEYWORDS + ("interclass_filtering_threshold", "feature_norm_scale")
 
 __all__ = ["FairLoss", "QNetwork", "PAPER_MARGIN_LEVELS"]
 
@@ -358,7 +358,8 @@ class FairLoss(KeepBufferDtypes):
         return dict(num_classes=self.num_classes, embedding_dim=self.embedding_dim, scale=self.scale,
                     update_every=self.update_every, margin_levels=self.margin_levels,
                     count_thresholds=self.count_thresholds, spread_thresholds=self.spread_thresholds, seed=self.seed,
-                    policy=self.policy is not None, **dict(sorted(self.loss_kwargs.items())))
+                    policy=self.policy is not None,
+                    **resolved_loss_keywords(self.loss_kwargs, FAIR_LOSS_KEYWORDS))
 
     def _moved_buffers(self) -> list:
         if self._agent is None:

@@ -17,12 +17,17 @@ from marginkit.cuda_graphs import refuse_capture
 from marginkit.recomputation import refuse_recomputation
 from marginkit.errors import check_positive_ints, check_real
 from marginkit.functional import margin_cross_entropy
-from marginkit.nn._head import HEAD_KEYWORDS, PER_CALL_KEYWORDS, KeepBufferDtypes, take_loss_keywords
+from marginkit.nn._head import (
+    HEAD_KEYWORDS, PER_CALL_KEYWORDS, KeepBufferDtypes, resolved_loss_keywords, take_loss_keywords,
+)
 from marginkit.distributed.statistics_sync import (
     agree_once, broadcast_from_first_, check_sync_args, global_batch, local_loss, sync_group,
 )
 from marginkit.specs import CosFace, MarginSpec
 from marginkit.validation import check_labels
+
+#: the loss keywords IRSoftmax passes on
+IR_KEYWORDS = HEAD_KEYWORDS + PER_CALL_KEYWORDS
 
 __all__ = ["IRSoftmax"]
 
@@ -93,7 +98,7 @@ class IRSoftmax(KeepBufferDtypes):
         self.num_classes, self.embedding_dim = num_classes, embedding_dim
         self.margin, self.scale, self.momentum = margin, float(scale), float(momentum)
         # bytes the loss may keep from forward to backward; settable later as head.memory_budget
-        self.memory_budget = take_loss_keywords("IRSoftmax", loss_kwargs, HEAD_KEYWORDS + PER_CALL_KEYWORDS)
+        self.memory_budget = take_loss_keywords("IRSoftmax", loss_kwargs, IR_KEYWORDS)
         self.loss_kwargs = loss_kwargs
         self.sync_statistics, self.process_group = sync_statistics, process_group
         self._centers_shared = False  # the first synchronised training forward broadcasts them
@@ -141,7 +146,8 @@ class IRSoftmax(KeepBufferDtypes):
     def _sync_fields(self) -> dict:
         """What every rank that shares the centers must agree on (``agree_once``)."""
         return dict(num_classes=self.num_classes, embedding_dim=self.embedding_dim, margin=self.margin,
-                    scale=self.scale, momentum=self.momentum, **dict(sorted(self.loss_kwargs.items())))
+                    scale=self.scale, momentum=self.momentum,
+                    **resolved_loss_keywords(self.loss_kwargs, IR_KEYWORDS))
 
     def extra_repr(self) -> str:
         return (

@@ -90,14 +90,18 @@ def test_a_negative_modulation_is_folded_into_the_stored_chunks(kind, small_chun
     def rows(budget):
         xs, ws = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
         psi, dpsi = mk.ArcFace(0.5).target_terms(common.target_cosine(xs, ws, labels, True), None)
-        losses = torch_chunked.row_losses(xs, ws, labels, psi, dpsi, 32.0, True, modulation=modulation,
-                                          memory_budget=budget)
-        weights = torch.linspace(0.5, 1.5, B)
-        return (losses.detach(), *torch.autograd.grad((losses * weights).sum(), (xs, ws)))
+        with GemmCounter() as counter:
+            losses = torch_chunked.row_losses(xs, ws, labels, psi, dpsi, 32.0, True, modulation=modulation,
+                                              memory_budget=budget)
+            weights = torch.linspace(0.5, 1.5, B)
+            grads = torch.autograd.grad((losses * weights).sum(), (xs, ws))
+        return (losses.detach(), *grads), counter.gemms
 
-    recompute = rows(0)
-    for budget in (None, budget_for(2)):
-        for name, a, b in zip(("losses", "grad x", "grad w"), rows(budget), recompute):
+    recompute, _ = rows(0)
+    for budget, stored in ((None, NUM_CHUNKS), (budget_for(2), 2)):
+        got, gemms = rows(budget)
+        assert gemms == gemms_with(stored)
+        for name, a, b in zip(("losses", "grad x", "grad w"), got, recompute):
             assert rel_err(a, b) < 1e-6, f"{name} (budget {budget}): {rel_err(a, b):.2e}"
 
 

@@ -371,9 +371,10 @@ def test_heads_that_pass_loss_keywords_on_check_them_at_construction(head):
         build(10, 4, reduction="avg")
     with pytest.raises(ValueError, match="memory_budget"):
         build(10, 4, memory_budget=-1)
-    if head == "FairLoss":  # its class margins are the agent's
+    if head == "FairLoss":  # its class margins are the agent's; feature_norm_scale it takes
         with pytest.raises(TypeError, match="unknown keyword.*class_margins"):
             build(10, 4, class_margins=torch.zeros(10))
+        assert build(10, 4, feature_norm_scale=True).loss_kwargs == {"feature_norm_scale": True}
 
 
 @pytest.mark.parametrize("head", ["IRSoftmax", "FairLoss"])

@@ -217,6 +217,9 @@ def _check_stats_heads_agree(world, rank):
         "fair_update_every": lambda: mk.FairLoss(C, D, update_every=3 if other else 2),
     }
     out = {name: caught(lambda: build()(xl, yl)) for name, build in builds.items()}
+    # the same arguments, spelled differently (a default written out on one rank): agreed, trains
+    out["ir_spelled"] = caught(lambda: (mk.IRSoftmax(C, D, reduction="mean") if other else mk.IRSoftmax(C, D))(xl, yl))
+    out["fair_spelled"] = caught(lambda: (mk.FairLoss(C, D, ignore_index=-100) if other else mk.FairLoss(C, D))(xl, yl))
     head = mk.IRSoftmax(C, D)
     out["ir_dtype"] = caught(lambda: head(xl.to(torch.bfloat16) if rank == 0 else xl, yl))
     out["after"] = caught(lambda: head(xl, yl))  # still in step: a good call works
@@ -503,7 +506,7 @@ def test_stats_heads_built_or_fed_differently_raise_the_same_error_on_every_rank
         errors = [o[name] for o in outs]
         assert all(e == errors[0] for e in errors), name
         assert errors[0][0] == kind and text in errors[0][1], errors[0]
-    assert all(o["after"] is None for o in outs)
+    assert all(o["after"] is None and o["ir_spelled"] is None and o["fair_spelled"] is None for o in outs)
 
 
 def test_a_subgroup_of_other_ranks_saves_and_loads_sharded(runs):

@@ -112,6 +112,17 @@ def test_partial_fc_with_a_memory_budget_on_the_torch_backend(sparse_grad, monke
     assert results[None][3] < results[0][3]
 
 
+def test_checkpoints_record_the_same_config_fields_as_before():
+    """grad_scale and class_margins are compared across ranks but not recorded: a sharded state dict
+    saved before they were compared must still load through ``dcp.load(head.sharded_state_dict())``."""
+    from marginkit.distributed.agreement import COMPARED_ONLY, FIELDS
+
+    head = make_head("class_margins")
+    recorded = head.sharded_state_dict()["config"]
+    assert list(recorded) == list(FIELDS) and not set(COMPARED_ONLY) & set(recorded)
+    assert set(COMPARED_ONLY) <= set(head.config())
+
+
 def test_seeded_init_does_not_depend_on_sharding():
     full = seeded_normal_rows(0, 10_000, 10_000, 4, seed=3, std=0.01, device="cpu", dtype=torch.float32)
     for world in (2, 3, 7):

@@ -35,7 +35,7 @@ def batch(seed=0):
     return torch.randn(B, D, generator=g) * 3.0, torch.randint(0, C, (B,), generator=g)
 
 
-def plain_and_checkpointed(make, reentrant):
+def plain_and_checkpointed(make):
     """(plain head, its x.grad) and (a copy run under checkpoint, its x.grad): same start state."""
     torch.manual_seed(0)
     plain = make()
@@ -54,7 +54,7 @@ def same_state(a, b):
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
 @pytest.mark.parametrize("name", list(STATEFUL))
 def test_a_stateful_training_forward_refuses_recomputation_and_moves_its_state_once(name, reentrant):
-    plain, _, ckpt, xb, y = plain_and_checkpointed(STATEFUL[name], reentrant)
+    plain, _, ckpt, xb, y = plain_and_checkpointed(STATEFUL[name])
     with pytest.raises(RuntimeError, match="outside the checkpointed function"):
         checkpoint(ckpt, xb, y, use_reentrant=reentrant).backward()
     assert same_state(ckpt, plain)  # the first forward's move, and no second one
@@ -76,7 +76,7 @@ def test_a_stateful_head_in_eval_mode_recomputes_exactly(name):
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
 @pytest.mark.parametrize("name", list(STATELESS))
 def test_stateless_losses_recompute_exactly(name, reentrant):
-    plain, xa, ckpt, xb, y = plain_and_checkpointed(STATELESS[name], reentrant)
+    plain, xa, ckpt, xb, y = plain_and_checkpointed(STATELESS[name])
     checkpoint(ckpt, xb, y, use_reentrant=reentrant).backward()
     assert rel_err(xb.grad, xa.grad) == 0.0
     assert torch.equal(ckpt.weight.grad, plain.weight.grad)
