@@ -84,6 +84,10 @@ class MarginSpec:
     def __post_init__(self) -> None:
         check_gradient_mode(self.gradient)
 
+    def _check_field(self, name: str, **bounds) -> float:
+        """``check_real`` of the field ``name``, its errors naming the spec ("ArcFace m must be ...")."""
+        return check_real(f"{type(self).__name__} {name}", getattr(self, name), **bounds)
+
     # -- to be provided by subclasses -------------------------------------------------
     def psi(self, cos: torch.Tensor, m: Optional[MarginValue] = None) -> torch.Tensor:
         """Target logit before scaling, (B,) -> (B,). Differentiable with autograd."""
@@ -169,7 +173,7 @@ class CosFace(MarginSpec):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_real(f"{type(self).__name__} m", self.m, low=0.0)
+        self._check_field("m", low=0.0)
 
     def default_margin(self):
         return float(self.m)
@@ -199,7 +203,7 @@ class ArcFace(MarginSpec):
     def __post_init__(self) -> None:
         super().__post_init__()
         # m ≥ π would turn the margin into a bonus (cos(θ + m) rises again past π).
-        check_real(f"{type(self).__name__} m", self.m, low=0.0, high=math.pi, high_inclusive=False)
+        self._check_field("m", low=0.0, high=math.pi, high_inclusive=False)
         if not isinstance(self.easy_margin, bool):
             raise TypeError(f"easy_margin must be a bool, got {self.easy_margin!r}")
 
@@ -283,8 +287,8 @@ class SphereFace(MarginSpec):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_real(f"{type(self).__name__} m", self.m, low=1.0)
-        check_real(f"{type(self).__name__} lambda_", self.lambda_, low=0.0)
+        self._check_field("m", low=1.0)
+        self._check_field("lambda_", low=0.0)
 
     def _k_sign(self, theta):
         k = torch.floor(self.m * theta / math.pi)
@@ -321,9 +325,9 @@ class CombinedMargin(MarginSpec):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_real(f"{type(self).__name__} m1", self.m1, low=1.0)
-        check_real(f"{type(self).__name__} m2", self.m2, low=0.0)
-        check_real(f"{type(self).__name__} m3", self.m3, low=0.0)
+        self._check_field("m1", low=1.0)
+        self._check_field("m2", low=0.0)
+        self._check_field("m3", low=0.0)
 
     def default_margin(self):
         return float(self.m2)
@@ -368,8 +372,8 @@ class AdaFaceMargin(MarginSpec):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_real(f"{type(self).__name__} m", self.m, low=0.0)
-        check_real(f"{type(self).__name__} eps", self.eps, low=0.0, high=0.5)
+        self._check_field("m", low=0.0)
+        self._check_field("eps", low=0.0, high=0.5)
 
     def default_margin(self):
         return 1.0

@@ -3,6 +3,7 @@ construction, the batch checks that run before any state moves, and the call of 
 
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 import torch
@@ -11,6 +12,7 @@ from torch import nn
 from marginkit._pipeline import margin_loss
 from marginkit.backends import BACKENDS
 from marginkit.cuda_graphs import refuse_capture
+from marginkit.functional import margin_cross_entropy
 from marginkit.errors import MarginKitTypeError, check_bool, check_choice, check_real
 from marginkit.specs import MarginSpec, NoMargin
 from marginkit.validation import REDUCTIONS, check_head_arguments, check_labels, validate_inputs
@@ -25,11 +27,11 @@ WEIGHT_INIT_STD = 0.01
 #: keywords of ``margin_cross_entropy`` a head holds as attributes, and those it passes on per call
 HEAD_KEYWORDS = ("reduction", "ignore_index", "normalize", "backend", "deterministic", "memory_budget")
 PER_CALL_KEYWORDS = ("class_margins", "sample_margins", "interclass_filtering_threshold", "feature_norm_scale")
-#: ``margin_cross_entropy``'s default for each of them (what a keyword left out means)
-LOSS_KEYWORD_DEFAULTS = dict(
-    reduction="mean", ignore_index=-100, normalize=True, backend="auto", deterministic=False, memory_budget=0,
-    class_margins=None, sample_margins=None, interclass_filtering_threshold=0.0, feature_norm_scale=False,
-)
+#: ``margin_cross_entropy``'s default for each of them (what a keyword left out means), from its signature
+LOSS_KEYWORD_DEFAULTS = {
+    name: inspect.signature(margin_cross_entropy).parameters[name].default
+    for name in HEAD_KEYWORDS + PER_CALL_KEYWORDS
+}
 
 
 def check_loss_keywords(reduction, ignore_index, normalize, backend, deterministic) -> None:
@@ -57,7 +59,7 @@ def take_loss_keywords(head: str, loss_kwargs: dict, allowed) -> Optional[float]
     checked; default 0) so that it can live as the ``head.memory_budget`` attribute."""
     check_keyword_names(head, loss_kwargs, allowed)
     check_loss_keywords(**{k: loss_kwargs.get(k, LOSS_KEYWORD_DEFAULTS[k])
-                           for k in ("reduction", "ignore_index", "normalize", "backend", "deterministic")})
+                           for k in HEAD_KEYWORDS if k != "memory_budget"})
     memory_budget = loss_kwargs.pop("memory_budget", 0)
     if memory_budget is not None:
         check_real("memory_budget", memory_budget, low=0.0)
