@@ -172,6 +172,11 @@ class PartitionedMarginSoftmax(nn.Module):
             check_real("memory_budget", memory_budget, low=0.0)
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
             raise MarginKitTypeError(f"ignore_index must be an int, got {ignore_index!r}")
+        if not POISON + 2 < ignore_index < 1 << 63:
+            raise ValueError(
+                f"ignore_index must be an int64 above {POISON + 2} (the lowest three mark a rank's rejected "
+                f"input), got {ignore_index}"
+            )
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise MarginKitTypeError(f"seed must be an int, got {seed!r}")
         if isinstance(grad_scale, str):

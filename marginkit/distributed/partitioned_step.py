@@ -53,8 +53,9 @@ __all__ = ["StepPlan", "PartitionedMarginCE", "POISON", "RECORD_FIELDS"]
 # exp(-2·scale) must stay well inside float64's range for the fixed-shift combine.
 FIXED_SHIFT_MAX_SCALE = 300.0
 
-#: Label a rank sends in place of its rows when it rejected its own input (+ the error kind).
-POISON = -(1 << 62)
+#: Label a rank sends in place of its rows when it rejected its own input (+ the error kind 0-2):
+#: int64's three lowest values, so that any other garbage label is still reported as out of range.
+POISON = -(1 << 63)
 
 #: The device-side record of a step, read by the host one call later (int64 each).
 RECORD_FIELDS = ("bad_label", "bad_value", "poisoned", "poison_rank", "poison_kind", "digest_mismatch")

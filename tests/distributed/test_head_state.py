@@ -170,6 +170,30 @@ def test_declared_one_process_defers_a_bad_label_to_the_next_call():
     assert rel_err(head(x, y), mk.reference.margin_cross_entropy(x, head.weight.detach(), y, mk.ArcFace(0.5), 16.0)) < 1e-5
 
 
+@pytest.mark.parametrize("garbage", [-(1 << 62), -(1 << 63) + 3, 1 << 62])
+def test_declared_one_process_reports_a_garbage_label_as_out_of_range(garbage):
+    # Only int64's three lowest values mark a rank's rejected input; -2^62 used to read as one.
+    head = PartitionedMarginSoftmax(60, 8, mk.ArcFace(0.5), 16.0, max_local_batch=12)
+    x, y = _batch(3, classes=60)
+    head(x, y)  # the first call checks on the host; later ones defer to the next call
+    bad = y.clone()
+    bad[0] = garbage
+    ignored = y.clone()
+    ignored[0] = -100
+    loss = head(x, bad)
+    ref = mk.reference.margin_cross_entropy(x, head.weight.detach(), ignored, mk.ArcFace(0.5), 16.0)
+    assert rel_err(loss, ref) < 1e-5
+    with pytest.raises(ValueError, match=f"labels contains {garbage},"):
+        head(x, y)
+
+
+@pytest.mark.parametrize("ignore_index", [-(1 << 63), -(1 << 63) + 2, 1 << 63])
+def test_an_ignore_index_outside_int64_or_on_the_reject_marker_is_refused(ignore_index):
+    with pytest.raises(ValueError, match=f"ignore_index must be an int64 above .*got {ignore_index}"):
+        PartitionedMarginSoftmax(60, 8, ignore_index=ignore_index)
+    PartitionedMarginSoftmax(60, 8, ignore_index=-(1 << 63) + 3)
+
+
 def test_partial_fc_sgd_steps_after_load_state_dict():
     # load_state_dict goes through __setstate__ with no head in the state (it raised AttributeError).
     head = PartitionedMarginSoftmax(60, 8, mk.ArcFace(0.5), 16.0, sample_rate=0.5, seed=3)
