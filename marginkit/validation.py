@@ -113,8 +113,7 @@ def validate_inputs(
             f"margin must be a marginkit margin spec (mk.ArcFace(), mk.CosFace(), ...), got {margin!r}"
         )
     check_real("scale", scale, low=0.0, low_inclusive=False)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise MarginKitTypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    check_ignore_index(ignore_index)
     check_choice("reduction", reduction, REDUCTIONS)
     check_choice("backend", backend, BACKENDS)
     check_bool("normalize", normalize)
@@ -134,6 +133,17 @@ def validate_inputs(
         _check_margin_tensor("sample_margins", sample_margins, embeddings.shape[0], "B", embeddings.device, check_values)
         if check_values and not skip_value_checks():
             margin.check_margin_values("sample_margins", sample_margins)
+
+
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+
+def check_ignore_index(ignore_index, lowest: int = INT64_MIN, why: str = "") -> None:
+    """``ignore_index``: a Python int in [lowest, int64 max], since labels are int64."""
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise MarginKitTypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if not lowest <= ignore_index <= INT64_MAX:
+        raise ValueError(f"ignore_index must be an int64 in [{lowest}, {INT64_MAX}]{why}, got {ignore_index}")
 
 
 def out_of_range(labels: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:

@@ -34,7 +34,7 @@ from marginkit.distributed.partitioned_step import PartitionedMarginCE, StepPlan
 from marginkit.distributed.sharding import PER_CLASS_STATE, group_size_and_rank, seeded_normal_rows, shard_range
 from marginkit.errors import MarginKitTypeError, check_choice, check_positive_ints, check_real
 from marginkit.specs import ArcFace, MarginSpec
-from marginkit.validation import REDUCTIONS
+from marginkit.validation import REDUCTIONS, check_ignore_index
 
 __all__ = ["PartitionedMarginSoftmax", "PER_CLASS_STATE", "seeded_normal_rows"]
 
@@ -170,13 +170,7 @@ class PartitionedMarginSoftmax(nn.Module):
         check_real("interclass_filtering_threshold", interclass_filtering_threshold, low=0.0, high=1.0)
         if memory_budget is not None:
             check_real("memory_budget", memory_budget, low=0.0)
-        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-            raise MarginKitTypeError(f"ignore_index must be an int, got {ignore_index!r}")
-        if not POISON + 2 < ignore_index < 1 << 63:
-            raise ValueError(
-                f"ignore_index must be an int64 above {POISON + 2} (the lowest three mark a rank's rejected "
-                f"input), got {ignore_index}"
-            )
+        check_ignore_index(ignore_index, POISON + 3, " (the three below mark a rank's rejected input)")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise MarginKitTypeError(f"seed must be an int, got {seed!r}")
         if isinstance(grad_scale, str):

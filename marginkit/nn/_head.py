@@ -15,7 +15,7 @@ from marginkit.cuda_graphs import refuse_capture
 from marginkit.functional import margin_cross_entropy
 from marginkit.errors import MarginKitTypeError, check_bool, check_choice, check_real
 from marginkit.specs import MarginSpec, NoMargin
-from marginkit.validation import REDUCTIONS, check_head_arguments, check_labels, validate_inputs
+from marginkit.validation import REDUCTIONS, check_head_arguments, check_ignore_index, check_labels, validate_inputs
 
 __all__ = [
     "KeepBufferDtypes", "ClassWeightHead", "HEAD_KEYWORDS", "PER_CALL_KEYWORDS", "LOSS_KEYWORD_DEFAULTS",
@@ -37,8 +37,7 @@ LOSS_KEYWORD_DEFAULTS = {
 def check_loss_keywords(reduction, ignore_index, normalize, backend, deterministic) -> None:
     """The loss keywords, checked when a head is built rather than at its first forward."""
     check_choice("reduction", reduction, REDUCTIONS)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise MarginKitTypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    check_ignore_index(ignore_index)
     check_bool("normalize", normalize)
     check_choice("backend", backend, BACKENDS)
     check_bool("deterministic", deterministic)

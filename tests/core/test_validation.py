@@ -63,6 +63,8 @@ def test_device_mismatch():
         (dict(scale=math.nan), "scale must be finite"),
         (dict(reduction="avg"), "reduction must be one of"),
         (dict(backend="cuda"), "backend must be one of"),
+        (dict(ignore_index=1 << 63), r"ignore_index must be an int64 in \[-9223372036854775808, 9223372036854775807\], got 9223372036854775808"),
+        (dict(ignore_index=-(1 << 64)), "ignore_index must be an int64 in"),
         (dict(class_margins=torch.rand(10), sample_margins=torch.rand(4)), "not both"),
         (dict(class_margins=torch.rand(9)), r"class_margins must have shape \(C,\)"),
         (dict(sample_margins=torch.tensor([0.1, math.nan, 0.2, 0.3])), "NaN"),
