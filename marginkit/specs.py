@@ -54,8 +54,8 @@ class AngleForm:
     the Triton backend's fused per-row kernel computes, without arccos (``triton_kernels/target_column.py``).
 
     ``angle``: m2 applies, on c clamped by ``COS_CLAMP``; else ψ = cos θ_y − m3 unclamped, dψ = 1.
-    ``fallback``: 0 none; 1 ArcFace's c − m2·sin m2 (dψ = 1) where θ_y + m2 > π; 2 its easy margin
-    (ψ = c where c <= 0). ``row_margin_slot``: 2 or 3, the term per-row margins replace (0: none).
+    ``fallback``: 0 none; 1 ArcFace's cos θ_y − m2·sin m2 (dψ = 1) where θ_y + m2 > π; 2 its easy
+    margin (ψ = cos θ_y where cos θ_y <= 0); both take cos θ_y unclamped. ``row_margin_slot``: 2 or 3, the term per-row margins replace (0: none).
     """
 
     m2: float = 0.0
@@ -228,9 +228,9 @@ class ArcFace(MarginSpec):
         c = _clamped(cos)
         theta = torch.acos(c)
         arc = torch.cos(theta + m)
-        if self.easy_margin:
-            return torch.where(cos > 0, arc, c)
-        fallback = c - m * (torch.sin(m) if isinstance(m, torch.Tensor) else math.sin(m))
+        if self.easy_margin:  # the fallbacks take cos θ_y itself: API.md clamps only for arccos
+            return torch.where(cos > 0, arc, cos)
+        fallback = cos - m * (torch.sin(m) if isinstance(m, torch.Tensor) else math.sin(m))
         return torch.where(theta + m <= math.pi, arc, fallback)
 
     def dpsi_exact(self, cos, m=None):
@@ -248,16 +248,17 @@ class ArcFace(MarginSpec):
         runs every step on the host's critical path); the same formulas, in float64."""
         if not isinstance(m, (torch.Tensor, type(None))):
             return super().target_terms(cos, m)
-        c = cos.detach().to(torch.float64).clamp(-1.0 + COS_CLAMP, 1.0 - COS_CLAMP)
+        cos64 = cos.detach().to(torch.float64)
+        c = cos64.clamp(-1.0 + COS_CLAMP, 1.0 - COS_CLAMP)
         m = self._m(None if m is None else m.detach().to(device=c.device, dtype=torch.float64))
         theta_m = torch.acos(c) + m
         if self.easy_margin:
             use_arc = c > 0
-            psi = torch.where(use_arc, torch.cos(theta_m), c)
+            psi = torch.where(use_arc, torch.cos(theta_m), cos64)
         else:
             use_arc = theta_m <= math.pi
             sin_m = torch.sin(m) if isinstance(m, torch.Tensor) else math.sin(m)
-            psi = torch.where(use_arc, torch.cos(theta_m), c - m * sin_m)
+            psi = torch.where(use_arc, torch.cos(theta_m), cos64 - m * sin_m)
         if self.gradient == "straight_through":
             return psi, torch.ones_like(c)
         dpsi = torch.where(use_arc, torch.sin(theta_m) / torch.sqrt(1.0 - c * c), 1.0)
@@ -300,7 +301,7 @@ class SphereFace(MarginSpec):
         theta = torch.acos(c)
         k, sign = self._k_sign(theta.detach())
         psi = sign * torch.cos(self.m * theta) - 2.0 * k
-        return (self.lambda_ * c + psi) / (1.0 + self.lambda_)
+        return (self.lambda_ * cos + psi) / (1.0 + self.lambda_)
 
     def dpsi_exact(self, cos, m=None):
         c = cos.clamp(-1.0 + COS_CLAMP, 1.0 - COS_CLAMP)

@@ -84,8 +84,8 @@ def target_terms_kernel(
     (float64, 0 where labels_out is −1).
 
     ANGLE: m2 applies (cos clamped into [−1 + cos_clamp, 1 − cos_clamp] first); else ψ = cos − m3,
-    dψ = 1. FALLBACK: 0 none, 1 ArcFace's c − m·sin m where θ + m > π (⇔ c < −cos m), 2 its easy
-    margin (ψ = c where c <= 0). ROW_MARGIN: 0, or 2 / 3 when margins_ptr (B,) replaces m2 / m3.
+    dψ = 1. FALLBACK: 0 none, 1 ArcFace's cos − m·sin m where θ + m > π (⇔ c < −cos m), 2 its easy
+    margin (ψ = cos where cos <= 0); c is the clamped cos, the fallbacks take cos itself. ROW_MARGIN: 0, or 2 / 3 when margins_ptr (B,) replaces m2 / m3.
     CHECK_LABELS: the (min, max) over ignore_index and every out-of-range label go to flag_ptr
     (2,) int64 by atomic min / max, so both equal ignore_index exactly when no label is bad.
     consts_ptr (6,) float64: m2, cos m2, sin m2, m3, 1 − the cos clamp, the norm eps (a float
@@ -147,11 +147,11 @@ def target_terms_kernel(
         dpsi = (sin_t * cos_m + c * sin_m) / sin_t  # sin(θ + m2) / sin θ
         if FALLBACK == 1:  # θ + m > π  ⇔  c < cos(π − m) = −cos m
             use_arc = c >= -cos_m
-            psi = tl.where(use_arc, psi, c - m2v * sin_m)
+            psi = tl.where(use_arc, psi, cos - m2v * sin_m)  # cos itself: the clamp is only for θ
             dpsi = tl.where(use_arc, dpsi, 1.0)
         if FALLBACK == 2:
             use_arc = c > 0.0
-            psi = tl.where(use_arc, psi, c)
+            psi = tl.where(use_arc, psi, cos)
             dpsi = tl.where(use_arc, dpsi, 1.0)
     else:
         psi = cos - m3v

@@ -35,9 +35,9 @@ def textbook_target_logit(spec, cos: torch.Tensor) -> torch.Tensor:
         theta = torch.acos(c)
         arc = torch.cos(theta + m)
         if spec.easy_margin:
-            psi = torch.where(cos > 0, arc, c)
+            psi = torch.where(cos > 0, arc, cos)
         else:
-            psi = torch.where(theta + m <= math.pi, arc, c - m * math.sin(m))
+            psi = torch.where(theta + m <= math.pi, arc, cos - m * math.sin(m))
     elif family == "sphereface":
         m = spec.m
         theta = torch.acos(c)
@@ -46,7 +46,7 @@ def textbook_target_logit(spec, cos: torch.Tensor) -> torch.Tensor:
         psi = sign * torch.cos(m * theta) - 2.0 * k
         lam = spec.lambda_
         if lam > 0:
-            psi = (lam * c + psi) / (1.0 + lam)
+            psi = (lam * cos + psi) / (1.0 + lam)
     elif family == "combined":
         theta = torch.acos(c)
         psi = torch.cos(spec.m1 * theta + spec.m2) - spec.m3

@@ -77,6 +77,30 @@ def test_terms_equal_the_spec_in_float64(spec, normalize):
     assert ((dpsi - ref_dpsi).abs() / ref_dpsi.abs().clamp_min(1.0)).max() < 1e-9
 
 
+@pytest.mark.parametrize("spec, want", [
+    (mk.ArcFace(0.5), [-1.0 - 0.5 * math.sin(0.5), -1.0 - 0.5 * math.sin(0.5)]),
+    (mk.ArcFace(0.5, easy_margin=True), [-1.0, -1.0]),
+    # (λ·cos θ_y + ψ)/(1 + λ): only ψ's arccos sees the clamp
+    (mk.SphereFace(4.0, lambda_=1.0), [(-1.0 - math.cos(4.0 * math.acos(-1.0 + 1e-7)) - 6.0) / 2.0] * 2),  # k = 3
+], ids=lambda v: spec_id(v) if isinstance(v, mk.MarginSpec) else "")
+def test_fallbacks_take_the_target_cosine_unclamped(spec, want):
+    """API.md clamps cos θ_y only before an arccos or a derivative: at θ_y = π ArcFace's fallback is
+    −1 − m·sin m, not (−1 + 1e-7) − m·sin m (it was, on every path)."""
+    x = torch.tensor([[-2.0, 0.0], [-0.5, 0.0]], dtype=torch.float64, device=DEVICE)
+    w = torch.eye(2, dtype=torch.float64, device=DEVICE)
+    y = torch.zeros(2, dtype=torch.int64, device=DEVICE)
+    want = torch.tensor(want, dtype=torch.float64, device=DEVICE)
+    cos = target_cosine(x, w, y, True)
+    assert torch.equal(cos, torch.full_like(cos, -1.0))
+    assert (spec.target_terms(cos)[0] - want).abs().max() < 1e-15
+    assert (spec.psi(cos) - want).abs().max() < 1e-15
+    if spec.angle_form() is not None:
+        psi = target_rows(x, w, y, IGNORE, spec.angle_form(), None, True, False)[1]
+        assert (psi - want).abs().max() < 1e-15
+    loss = mk.reference.margin_cross_entropy(x, w, y, spec, 2.0, reduction="none")
+    assert (loss - torch.nn.functional.softplus(2.0 * (0.0 - want))).abs().max() < 1e-14
+
+
 @pytest.mark.parametrize("spec", [mk.ArcFace(0.5), mk.CosFace(0.35), mk.CombinedMargin(1.0, 0.3, 0.1)], ids=spec_id)
 def test_per_row_margins_replace_the_spec_margin(spec):
     x, w, y = inputs(seed=1)
