@@ -15,8 +15,10 @@
 #   setup.log gpu-tests.log bench.log profile.txt (the profile, then the A/Bs)
 # The defaults end in about 9 minutes on an H200: run it with the device tool's timeout_s=600. The phases
 # run in priority order, so a run cut short loses only the last A/Bs.
-# Every phase is time-boxed: wheels ~10 s, build <= 150 s, tests <= MK_TESTS_S (each test <= 120 s
-# where pytest-timeout is installed, MK_TEST_WORKERS xdist workers, default 4, where pytest-xdist is),
+# Every phase is time-boxed, and no phase runs past MK_DEADLINE_S (default 570 s after the start: the
+# device tool's 600 s call keeps its last lines): wheels ~10 s, build <= 150 s, tests <= MK_TESTS_S (each
+# test <= 90 s where pytest-timeout is installed, which also ends the session 30 s early with its
+# tracebacks; MK_TEST_WORKERS xdist workers, default 8, where pytest-xdist is; csrc and core files first),
 # sweep <= MK_BENCH_LIMIT_S (no new run starts after it; hard stop 60 s later), profile <= 90 s per C,
 # graph A/B <= 45 s per C, column-sum and launch A/Bs <= 60 s each, TMA A/B <= MK_TMA_S (150 s).
 # Peers that are not in the image travel as wheels in .whl/ (benchmarks/fetch_wheels.sh makes them).
@@ -28,7 +30,8 @@
 # (default 150; 0 skips the tests), MK_TEST_WORKERS, MARGINKIT_AUTOTUNE_MS (the tests' autotune timing per config,
 # default 5 ms; the sweep always takes Triton's), MK_AB_C (C of the launch A/B, default 100K; empty
 # skips), MK_COLSUM_C (C of the column-sum A/B, default 1M; empty skips), MK_TMA_C (C of the TMA A/B,
-# default 1M; empty skips), MK_TMA_S (its time box, default 150), MARGINKIT_CUDA_ARCHS (e.g. "90a-real" builds for Hopper only, in half the time), PYTHON.
+# default 1M; empty skips), MK_TMA_S (its time box, default 150), MARGINKIT_CUDA_ARCHS (default here
+# "90a-real": the lent machines are Hopper, and one architecture builds in half the time), PYTHON.
 set -uo pipefail
 
 OUTDIR=${1:?usage: bash benchmarks/gpu_run.sh OUTDIR}
@@ -42,7 +45,22 @@ TESTS_S=${MK_TESTS_S:-150}
 BENCH_ARGS=${MK_BENCH_ARGS:---device cuda --C 100K,1M --providers marginkit,marginkit-fast,torch-compile,floor-3gemm}
 LOG="$OUTDIR/setup.log"
 T0=$(date +%s)
+DEADLINE=$(( T0 + ${MK_DEADLINE_S:-570} ))
+export MARGINKIT_CUDA_ARCHS=${MARGINKIT_CUDA_ARCHS:-90a-real}
 phase() { echo "== [$(( $(date +%s) - T0 )) s] $*"; }
+# box SECONDS: SECONDS, or what is left before the deadline if less; 0 (skip the phase) under 20 s left
+box() {
+  local left=$(( DEADLINE - $(date +%s) ))
+  if [ "$left" -lt 20 ]; then echo 0; elif [ "$1" -lt "$left" ]; then echo "$1"; else echo "$left"; fi
+}
+# boxed SECONDS CMD...: CMD under `timeout $(box SECONDS)`, or skipped (rc 124) when the deadline is near
+# (`timeout 0` would mean no limit at all)
+boxed() {
+  local limit
+  limit=$(box "$1"); shift
+  if [ "$limit" -eq 0 ]; then echo "skipped (deadline): $*"; return 124; fi
+  timeout "$limit" "$@"
+}
 
 phase "environment" | tee "$LOG"
 {
@@ -74,7 +92,8 @@ phase "building marginkit" | tee -a "$LOG"
 if [ -n "${MK_SKIP_BUILD:-}" ]; then
   echo "MK_SKIP_BUILD set: using the source tree as it is" | tee -a "$LOG"
   use_source_tree
-elif timeout 150 $PY -m pip install --no-build-isolation --no-deps -e . >> "$LOG" 2>&1; then
+elif boxed 150 $PY -m pip install --no-index --disable-pip-version-check --no-build-isolation --no-deps -e . \
+       >> "$LOG" 2>&1; then
   echo "build ok"
 else
   echo "build FAILED or timed out (rc=$?); tail of setup.log:"; tail -n 25 "$LOG"
@@ -88,25 +107,31 @@ $PY -c "import marginkit._C as C; print(C.build_info())" 2>&1 | tee -a "$LOG"
 # C = 4M; csrc CUDA ops vs their CPU twins; NCCL world size 1; no host sync under
 # torch.cuda.set_sync_debug_mode("error"); autocast and master weights on CUDA)
 TESTS=skipped
+TESTS_S=$(box "$TESTS_S")
 if [ "$TESTS_S" -gt 0 ]; then
   phase "gpu tests: pytest -m gpu (at most ${TESTS_S} s)"
   PER_TEST=""
-  $PY -c "import pytest_timeout" 2>/dev/null && PER_TEST="--timeout 120"  # a first call autotunes ~25 configs
-  # Workers compile Triton kernels (ptxas: CPU-bound) in parallel; the GPU image has pytest-xdist.
+  $PY -c "import pytest_timeout" 2>/dev/null && PER_TEST="--timeout 90"  # a first call autotunes ~25 configs
+  # pytest prints tracebacks only in its final summary, which `timeout` would kill: end the session first
+  [ "$TESTS_S" -gt 60 ] && $PY -m pytest --help 2>/dev/null | grep -q -- --session-timeout && PER_TEST="$PER_TEST --session-timeout $(( TESTS_S - 30 ))"
+  # Workers compile Triton kernels (ptxas: CPU-bound, 16 cores) in parallel; the GPU image has pytest-xdist.
   WORKERS=""
-  $PY -c "import xdist" 2>/dev/null && WORKERS="-n ${MK_TEST_WORKERS:-4}"
+  $PY -c "import xdist" 2>/dev/null && WORKERS="-n ${MK_TEST_WORKERS:-8}"
+  # the files with GPU tests, the quick csrc and core ones first (a cut-short run loses the slow Triton ones)
+  GPU_FILES=$(grep -rlE "mark\.gpu|cuda_twin" --include="test_*.py" tests/ops tests/core tests/backends tests/distributed tests \
+    | awk '!seen[$0]++')
   T_TESTS=$(date +%s)
   # TRITON_CACHE_AUTOTUNING=0: picks timed while the workers share the GPU must not reach the sweep's disk cache.
   # MARGINKIT_AUTOTUNE_MS=5: each config timed 5 ms, not 125 (every worker times every config of every new
   # tuning key on the one GPU; a test needs a valid pick, not the fastest).
   export MARGINKIT_AUTOTUNE_MS=${MARGINKIT_AUTOTUNE_MS:-5}
-  TRITON_CACHE_AUTOTUNING=0 timeout "$TESTS_S" $PY -m pytest -m "gpu or cuda_twin" -v -rs --durations=15 -p no:cacheprovider $PER_TEST $WORKERS \
-    tests > "$OUTDIR/gpu-tests.log" 2>&1
+  TRITON_CACHE_AUTOTUNING=0 boxed "$TESTS_S" $PY -m pytest -m "gpu or cuda_twin" -v -rs --durations=15 -p no:cacheprovider $PER_TEST $WORKERS \
+    $GPU_FILES > "$OUTDIR/gpu-tests.log" 2>&1
   TESTS=$?
   LEFT=$(( TESTS_S - ($(date +%s) - T_TESTS) ))
   if [ -n "$WORKERS" ] && { [ "$TESTS" = 3 ] || [ "$TESTS" = 4 ]; } && [ "$LEFT" -gt 30 ]; then
     echo "pytest with $WORKERS ended with rc=$TESTS (internal/usage error): again in one process (${LEFT} s)"
-    TRITON_CACHE_AUTOTUNING=0 timeout "$LEFT" $PY -m pytest -m "gpu or cuda_twin" -q -rs --durations=15 -p no:cacheprovider $PER_TEST tests \
+    TRITON_CACHE_AUTOTUNING=0 boxed "$LEFT" $PY -m pytest -m "gpu or cuda_twin" -q -rs --durations=15 -p no:cacheprovider $PER_TEST $GPU_FILES \
       >> "$OUTDIR/gpu-tests.log" 2>&1
     TESTS=$?
   fi
@@ -116,8 +141,10 @@ unset MARGINKIT_AUTOTUNE_MS  # the sweep and the A/Bs tune with Triton's full ti
 # 4. the sweep (B=1024, D=512, bf16, arcface; each marginkit row checked against float64 before it is timed).
 # --time-limit-s: no new run starts after LIMIT s, so the sweep ends by itself (table, JSON, plot) before
 # the hard timeout. TRITON_PRINT_AUTOTUNING logs the tile configs the autotuner picked.
+BENCH_BOX=$(box $(( LIMIT + 60 )))
+[ "$BENCH_BOX" -lt $(( LIMIT + 60 )) ] && LIMIT=$(( BENCH_BOX * 2 / 3 ))  # near the deadline: a shorter sweep
 phase "benchmark sweep (no new run after ${LIMIT} s)"
-TRITON_PRINT_AUTOTUNING=1 timeout $(( LIMIT + 60 )) $PY -m marginkit bench $BENCH_ARGS \
+TRITON_PRINT_AUTOTUNING=1 boxed "$BENCH_BOX" $PY -m marginkit bench $BENCH_ARGS \
   --time-limit-s "$LIMIT" --out-dir "$OUTDIR" --no-progress 2>&1 | tee "$OUTDIR/bench.log"
 BENCH=${PIPESTATUS[0]}
 CSV=$(ls -t "$OUTDIR"/*.csv 2>/dev/null | head -n 1)
@@ -130,14 +157,14 @@ rm -f "$OUTDIR"/*.tmp
 # 5. where marginkit's step spends its time (kernels vs host), per C in MK_PROFILE_C
 for C in $(echo "${MK_PROFILE_C-1M}" | tr ',' ' '); do
   phase "profile: marginkit at C=$C"
-  timeout 90 $PY benchmarks/profile_step.py --C "$C" >> "$OUTDIR/profile.txt" 2>&1
+  boxed 90 $PY benchmarks/profile_step.py --C "$C" >> "$OUTDIR/profile.txt" 2>&1
   grep "ms/step" "$OUTDIR/profile.txt" | tail -n 1
 done
 
 # 6. does a CUDA graph pay? the step eager vs captured and replayed (issue 13 item 3), per C in MK_GRAPH_C
 for C in $(echo "${MK_GRAPH_C-100K}" | tr ',' ' '); do
   phase "CUDA-graph A/B at C=$C"
-  timeout 45 $PY benchmarks/cuda_graph_ab.py --C "$C" --providers marginkit,marginkit-fast >> "$OUTDIR/profile.txt" 2>&1
+  boxed 45 $PY benchmarks/cuda_graph_ab.py --C "$C" --providers marginkit,marginkit-fast >> "$OUTDIR/profile.txt" 2>&1
   tail -n 3 "$OUTDIR/profile.txt"
 done
 
@@ -148,7 +175,7 @@ sweep_ab() {
   shift 3
   for C in $(echo "$counts" | tr ',' ' '); do
     phase "$label A/B at C=$C"
-    timeout "$box" $PY benchmarks/tune_sweep.py --device cuda --C "$C" "$@" >> "$OUTDIR/profile.txt" 2>&1
+    boxed "$box" $PY benchmarks/tune_sweep.py --device cuda --C "$C" "$@" >> "$OUTDIR/profile.txt" 2>&1
     tail -n 3 "$OUTDIR/profile.txt"
   done
 }

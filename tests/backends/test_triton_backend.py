@@ -672,8 +672,10 @@ def test_fp32_master_weights(dtype):
         cast = run(triton_rows, x, w32.to(dtype), y, spec, 64.0)
     ref = run(reference_rows, x, w32, y, spec, 64.0)
     assert master[1].dtype == dtype and master[2].dtype == torch.float32
-    floor = 1e-2 if dtype == torch.bfloat16 else 2e-3
-    for name, a, b, r in zip(("loss", "dX", "dW"), master, cast, ref):
+    # (loss, dX, dW); bf16 measured 2.1e-4, 4.3e-3, 3.6e-3 against the reference (1.2e-3, 9.7e-3 and
+    # 5.9e-3 while the interpreter truncated its bf16 casts: these floors catch that bias)
+    floors = (1e-3, 8e-3, 8e-3) if dtype == torch.bfloat16 else (2e-4, 2e-3, 2e-3)
+    for name, a, b, r, floor in zip(("loss", "dX", "dW"), master, cast, ref, floors):
         assert rel(a, r) <= rel(b, r) + floor / 4, name  # no worse than casting W first
         assert rel(a, r) < floor, (name, rel(a, r))
         assert rel(a, b) < floor, (name, rel(a, b))
