@@ -10,7 +10,12 @@ import math
 import numbers
 from typing import Optional
 
-__all__ = ["MarginKitTypeError", "check_real", "check_gradient_mode", "check_choice", "check_positive_ints", "check_bool"]
+import torch
+
+__all__ = [
+    "MarginKitTypeError", "check_real", "check_gradient_mode", "check_choice", "check_positive_ints", "check_bool",
+    "check_int", "check_float_dtype",
+]
 
 GRADIENT_MODES = ("exact", "straight_through")
 
@@ -53,6 +58,24 @@ def check_positive_ints(**values) -> None:
     for name, value in values.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def check_int(name: str, value) -> int:
+    """An int that is not a bool (seeds: ``seed=1.7`` would otherwise become 1 silently)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise MarginKitTypeError(f"{name} must be an int, got {value!r} of type {type(value).__name__}")
+    return value
+
+
+#: the dtypes a head's weight may be built in
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_float_dtype(name: str, value) -> None:
+    """None (torch's default) or a floating dtype a weight can be trained in."""
+    if value is not None and value not in FLOAT_DTYPES:
+        allowed = ", ".join(str(d) for d in FLOAT_DTYPES)
+        raise MarginKitTypeError(f"{name} must be None or one of {allowed}; got {value!r}")
 
 
 def check_bool(name: str, value) -> None:

@@ -93,14 +93,6 @@ def load_checkpoint(directory, backbone, head, opt_backbone, opt_head, scheduler
         state = torch.load(os.path.join(directory, _head_optimizer_file(rank)), map_location=head.weight.device,
                            weights_only=False)
         opt_head.load_state_dict(state)
-    else:
-        _restore_hyper_parameters(opt_head, trainer["opt_head"])
+    else:  # a row-sparse optimizer's state_dict is its hyper-parameters (its momentum lives in the head)
+        opt_head.load_state_dict(trainer["opt_head"])
     return int(trainer["step"])
-
-
-def _restore_hyper_parameters(optimizer, saved: dict) -> None:
-    """A row-sparse optimizer's state_dict is its param groups' hyper-parameters (lr after the
-    schedule, momentum, ...); copy them back. Not ``load_state_dict``: in this marginkit it drops
-    the optimizer's head (PartialFCSGD.__setstate__), so the next step() fails."""
-    for group, saved_group in zip(optimizer.param_groups, saved["param_groups"]):
-        group.update({k: v for k, v in saved_group.items() if k != "params"})

@@ -32,7 +32,7 @@ from marginkit.distributed.partitioned_checks import (
 )
 from marginkit.distributed.partitioned_step import PartitionedMarginCE, StepPlan
 from marginkit.distributed.sharding import PER_CLASS_STATE, group_size_and_rank, seeded_normal_rows, shard_range
-from marginkit.errors import MarginKitTypeError, check_choice, check_positive_ints, check_real
+from marginkit.errors import MarginKitTypeError, check_choice, check_float_dtype, check_int, check_positive_ints, check_real
 from marginkit.specs import ArcFace, MarginSpec
 from marginkit.validation import REDUCTIONS, check_ignore_index
 
@@ -171,8 +171,8 @@ class PartitionedMarginSoftmax(nn.Module):
         if memory_budget is not None:
             check_real("memory_budget", memory_budget, low=0.0)
         check_ignore_index(ignore_index, POISON + 3, " (the three below mark a rank's rejected input)")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise MarginKitTypeError(f"seed must be an int, got {seed!r}")
+        check_int("seed", seed)
+        check_float_dtype("dtype", dtype)
         if isinstance(grad_scale, str):
             check_choice("grad_scale", grad_scale, ("global", "ddp"))
         else:

@@ -13,7 +13,7 @@ from marginkit._pipeline import margin_loss
 from marginkit.backends import BACKENDS
 from marginkit.cuda_graphs import refuse_capture
 from marginkit.functional import margin_cross_entropy
-from marginkit.errors import MarginKitTypeError, check_bool, check_choice, check_real
+from marginkit.errors import MarginKitTypeError, check_bool, check_choice, check_float_dtype, check_real
 from marginkit.specs import MarginSpec, NoMargin
 from marginkit.validation import REDUCTIONS, check_head_arguments, check_ignore_index, check_labels, validate_inputs
 
@@ -63,6 +63,18 @@ def take_loss_keywords(head: str, loss_kwargs: dict, allowed) -> Optional[float]
     if memory_budget is not None:
         check_real("memory_budget", memory_budget, low=0.0)
     return memory_budget
+
+
+def check_class_margins_now(weight: torch.Tensor, margin, scale, loss_kwargs: dict) -> None:
+    """A head's fixed ``class_margins`` (and the rest of its loss keywords) checked against its (C, D)
+    weight when it is built, not at its first forward."""
+    probe = weight.detach()[:1]
+    validate_inputs(
+        probe, weight.detach(), torch.zeros(1, dtype=torch.int64, device=probe.device), margin, scale,
+        loss_kwargs.get("class_margins"), None, loss_kwargs.get("reduction", LOSS_KEYWORD_DEFAULTS["reduction"]),
+        loss_kwargs.get("ignore_index", LOSS_KEYWORD_DEFAULTS["ignore_index"]),
+        loss_kwargs.get("backend", LOSS_KEYWORD_DEFAULTS["backend"]),
+    )
 
 
 def resolved_loss_keywords(loss_kwargs: dict, allowed) -> dict:
@@ -127,6 +139,7 @@ class ClassWeightHead(KeepBufferDtypes):
         # every head has it: set ``head.memory_budget`` where a head's constructor does not take it
         self.memory_budget = memory_budget
         rows = weight_rows or num_classes
+        check_float_dtype("dtype", dtype)
         self.weight = nn.Parameter(torch.empty(rows, embedding_dim, dtype=dtype, device=device))
         self.reset_parameters()
 

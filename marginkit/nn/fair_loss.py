@@ -23,7 +23,7 @@ from torch import nn
 from marginkit.ops import class_statistics_update_
 from marginkit.cuda_graphs import refuse_capture
 from marginkit.recomputation import refuse_recomputation
-from marginkit.errors import check_positive_ints, check_real
+from marginkit.errors import MarginKitTypeError, check_float_dtype, check_int, check_positive_ints, check_real
 from marginkit.functional import margin_cross_entropy
 from marginkit.nn._head import HEAD_KEYWORDS, KeepBufferDtypes, resolved_loss_keywords, take_loss_keywords
 from marginkit.distributed.statistics_sync import (
@@ -149,8 +149,11 @@ class FairLoss(KeepBufferDtypes):
         if abs(levels[start] - initial_margin) > 1e-9:
             raise ValueError(f"initial_margin {initial_margin} is not one of margin_levels {tuple(levels)}")
         for name, th in (("count_thresholds", count_thresholds), ("spread_thresholds", spread_thresholds)):
-            if th is not None and (len(th) != 2 or float(th[0]) > float(th[1])):
-                raise ValueError(f"{name} must be two increasing thresholds (3 bins), got {th!r}")
+            _check_thresholds(name, th)
+        check_int("seed", seed)
+        if chunk_elements is not None:
+            check_positive_ints(chunk_elements=chunk_elements)
+        check_float_dtype("dtype", dtype)
         check_real("gamma", gamma, low=0.0, high=1.0)
         for name, v in (("epsilon_start", epsilon_start), ("epsilon_end", epsilon_end), ("epsilon_decay", epsilon_decay)):
             check_real(name, v, low=0.0, high=1.0)
@@ -370,6 +373,17 @@ class FairLoss(KeepBufferDtypes):
         agent = "online DQN" if self._agent is not None else "frozen policy, per count group"
         return (f"num_classes={self.num_classes}, embedding_dim={self.embedding_dim}, scale={self.scale}, "
                 f"update_every={self.update_every}, margin_levels={self.margin_levels}, agent={agent}")
+
+
+def _check_thresholds(name: str, thresholds) -> None:
+    """None, or two finite increasing edges (three bins)."""
+    if thresholds is None:
+        return
+    if isinstance(thresholds, (str, bytes)) or not hasattr(thresholds, "__len__") or len(thresholds) != 2:
+        raise MarginKitTypeError(f"{name} must be None or two increasing thresholds (3 bins), got {thresholds!r}")
+    low, high = (check_real(f"{name} entry", t) for t in thresholds)
+    if low > high:
+        raise ValueError(f"{name} must be two increasing thresholds (3 bins), got {thresholds!r}")
 
 
 def _check_policy_args(policy, class_count_bins, spread_thresholds, num_classes: int, num_levels: int) -> None:

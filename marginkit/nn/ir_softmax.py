@@ -18,7 +18,8 @@ from marginkit.recomputation import refuse_recomputation
 from marginkit.errors import check_positive_ints, check_real
 from marginkit.functional import margin_cross_entropy
 from marginkit.nn._head import (
-    HEAD_KEYWORDS, PER_CALL_KEYWORDS, KeepBufferDtypes, resolved_loss_keywords, take_loss_keywords,
+    HEAD_KEYWORDS, PER_CALL_KEYWORDS, KeepBufferDtypes, check_class_margins_now, resolved_loss_keywords,
+    take_loss_keywords,
 )
 from marginkit.distributed.statistics_sync import (
     agree_once, broadcast_from_first_, check_sync_args, global_batch, local_loss, sync_group,
@@ -105,6 +106,8 @@ class IRSoftmax(KeepBufferDtypes):
         self.ignore_index = int(loss_kwargs.get("ignore_index", -100))
         self.register_buffer("centers", torch.empty(num_classes, embedding_dim, dtype=torch.float32, device=device))
         self.reset_parameters()
+        if loss_kwargs.get("class_margins") is not None:
+            check_class_margins_now(self.centers, margin, scale, loss_kwargs)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from marginkit.nn._head import HEAD_KEYWORDS, PER_CALL_KEYWORDS, ClassWeightHead, check_keyword_names
+from marginkit.nn._head import (
+    HEAD_KEYWORDS, PER_CALL_KEYWORDS, ClassWeightHead, check_class_margins_now, check_keyword_names,
+)
 from marginkit.specs import ArcFace, MarginSpec
-from marginkit.validation import validate_inputs
 
 
 
@@ -44,12 +45,8 @@ class MarginSoftmax(ClassWeightHead):
         head_kwargs = {k: loss_kwargs.pop(k) for k in HEAD_KEYWORDS if k in loss_kwargs}
         super().__init__(num_classes, embedding_dim, margin, scale, dtype=dtype, device=device, **head_kwargs)
         self.loss_kwargs = loss_kwargs
-        if loss_kwargs:  # margins checked against the weight now, not at the first forward
-            probe = self.weight.detach()[:1]
-            validate_inputs(
-                probe, self.weight.detach(), torch.zeros(1, dtype=torch.int64, device=probe.device), margin, scale,
-                loss_kwargs.get("class_margins"), None, self.reduction, self.ignore_index, self.backend,
-            )
+        if loss_kwargs:
+            check_class_margins_now(self.weight, margin, scale, head_kwargs | loss_kwargs)
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.loss(embeddings, labels, **self.loss_kwargs)

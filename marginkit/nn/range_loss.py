@@ -10,6 +10,7 @@ from torch import nn
 from marginkit.ops import range_loss
 from marginkit.cuda_graphs import refuse_capture
 from marginkit.errors import check_real
+from marginkit.validation import check_ignore_index
 
 __all__ = ["RangeLoss"]
 
@@ -47,9 +48,12 @@ class RangeLoss(nn.Module):
         super().__init__()
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be a positive int, got {k!r}")
-        check_real("margin", margin)
-        check_real("alpha", alpha)
-        check_real("beta", beta)
+        # negative weights would reward spreading a class out; a negative margin makes inter always 0
+        check_real("margin", margin, low=0.0)
+        check_real("alpha", alpha, low=0.0)
+        check_real("beta", beta, low=0.0)
+        if ignore_index is not None:
+            check_ignore_index(ignore_index)
         self.k, self.margin, self.alpha, self.beta = k, float(margin), float(alpha), float(beta)
         self.ignore_index = ignore_index
 
