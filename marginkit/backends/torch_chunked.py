@@ -29,6 +29,7 @@ from marginkit.backends.common import (
     compute_dtype,
     inverse_norms,
     normalization_backward,
+    refuse_double_backward,
     target_classes,
     target_gradient,
     without_autocast,
@@ -349,6 +350,7 @@ class _ChunkedMarginCE(torch.autograd.Function):
     @staticmethod
     @without_autocast
     def backward(ctx, grad_losses):
+        refuse_double_backward()
         embeddings, weight, labels_local, target_rows, dtarget, losses, lse, *kept = ctx.saved_tensors
         target_rows = labels_local if target_rows is None else target_rows
         grad_rows = torch.where(labels_local >= 0, grad_losses, 0.0)

@@ -40,7 +40,7 @@ import torch.distributed as dist
 from marginkit._pipeline import per_row_margins, target_terms
 from marginkit.modulation import interclass_filter
 from marginkit.backends.common import (
-    apply_target_gradients, combine_partials, compute_dtype, target_gradient, without_autocast,
+    apply_target_gradients, combine_partials, compute_dtype, refuse_double_backward, target_gradient, without_autocast,
 )
 from marginkit.ops import partial_fc_sample
 from marginkit.distributed import collectives as coll
@@ -206,9 +206,9 @@ class PartitionedMarginCE(torch.autograd.Function):
         return losses.to(compute_dtype(local_x)), live, sampled, record
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     @without_autocast
     def backward(ctx, grad_losses, _live, _sampled, _record):
+        refuse_double_backward()
         x, w, labels_local, live, dpsi, losses, lse, index, *store = ctx.saved_tensors
         if ctx.store_spent:  # retain_graph: the first backward overwrote the stored logits; recompute
             store = ()

@@ -106,6 +106,32 @@ def test_a_backward_called_inside_autocast_equals_one_called_after_it(backend, o
     assert rel_err(grads[True][1], r_gw) < tolerance and rel_err(grads[True][0], r_gx) < max(tolerance, 1e-2)
 
 
+@pytest.mark.parametrize(
+    "backend, options, chunk_elements",
+    [("torch", {}, None), ("torch", {}, 97), ("torch", {"memory_budget": None}, 97), ("triton", {}, None),
+     ("partitioned", {}, None)],
+    ids=["torch-dense", "torch-chunked", "torch-stored", "triton", "partitioned"],
+)
+def test_a_double_backward_raises_instead_of_a_silently_constant_gradient(backend, options, chunk_elements, monkeypatch):
+    """create_graph=True through the loss (a gradient penalty): the torch backend's gradient came back
+    without a graph, so a penalty on it added nothing to the training gradient, silently."""
+    if chunk_elements:
+        monkeypatch.setattr(torch_chunked, "CHUNK_ELEMENTS", chunk_elements)
+    x, w, y = make_inputs(6, 40, 8, seed=2)
+    x.requires_grad_(True)
+    if backend == "partitioned":
+        head = mk.PartitionedMarginSoftmax(40, 8, mk.ArcFace(0.5), 16.0)
+        loss = head(x, y)
+    else:
+        loss = mk.margin_cross_entropy(x, w.requires_grad_(True), y, mk.ArcFace(0.5), 16.0, backend=backend, **options)
+    with pytest.raises(RuntimeError, match="differentiable once: a backward with create_graph=True"):
+        torch.autograd.grad(loss, [x], create_graph=True)
+    (gx,) = torch.autograd.grad(loss, [x])  # the first-order gradient is unaffected
+    _, r_gx, _ = truth(x.detach(), w.detach() if backend != "partitioned" else head.weight.detach(), y,
+                       mk.ArcFace(0.5), 16.0)
+    assert rel_err(gx, r_gx) < 1e-5
+
+
 def test_autocast_triton_backend_equals_explicit_cast():
     """The Triton backend (interpreter, tiny): autocast = the explicit bf16 call bit for bit, and
     the float64 truth at the rounded embeddings and weight within bf16 compute accuracy."""

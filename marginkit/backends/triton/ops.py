@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from marginkit.backends.common import as_float64, compute_dtype, without_autocast
+from marginkit.backends.common import as_float64, compute_dtype, refuse_double_backward, without_autocast
 from marginkit.backends.triton.budget import STORE_GROUP, store_scale, stored_classes
 from marginkit.backends.triton.launch import cdiv
 from marginkit.backends.triton.passes import backward, check_inputs, compute_operands, forward, inverse_norms
@@ -159,6 +159,7 @@ def _setup_context(ctx, inputs, output):
 
 @without_autocast
 def _autograd_backward(ctx, grad_losses, *_auxiliaries):
+    refuse_double_backward()
     # the float64 losses, lse, the norms and the stored logits are saved auxiliaries, not differentiated through.
     embeddings, weight, labels_local, dtarget, losses, lse, x_inv, w_inv, stored, tile_max = ctx.saved_tensors
     if grad_losses is None:
