@@ -22,7 +22,9 @@ not here. The two phases also take the memory-budget mode and the overlap hook (
 its backward can reuse (the exp-scaled logits of the chunks the budget holds: Triton's are
 overwritten by the backward, torch's only read), and ``grads_from_lse(..., store=(),
 grad_x_ready=None)`` takes them back and calls ``grad_x_ready(grad_x)`` once, as soon as
-grad_x is final (Triton: before the deferred dW GEMMs; torch: just before returning). ``resolve`` is the only place that chooses a backend;
+grad_x is final (Triton: before the deferred dW GEMMs; torch: just before returning). Each backend
+says which with ``STORE_SURVIVES_BACKWARD`` (a retained graph's next backward may reuse the store only
+where it is True). ``resolve`` is the only place that chooses a backend;
 nothing outside this package and ``marginkit._pipeline`` imports a backend module by name.
 """
 

@@ -36,6 +36,9 @@ from marginkit.backends.common import (
 )
 from marginkit.modulation import NegativeModulation
 
+#: the backward only reads the stored chunks: a retained graph's next backward reuses them
+STORE_SURVIVES_BACKWARD = True
+
 # Element budget of one chunk's temporaries (logits + unit weights): 2^21 floats = 8 MiB in fp32.
 CHUNK_ELEMENTS = 1 << 21
 #: On CUDA, 2^24 (64 MiB of fp32 per temporary, a few hundred MiB in flight): each chunk costs ~20

@@ -210,10 +210,11 @@ class PartitionedMarginCE(torch.autograd.Function):
     def backward(ctx, grad_losses, _live, _sampled, _record):
         refuse_double_backward()
         x, w, labels_local, live, dpsi, losses, lse, index, *store = ctx.saved_tensors
+        plan = ctx.plan
         if ctx.store_spent:  # retain_graph: the first backward overwrote the stored logits; recompute
             store = ()
-        ctx.store_spent = ctx.store_spent or bool(store)  # spent for every later backward, not just the next
-        plan = ctx.plan
+        # spent for every later backward, not just the next, where the backend overwrites it
+        ctx.store_spent = ctx.store_spent or (bool(store) and not plan.engine.STORE_SURVIVES_BACKWARD)
         need_w = ctx.needs_input_grad[1]
         dtype = compute_dtype(x)
         grad_rows = torch.where(live, grad_losses, torch.zeros_like(grad_losses))

@@ -196,6 +196,24 @@ def test_a_second_backward_reuses_the_untouched_store(small_chunks):
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
+def test_the_partitioned_head_reuses_the_untouched_store_on_every_backward(small_chunks):
+    """Through a retained graph the torch backend's store serves the second and third backward too
+    (they recomputed every chunk's logits: Triton's store is overwritten, torch's only read)."""
+    x, w, y = make_inputs(B, C, D, seed=7)
+    head = mk.PartitionedMarginSoftmax(C, D, mk.ArcFace(0.5), 32.0, backend="torch", memory_budget=None)
+    head.load_full_state_dict({"weight": w})
+    xl = x.clone().requires_grad_(True)
+    loss = head(xl, y)
+    grads = []
+    for retain in (True, True, False):
+        with GemmCounter() as counter:
+            grads.append(torch.autograd.grad(loss, (xl, head.weight), retain_graph=retain))
+        assert counter.gemms == 2 * NUM_CHUNKS  # dX and dW per chunk, no recompute
+    assert all(torch.equal(a, b) for g in grads[1:] for a, b in zip(grads[0], g))
+    _, r_gx, r_gw = loss_and_grads(mk.reference.margin_cross_entropy, x.double(), w.double(), y, mk.ArcFace(0.5), 32.0)
+    assert rel_err(grads[0][0], r_gx) < 1e-5 and rel_err(grads[0][1], r_gw) < 1e-5
+
+
 @pytest.mark.parametrize("budget", [0, None], ids=["recompute", "stored"])
 @pytest.mark.parametrize("chunk_elements", [None, 5], ids=["dense", "one-class-chunks"])
 def test_a_row_with_no_other_class_gets_zero_gradients_at_a_large_scale(budget, chunk_elements):

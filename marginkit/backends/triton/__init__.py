@@ -19,7 +19,10 @@ from marginkit.backends.triton.passes import grads_from_lse, inverse_norms, lse_
 from marginkit.backends.triton.reduction import mean_loss
 from marginkit.backends.triton.target_column import target_rows
 
+#: the backward turns the stored exp-scaled logits into dS in place: a second backward must recompute
+STORE_SURVIVES_BACKWARD = False
+
 __all__ = [
     "lse_partials", "grads_from_lse", "row_losses", "target_rows", "mean_loss", "inverse_norms", "tuning", "INTERPRETED",
-    "WORKSPACE_BYTES",
+    "WORKSPACE_BYTES", "STORE_SURVIVES_BACKWARD",
 ]
