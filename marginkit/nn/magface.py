@@ -24,8 +24,10 @@ class MagFace(ClassWeightHead):
         m(a) = (u_m − l_m)/(u_a − l_a) · (a − l_a) + l_m,     g(a) = a/u_a² + 1/a,
         loss = mean_i CE_i(ArcFace with margin m(a_i)) + λ_g · mean_i g(a_i)
 
-    (ArcFace's fallback cos θ − m·sin m where θ + m > π, as the authors' code).
-    Defaults are the paper's: l_a = 10, u_a = 110, l_m = 0.45, u_m = 0.8, λ_g = 35, s = 64.
+    The target is cos(θ + m) where cos θ > 0, else cos θ (``easy_margin=True``, the default of the
+    authors' ``MagLinear``); ``easy_margin=False`` takes ArcFace's fallback cos θ − m·sin m where
+    θ + m > π instead, as their code does with that flag. Defaults are the paper's and its code's:
+    l_a = 10, u_a = 110, l_m = 0.45, u_m = 0.8, λ_g = 35, s = 64, easy_margin.
 
     The cross-entropy runs on the fused path with ``sample_margins = m(a)``. The fused
     path treats margins as constants, but in MagFace the margin is a function of the
@@ -46,7 +48,7 @@ class MagFace(ClassWeightHead):
         l_m: float = 0.45,
         u_m: float = 0.8,
         lambda_g: float = 35.0,
-        easy_margin: bool = False,
+        easy_margin: bool = True,
         *,
         reduction: str = "mean",
         ignore_index: int = -100,

@@ -7,7 +7,9 @@ sub-center's:
     cos θ_{i,c} = max_k cos(x_i, w_{c,k})
 
 and the loss is the margin cross-entropy (ArcFace(0.5) in the paper) over these C
-class cosines. The max is a hard selection, so only the winning sub-center of each
+class cosines. The default ``ArcFace(0.5)`` takes ArcFace's fallback past π (API.md's ArcFace);
+the authors' code (insightface's SubCenter-ArcFace) has none: ``CombinedMargin(1.0, 0.5, 0.0)``
+computes theirs, loss and gradients (they differ only on rows with θ_y + 0.5 > π). The max is a hard selection, so only the winning sub-center of each
 (row, class) pair receives gradient, as with autograd through ``torch.max``.
 
 It runs through the one pipeline with ``sub_centers=K``: the torch backend's chunk step
@@ -73,7 +75,8 @@ class SubCenterArcFace(ClassWeightHead):
     Args:
         num_classes, embedding_dim: C and D.
         k: sub-centers per class (paper: 3).
-        margin: margin spec on the class cosine (paper: ``ArcFace(0.5)``).
+        margin: margin spec on the class cosine (paper: ``ArcFace(0.5)``; the authors' code, with no
+            fallback past π: ``CombinedMargin(1.0, 0.5, 0.0)``).
         scale: s (paper: 64).
         reduction, ignore_index, normalize: as ``margin_cross_entropy``.
 

@@ -215,9 +215,10 @@ def test_ldam_online_counts():
 
 
 # ------------------------------------------------------------------------------------------ MagFace
-def magface_oracle(x, w, y, s=64.0, l_a=10.0, u_a=110.0, l_m=0.45, u_m=0.8, lam=35.0):
+def magface_oracle(x, w, y, s=64.0, l_a=10.0, u_a=110.0, l_m=0.45, u_m=0.8, lam=35.0, easy_margin=True):
     """Meng et al. 2021: ArcFace with m(a) linear in a = clamp(‖x‖, l_a, u_a), + λ_g·g(a),
-    g(a) = a/u_a² + 1/a; the gradient flows through m(a) as in the authors' code."""
+    g(a) = a/u_a² + 1/a; the gradient flows through m(a) as in the authors' code (``MagLinear``,
+    whose default is easy_margin=True)."""
     a = x.norm(dim=1).clamp(l_a, u_a)
     m = (u_m - l_m) / (u_a - l_a) * (a - l_a) + l_m
     cos = cos_matrix(x, w).clamp(-1, 1)
@@ -226,29 +227,33 @@ def magface_oracle(x, w, y, s=64.0, l_a=10.0, u_a=110.0, l_m=0.45, u_m=0.8, lam=
     cos_y = cos.gather(1, safe[:, None]).squeeze(1)
     sin_y = torch.sqrt(1.0 - cos_y**2)
     cos_m = cos_y * torch.cos(m) - sin_y * torch.sin(m)
-    target = torch.where(cos_y > torch.cos(math.pi - m), cos_m, cos_y - torch.sin(math.pi - m) * m)
+    if easy_margin:
+        target = torch.where(cos_y > 0, cos_m, cos_y)
+    else:
+        target = torch.where(cos_y > torch.cos(math.pi - m), cos_m, cos_y - torch.sin(math.pi - m) * m)
     logits, _ = with_targets(cos, y, target)
     g = a / u_a**2 + 1.0 / a
     return ce_from_logits(s * logits, y) + lam * (g * keep).sum() / keep.sum()
 
 
-def test_magface_loss_and_grads():
+@pytest.mark.parametrize("easy_margin", [None, False], ids=["default-easy-margin", "fallback"])
+def test_magface_loss_and_grads(easy_margin):
     torch.manual_seed(0)
     x, w, y = data(B=28, C=11, D=10, seed=4, ignored=2)
     norms = torch.linspace(4.0, 130.0, 28)  # below l_a, inside, above u_a
     x = F.normalize(x, dim=1) * norms[:, None]
-    for i in (5, 9):  # θ_y ≈ π − 0.1 (θ + m > π): the fallback branch
+    for i in (5, 9):  # θ_y ≈ π − 0.1 (θ + m > π): the fallback branch (cos θ_y < 0: easy margin's other one)
         d = F.normalize(torch.randn(10), dim=0)
         wy = F.normalize(w[y[i]], dim=0)
         d = F.normalize(d - (d @ wy) * wy, dim=0)
         x[i] = (-wy * math.cos(0.1) + d * math.sin(0.1)) * 50.0
-    head = MagFace(11, 10)
+    head = MagFace(11, 10) if easy_margin is None else MagFace(11, 10, easy_margin=easy_margin)
     head.weight = torch.nn.Parameter(w.clone())
     xx = x.clone().requires_grad_(True)
     loss = head(xx, y)
     gx, gw = torch.autograd.grad(loss, (xx, head.weight))
     x64, w64 = x.double().requires_grad_(True), w.double().requires_grad_(True)
-    ref = magface_oracle(x64, w64, y)
+    ref = magface_oracle(x64, w64, y, easy_margin=easy_margin is None)
     rgx, rgw = torch.autograd.grad(ref, (x64, w64))
     assert rel_err(loss, ref) < TOL
     assert rel_err(gx, rgx) < TOL, rel_err(gx, rgx)
@@ -256,7 +261,7 @@ def test_magface_loss_and_grads():
     # the margin's own gradient (through m(a)) matters: leaving it out is far off
     a = head.feature_norm(x)
     xd = x64.detach().requires_grad_(True)
-    ce = mk.reference.margin_cross_entropy(xd, w64.detach(), y, mk.ArcFace(0.45), 64.0, sample_margins=head.margin_for_norm(a).double().detach())
+    ce = mk.reference.margin_cross_entropy(xd, w64.detach(), y, head.margin, 64.0, sample_margins=head.margin_for_norm(a).double().detach())
     (g_ce,) = torch.autograd.grad(ce, xd)
     assert rel_err(g_ce, rgx) > 1e-3
 
