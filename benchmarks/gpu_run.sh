@@ -112,8 +112,10 @@ if [ "$TESTS_S" -gt 0 ]; then
   phase "gpu tests: pytest -m gpu (at most ${TESTS_S} s)"
   PER_TEST=""
   $PY -c "import pytest_timeout" 2>/dev/null && PER_TEST="--timeout 90"  # a first call autotunes ~25 configs
-  # pytest prints tracebacks only in its final summary, which `timeout` would kill: end the session first
-  [ "$TESTS_S" -gt 60 ] && $PY -m pytest --help 2>/dev/null | grep -q -- --session-timeout && PER_TEST="$PER_TEST --session-timeout $(( TESTS_S - 30 ))"
+  # pytest prints tracebacks only in its final summary, which `timeout` would kill: end the session 30 s
+  # before it (read the help whole: `grep -q` would close the pipe early and pipefail would fail it)
+  PYTEST_HELP=$($PY -m pytest --help 2>/dev/null)
+  session_limit() { [[ $PYTEST_HELP == *--session-timeout* ]] && [ "$1" -gt 60 ] && echo "--session-timeout $(( $1 - 30 ))"; }
   # Workers compile Triton kernels (ptxas: CPU-bound, 16 cores) in parallel; the GPU image has pytest-xdist.
   WORKERS=""
   $PY -c "import xdist" 2>/dev/null && WORKERS="-n ${MK_TEST_WORKERS:-8}"
@@ -125,13 +127,15 @@ if [ "$TESTS_S" -gt 0 ]; then
   # MARGINKIT_AUTOTUNE_MS=5: each config timed 5 ms, not 125 (every worker times every config of every new
   # tuning key on the one GPU; a test needs a valid pick, not the fastest).
   export MARGINKIT_AUTOTUNE_MS=${MARGINKIT_AUTOTUNE_MS:-5}
-  TRITON_CACHE_AUTOTUNING=0 boxed "$TESTS_S" $PY -m pytest -m "gpu or cuda_twin" -v -rs --durations=15 -p no:cacheprovider $PER_TEST $WORKERS \
+  TRITON_CACHE_AUTOTUNING=0 boxed "$TESTS_S" $PY -m pytest -m "gpu or cuda_twin" -v -rs --durations=15 -p no:cacheprovider \
+    $PER_TEST $(session_limit "$TESTS_S") $WORKERS \
     $GPU_FILES > "$OUTDIR/gpu-tests.log" 2>&1
   TESTS=$?
   LEFT=$(( TESTS_S - ($(date +%s) - T_TESTS) ))
   if [ -n "$WORKERS" ] && { [ "$TESTS" = 3 ] || [ "$TESTS" = 4 ]; } && [ "$LEFT" -gt 30 ]; then
     echo "pytest with $WORKERS ended with rc=$TESTS (internal/usage error): again in one process (${LEFT} s)"
-    TRITON_CACHE_AUTOTUNING=0 boxed "$LEFT" $PY -m pytest -m "gpu or cuda_twin" -q -rs --durations=15 -p no:cacheprovider $PER_TEST $GPU_FILES \
+    TRITON_CACHE_AUTOTUNING=0 boxed "$LEFT" $PY -m pytest -m "gpu or cuda_twin" -q -rs --durations=15 -p no:cacheprovider \
+      $PER_TEST $(session_limit "$LEFT") $GPU_FILES \
       >> "$OUTDIR/gpu-tests.log" 2>&1
     TESTS=$?
   fi

@@ -60,14 +60,21 @@ def check_positive_ints(**values) -> None:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
-def check_int(name: str, value) -> int:
-    """An int that is not a bool (seeds: ``seed=1.7`` would otherwise become 1 silently)."""
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+
+def check_int(name: str, value, low: Optional[int] = None) -> int:
+    """A Python int (not a bool: ``seed=1.7`` must not become 1 silently) within int64 and >= ``low``."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise MarginKitTypeError(f"{name} must be an int, got {value!r} of type {type(value).__name__}")
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise ValueError(f"{name} = {value} does not fit in int64 (allowed: [-2**63, 2**63 - 1])")
+    if low is not None and value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
     return value
 
 
-#: the dtypes a head's weight may be built in
+#: the floating dtypes marginkit computes in (a head's weight, the compiled ops' tensors)
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 

@@ -9,11 +9,13 @@ skipped (``skip_value_checks``).
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from marginkit.backends import BACKENDS
 from marginkit.cuda_graphs import capturing
-from marginkit.errors import MarginKitTypeError, check_bool, check_choice, check_positive_ints, check_real
+from marginkit.errors import INT64_MIN, MarginKitTypeError, check_bool, check_choice, check_int, check_positive_ints, check_real
 from marginkit.specs import MarginSpec
 
 __all__ = ["FLOAT_DTYPES", "HALF_DTYPES", "REDUCTIONS", "validate_inputs", "check_labels", "skip_value_checks", "check_head_arguments"]
@@ -135,15 +137,11 @@ def validate_inputs(
             margin.check_margin_values("sample_margins", sample_margins)
 
 
-INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
-
-
 def check_ignore_index(ignore_index, lowest: int = INT64_MIN, why: str = "") -> None:
-    """``ignore_index``: a Python int in [lowest, int64 max], since labels are int64."""
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise MarginKitTypeError(f"ignore_index must be an int, got {ignore_index!r}")
-    if not lowest <= ignore_index <= INT64_MAX:
-        raise ValueError(f"ignore_index must be an int64 in [{lowest}, {INT64_MAX}]{why}, got {ignore_index}")
+    """``ignore_index``: an int within int64 (labels are int64) and >= ``lowest`` (``why``: the reason)."""
+    check_int("ignore_index", ignore_index)
+    if ignore_index < lowest:
+        raise ValueError(f"ignore_index must be >= {lowest}{why}, got {ignore_index}")
 
 
 def out_of_range(labels: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
@@ -151,9 +149,10 @@ def out_of_range(labels: torch.Tensor, num_classes: int, ignore_index: int) -> t
     return (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
 
 
-def label_error(value: int, num_classes: int, ignore_index: int) -> ValueError:
+def label_error(value: int, num_classes: int, ignore_index: int, shown: Optional[str] = None) -> ValueError:
+    """The API's error for an out-of-range label (``shown``: how to print the value, if not as is)."""
     return ValueError(
-        f"labels contains {value}, outside [0, C) = [0, {num_classes}) and not ignore_index "
+        f"labels contains {value if shown is None else shown}, outside [0, C) = [0, {num_classes}) and not ignore_index "
         f"({ignore_index}); fix the labels or the number of classes"
     )
 

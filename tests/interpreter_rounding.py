@@ -6,12 +6,18 @@ the CPU twins of the bf16 kernels were ~1e-3 off (fp32 master weights, autocast)
 GPU does not make and one that a real bug of that size could hide behind.
 """
 
+import os
+
 import numpy as np
 import torch
 
 
 def round_bf16_casts_to_nearest_even() -> None:
-    """Patch the interpreter's fp32 -> bf16 cast to torch's (round to nearest even, NaN kept)."""
+    """Under TRITON_INTERPRET=1, patch the interpreter's fp32 -> bf16 cast to torch's (round to nearest
+    even, NaN kept); a no-op elsewhere. Every process that runs kernels calls it: the test session
+    (conftest.py) and the distributed tests' workers (distributed/harness.py)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
     import triton.language as tl
     from triton.runtime import interpreter
 

@@ -34,18 +34,6 @@ def without_autocast(backward):
     return run
 
 
-def refuse_double_backward() -> None:
-    """Called first in every marginkit backward. Autograd runs a backward with grad mode on only under
-    ``create_graph=True``, and marginkit's hand-written gradients are not differentiable themselves:
-    a penalty on them would silently contribute nothing, so refuse instead."""
-    if torch.is_grad_enabled():
-        raise RuntimeError(
-            "marginkit's losses are differentiable once: a backward with create_graph=True through them "
-            "(double backward, a penalty on the loss's gradient) is not supported: leave create_graph off, or "
-            "take the second-order term from mk.reference.margin_cross_entropy (it materialises the (B, C) logits)"
-        )
-
-
 def compute_dtype(t: torch.Tensor) -> torch.dtype:
     """float64 for float64 inputs (gradcheck), float32 for everything else."""
     return torch.float64 if t.dtype == torch.float64 else torch.float32

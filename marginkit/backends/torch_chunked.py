@@ -23,13 +23,13 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
+from marginkit.autograd_guards import refuse_double_backward
 from marginkit.backends.common import (
     apply_target_gradients,
     combine_partials,
     compute_dtype,
     inverse_norms,
     normalization_backward,
-    refuse_double_backward,
     target_classes,
     target_gradient,
     without_autocast,

@@ -15,7 +15,7 @@ from torch import nn
 from marginkit import backends
 from marginkit._pipeline import autocast_inputs, no_autocast, reduce_losses
 from marginkit.cuda_graphs import refuse_capture
-from marginkit.recomputation import refuse_recomputation
+from marginkit.autograd_guards import refuse_recomputation
 from marginkit.distributed.agreement import (
     FLOAT_DIGEST_BITS, check_agreement, config_digest, head_config, tensor_digest,
 )
@@ -30,7 +30,7 @@ from marginkit.distributed.partitioned_checks import (
     raise_kind,
     raise_recorded,
 )
-from marginkit.distributed.partitioned_step import PartitionedMarginCE, StepPlan
+from marginkit.distributed.partitioned_step import LOWEST_SENT_LABEL, PartitionedMarginCE, StepPlan
 from marginkit.distributed.sharding import PER_CLASS_STATE, group_size_and_rank, seeded_normal_rows, shard_range
 from marginkit.errors import MarginKitTypeError, check_choice, check_float_dtype, check_int, check_positive_ints, check_real
 from marginkit.specs import ArcFace, MarginSpec
@@ -170,7 +170,8 @@ class PartitionedMarginSoftmax(nn.Module):
         check_real("interclass_filtering_threshold", interclass_filtering_threshold, low=0.0, high=1.0)
         if memory_budget is not None:
             check_real("memory_budget", memory_budget, low=0.0)
-        check_ignore_index(ignore_index, POISON + 3, " (the three below mark a rank's rejected input)")
+        # the three lowest int64 mark a rank's rejected input; labels below the fourth are sent as it
+        check_ignore_index(ignore_index, LOWEST_SENT_LABEL + 1, " (int64's four lowest values are reserved)")
         check_int("seed", seed)
         check_float_dtype("dtype", dtype)
         if isinstance(grad_scale, str):

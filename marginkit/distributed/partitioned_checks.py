@@ -23,7 +23,7 @@ import torch
 
 from marginkit.distributed import collectives as coll
 from marginkit.distributed.agreement import check_agreement
-from marginkit.distributed.partitioned_step import POISON, RECORD_FIELDS
+from marginkit.distributed.partitioned_step import LOWEST_SENT_LABEL, POISON, RECORD_FIELDS
 from marginkit.errors import MarginKitTypeError, check_real
 from marginkit.validation import HALF_DTYPES, label_error, out_of_range
 
@@ -169,5 +169,7 @@ def raise_recorded(head, record: Optional[dict]) -> None:
         check_agreement(head.config(), head._group, head.weight.device)
         raise ValueError("PartitionedMarginSoftmax ranks disagreed on their configuration at the previous call")
     if record["bad_label"]:
-        error = label_error(record["bad_value"], head.num_classes, head.ignore_index)
+        value = record["bad_value"]
+        shown = f"{value} or less (a NaN or inf cast to int64 is {POISON})" if value == LOWEST_SENT_LABEL else None
+        error = label_error(value, head.num_classes, head.ignore_index, shown)
         raise ValueError(f"{error} (found at the previous call; its rows were ignored)")

@@ -40,22 +40,25 @@ import torch.distributed as dist
 from marginkit._pipeline import per_row_margins, target_terms
 from marginkit.modulation import interclass_filter
 from marginkit.backends.common import (
-    apply_target_gradients, combine_partials, compute_dtype, refuse_double_backward, target_gradient, without_autocast,
+    apply_target_gradients, combine_partials, compute_dtype, target_gradient, without_autocast,
 )
+from marginkit.autograd_guards import refuse_double_backward
 from marginkit.ops import partial_fc_sample
 from marginkit.distributed import collectives as coll
 from marginkit.distributed.device_sampling import sample_classes
 from marginkit.specs import MarginSpec
 from marginkit.validation import out_of_range
 
-__all__ = ["StepPlan", "PartitionedMarginCE", "POISON", "RECORD_FIELDS"]
+__all__ = ["StepPlan", "PartitionedMarginCE", "POISON", "LOWEST_SENT_LABEL", "RECORD_FIELDS"]
 
 # exp(-2·scale) must stay well inside float64's range for the fixed-shift combine.
 FIXED_SHIFT_MAX_SCALE = 300.0
 
 #: Label a rank sends in place of its rows when it rejected its own input (+ the error kind 0-2):
-#: int64's three lowest values, so that any other garbage label is still reported as out of range.
+#: int64's three lowest values. Real labels are sent clamped at LOWEST_SENT_LABEL, so that even those
+#: (a NaN or inf cast to int64 is POISON) are reported as out of range, never as a rejected input.
 POISON = -(1 << 63)
+LOWEST_SENT_LABEL = POISON + 3
 
 #: The device-side record of a step, read by the host one call later (int64 each).
 RECORD_FIELDS = ("bad_label", "bad_value", "poisoned", "poison_rank", "poison_kind", "digest_mismatch")
@@ -96,6 +99,7 @@ class StepPlan:
 def _gather(local_x: torch.Tensor, local_labels: torch.Tensor, plan: StepPlan):
     """(x (N, D), labels (N,)) of the global batch; N = B (sizes) or W·M (declared block)."""
     dtype, dim = local_x.dtype, local_x.shape[1]
+    local_labels = local_labels.clamp_min(LOWEST_SENT_LABEL)  # off the reject marker (pads are added below)
     if plan.block_rows is not None:
         pad = plan.block_rows - local_x.shape[0]
         local_x = torch.cat([local_x.detach(), local_x.new_zeros((pad, dim))])
@@ -157,8 +161,9 @@ class PartitionedMarginCE(torch.autograd.Function):
 
         margins = None
         if plan.class_margins is not None and plan.class_margins.numel():
-            cls = torch.where(owned & valid, labels - plan.class_start, torch.full_like(labels, plan.ignore_index))
-            margins = per_row_margins(cls, plan.ignore_index, plan.class_margins, None)
+            # local class ids; -1 where not owned (never ignore_index: a local id may equal it)
+            cls = torch.where(owned & valid, labels - plan.class_start, torch.full_like(labels, -1))
+            margins = per_row_margins(cls, -1, plan.class_margins, None)
         dtype = compute_dtype(x)
         # Filtering applies to every labelled row of the global batch (insightface filters only rows
         # whose class is on the same rank: the two agree at world size 1).

@@ -10,7 +10,7 @@ import torch
 from marginkit import backends
 from marginkit.backends.common import target_cosine
 from marginkit.cuda_graphs import refuse_capture
-from marginkit.recomputation import refuse_recomputation
+from marginkit.autograd_guards import refuse_recomputation
 from marginkit.nn._head import ClassWeightHead
 from marginkit.specs import COS_CLAMP, NoMargin
 

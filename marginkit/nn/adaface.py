@@ -9,7 +9,7 @@ import torch
 from marginkit.backends.common import compute_dtype
 from marginkit.errors import check_real
 from marginkit.nn._head import ClassWeightHead
-from marginkit.recomputation import refuse_recomputation
+from marginkit.autograd_guards import refuse_recomputation
 from marginkit.specs import AdaFaceMargin
 
 __all__ = ["AdaFace", "AdaFaceMargin"]

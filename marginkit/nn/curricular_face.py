@@ -34,7 +34,7 @@ import torch
 
 from marginkit._pipeline import margin_loss
 from marginkit.cuda_graphs import refuse_capture
-from marginkit.recomputation import refuse_recomputation
+from marginkit.autograd_guards import refuse_recomputation
 from marginkit.errors import check_real
 from marginkit.modulation import curricular
 from marginkit.nn._head import ClassWeightHead

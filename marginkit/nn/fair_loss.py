@@ -22,7 +22,7 @@ from torch import nn
 
 from marginkit.ops import class_statistics_update_
 from marginkit.cuda_graphs import refuse_capture
-from marginkit.recomputation import refuse_recomputation
+from marginkit.autograd_guards import refuse_recomputation
 from marginkit.errors import MarginKitTypeError, check_float_dtype, check_int, check_positive_ints, check_real
 from marginkit.functional import margin_cross_entropy
 from marginkit.nn._head import HEAD_KEYWORDS, KeepBufferDtypes, resolved_loss_keywords, take_loss_keywords
@@ -376,9 +376,11 @@ class FairLoss(KeepBufferDtypes):
 
 
 def _check_thresholds(name: str, thresholds) -> None:
-    """None, or two finite increasing edges (three bins)."""
+    """None, or two finite increasing edges (three bins): a sequence or a tensor."""
     if thresholds is None:
         return
+    if torch.is_tensor(thresholds):
+        thresholds = thresholds.tolist()
     if isinstance(thresholds, (str, bytes)) or not hasattr(thresholds, "__len__") or len(thresholds) != 2:
         raise MarginKitTypeError(f"{name} must be None or two increasing thresholds (3 bins), got {thresholds!r}")
     low, high = (check_real(f"{name} entry", t) for t in thresholds)

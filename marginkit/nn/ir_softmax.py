@@ -14,7 +14,7 @@ import torch
 
 from marginkit.ops import class_center_update_
 from marginkit.cuda_graphs import refuse_capture
-from marginkit.recomputation import refuse_recomputation
+from marginkit.autograd_guards import refuse_recomputation
 from marginkit.errors import check_positive_ints, check_real
 from marginkit.functional import margin_cross_entropy
 from marginkit.nn._head import (

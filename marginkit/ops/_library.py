@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import functools
 import inspect
+import numbers
 from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from marginkit.errors import MarginKitTypeError
+from marginkit.errors import FLOAT_DTYPES, MarginKitTypeError, check_bool, check_int  # noqa: F401 (check_int: the ops import it from here)
 
 try:
     from marginkit import _C
@@ -26,10 +27,8 @@ except ImportError as _err:  # pragma: no cover - only without a built extension
 else:
     _C_IMPORT_ERROR = None
 
-DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
-FLOAT_DTYPES = tuple(DTYPE_CODE)
+DTYPE_CODE = {dtype: code for code, dtype in enumerate(FLOAT_DTYPES)}  # float32 0, float16 1, bfloat16 2, float64 3
 FLOAT_NAMES = "float32, float16, bfloat16 or float64"
-INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 
 def available() -> bool:
@@ -147,17 +146,6 @@ def check_contiguous(name: str, t: Tensor) -> None:
         raise ValueError(f"{name} must be contiguous (it is updated in place); pass {name}.contiguous() and keep that tensor")
 
 
-def check_int(name: str, v, low: Optional[int] = None) -> int:
-    """A Python int (not bool) within int64 and >= ``low``."""
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise MarginKitTypeError(f"{name} must be an int, got {v!r} of type {type(v).__name__}")
-    if not INT64_MIN <= v <= INT64_MAX:
-        raise ValueError(f"{name} = {v} does not fit in int64 (allowed: [-2**63, 2**63 - 1])")
-    if low is not None and v < low:
-        raise ValueError(f"{name} must be >= {low}, got {v}")
-    return v
-
-
 def check_labels_in_range(labels: Tensor, num_classes: int, ignore_index: int) -> None:
     """ValueError naming the first label outside [0, C) that is not ignore_index (one sync)."""
     if labels.numel() == 0:
@@ -181,12 +169,22 @@ def stable_sort(labels: Tensor) -> Tuple[Tensor, Tensor]:
 
 
 def _guard_python_scalars(signature: inspect.Signature, bound: inspect.BoundArguments) -> None:
-    """Before the dispatcher converts them: an ``int`` parameter takes no bool and nothing beyond
-    int64 (the dispatcher would turn True into 1 and give a confusing message for 2**64)."""
+    """Before the dispatcher converts them (True into 1 or 1.0, 1 into True) or refuses them with its
+    own message: an ``int`` parameter takes an int within int64, a ``float`` one a real number (no
+    bool), a ``bool`` one a bool, a ``Tensor`` one a tensor (``Optional[Tensor]``: or None)."""
     for name, value in bound.arguments.items():
-        annotation = signature.parameters[name].annotation
-        if annotation in (int, "int"):
+        annotation = str(signature.parameters[name].annotation)
+        if annotation == "int":
             check_int(name, value)
+        elif annotation == "float":
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise MarginKitTypeError(f"{name} must be a real number, got {value!r} of type {type(value).__name__}")
+        elif annotation == "bool":
+            check_bool(name, value)
+        elif annotation in ("Tensor", "Optional[Tensor]") and not isinstance(value, Tensor):
+            if value is None and annotation == "Optional[Tensor]":
+                continue
+            raise MarginKitTypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
 
 
 class CompiledOp:

@@ -12,6 +12,7 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
+from marginkit.autograd_guards import refuse_double_backward
 from marginkit.errors import check_real
 from marginkit.ops._library import (
     DTYPE_CODE, FLOAT_DTYPES, FLOAT_NAMES, Pointers, check_device, check_int, check_shape, check_tensor,
@@ -160,6 +161,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_loss, *unused):
+    refuse_double_backward()
     embeddings, row_seg, sel_pairs, sel_coef, closest, inter_vec = ctx.saved_tensors
     grad = None
     if ctx.needs_input_grad[0]:

@@ -132,6 +132,13 @@ def test_a_double_backward_raises_instead_of_a_silently_constant_gradient(backen
     assert rel_err(gx, r_gx) < 1e-5
 
 
+def test_range_loss_refuses_a_double_backward_too():
+    x = torch.randn(8, 5, dtype=torch.float64, requires_grad=True)
+    loss = mk.RangeLoss(k=2)(x, torch.tensor([0, 0, 0, 1, 1, 2, 2, 2]))
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        torch.autograd.grad(loss, [x], create_graph=True)
+
+
 def test_autocast_triton_backend_equals_explicit_cast():
     """The Triton backend (interpreter, tiny): autocast = the explicit bf16 call bit for bit, and
     the float64 truth at the rounded embeddings and weight within bf16 compute accuracy."""

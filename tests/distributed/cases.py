@@ -37,7 +37,24 @@ CASES = {
     "cosface_sum": dict(margin=mk.CosFace(0.2), scale=16.0, reduction="sum"),
     "large_scale": dict(margin=mk.CosFace(0.35), scale=400.0),  # the max-then-sum combine path
     "interclass_filter": dict(margin=mk.CosFace(0.35), scale=30.0, interclass_filtering_threshold=0.05),
+    # a non-negative ignore_index equal to a later rank's local class id: that class's margin, not
+    # its shard's first class's (case_batch puts such labels in the batch)
+    "class_margins_ignore_5": dict(margin=mk.CosFace(0.2), scale=16.0, class_margins=True, ignore_index=5),
 }
+
+#: global class ids at local id 5 of a rank > 0: shard starts + 5 at W = 2 (52), 3 (35, 69), 4 (26, 52, 78)
+LOCAL_ID_5 = [57, 40, 74, 31, 83]
+
+
+def case_batch(case: str, seed: int):
+    """``global_batch(seed)`` as ``case`` sees it: with the case's ignore_index on the ignored rows and,
+    for a non-negative one, labels at that local id on every later rank."""
+    x, labels = global_batch(seed)
+    ignore_index = CASES[case].get("ignore_index")
+    if ignore_index is not None:
+        labels = torch.where(labels == -100, torch.full_like(labels, ignore_index), labels)
+        labels[[0, 1, 2, 4, 5]] = torch.tensor(LOCAL_ID_5)
+    return x, labels
 
 
 def local_rows(t, world, rank):
@@ -50,7 +67,8 @@ def make_head(case, **kwargs):
     cm = class_margins() if spec.get("class_margins") else None
     head = PartitionedMarginSoftmax(
         C, D, spec["margin"], spec["scale"], class_margins=cm, reduction=spec.get("reduction", "mean"),
-        interclass_filtering_threshold=spec.get("interclass_filtering_threshold", 0.0), **kwargs
+        interclass_filtering_threshold=spec.get("interclass_filtering_threshold", 0.0),
+        ignore_index=spec.get("ignore_index", -100), **kwargs
     )
     state = {"weight": full_weight()}
     if cm is not None:
@@ -68,6 +86,7 @@ def reference(case, x, labels, weight=None):
     loss = mk.margin_cross_entropy(
         x, w, labels, spec["margin"], spec["scale"], class_margins=cm, reduction=spec.get("reduction", "mean"),
         interclass_filtering_threshold=spec.get("interclass_filtering_threshold", 0.0),
+        ignore_index=spec.get("ignore_index", -100),
     )
     loss.backward()
     return loss.detach(), x.grad, w.grad

@@ -12,6 +12,10 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from tests.interpreter_rounding import round_bf16_casts_to_nearest_even
+
+round_bf16_casts_to_nearest_even()  # the workers run Triton kernels too (the fork server imports this module)
+
 # Workers start from a fork server, a fresh interpreter that imports these once (torch,
 # torch._dynamo, which the first custom-op call imports, DCP, marginkit): each worker then
 # starts in milliseconds instead of paying ~7 s of imports on a 2-core machine.

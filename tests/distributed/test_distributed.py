@@ -32,6 +32,7 @@ from tests.distributed.cases import (
     C,
     D,
     D_IN,
+    case_batch,
     class_margins,
     full_weight,
     global_batch,
@@ -47,8 +48,8 @@ SPAWN_TIMEOUT_S = 120.0
 # --------------------------------------------------------------------------- worker side
 def _check_equivalence(world, rank):
     out = {}
-    x, labels = global_batch(1)
     for case in CASES:
+        x, labels = case_batch(case, 1)
         head = make_head(case)
         xl = local_rows(x, world, rank).clone().requires_grad_(True)
         loss = head(xl, local_rows(labels, world, rank))
@@ -320,7 +321,7 @@ def test_ranks_own_their_shard(runs, world):
 @WORLDS
 @pytest.mark.parametrize("case", list(CASES))
 def test_partitioned_equals_single_process(runs, world, case):
-    x, labels = global_batch(1)
+    x, labels = case_batch(case, 1)
     ref_loss, ref_gx, ref_gw = reference(case, x, labels)
     results = [r["equivalence"][case] for r in runs[world]]
     for res in results:  # the same loss on every rank, bit for bit

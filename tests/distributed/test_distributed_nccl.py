@@ -23,11 +23,11 @@ WORLDS = [1] + ([2] if torch.cuda.is_available() and torch.cuda.device_count() >
 
 
 def _case_results(world, rank, dev, dtype):
-    from tests.distributed.cases import CASES, class_margins, full_weight, global_batch, local_rows, make_head
+    from tests.distributed.cases import CASES, case_batch, class_margins, full_weight, local_rows, make_head
 
     out = {}
-    x, labels = global_batch(1)
     for case, spec in CASES.items():
+        x, labels = case_batch(case, 1)
         head = make_head(case).to(device=dev, dtype=dtype)
         if head.class_margins is not None:  # margins stay float32 (.to cast them)
             head.class_margins = class_margins()[head.class_start : head.class_stop].to(dev)
@@ -39,7 +39,8 @@ def _case_results(world, rank, dev, dtype):
         wg = full_weight().to(dev, dtype).clone().requires_grad_(True)
         cm = class_margins().to(dev) if spec.get("class_margins") else None
         ref = mk.margin_cross_entropy(xg, wg, labels.to(dev), spec["margin"], spec["scale"], class_margins=cm,
-                                      reduction=spec.get("reduction", "mean"))
+                                      reduction=spec.get("reduction", "mean"), ignore_index=spec.get("ignore_index", -100),
+                                      interclass_filtering_threshold=spec.get("interclass_filtering_threshold", 0.0))
         ref.backward()
         start, stop = head.class_start, head.class_stop
         out[case] = dict(

@@ -19,7 +19,7 @@ from marginkit.distributed import (
     shard_range,
 )
 from marginkit.errors import MarginKitTypeError
-from tests.distributed.cases import CASES, TOL, C, D, class_margins, global_batch, make_head, reference
+from tests.distributed.cases import CASES, TOL, C, D, case_batch, class_margins, global_batch, make_head, reference
 from tests.helpers import GemmCounter, rel_err
 
 
@@ -53,7 +53,7 @@ def test_shard_range_typed_errors():
 # --------------------------------------------------------------------------- one process, no group
 @pytest.mark.parametrize("case", list(CASES))
 def test_single_process_head_equals_margin_cross_entropy(case):
-    x, labels = global_batch(1)
+    x, labels = case_batch(case, 1)
     head = make_head(case)
     xg = x.clone().requires_grad_(True)
     loss = head(xg, labels)
@@ -73,7 +73,7 @@ def test_single_process_head_with_a_memory_budget_on_the_torch_backend(case, bud
     from marginkit.backends import torch_chunked
 
     monkeypatch.setattr(torch_chunked, "CHUNK_ELEMENTS", 16 * (23 + D))
-    x, labels = global_batch(1)
+    x, labels = case_batch(case, 1)
     ref_loss, ref_gx, ref_gw = reference(case, x, labels)
     gemms = {}
     for kept in (0, budget):

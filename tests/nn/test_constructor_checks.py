@@ -15,6 +15,7 @@ CASES = [
     (lambda: FairLoss(10, 4, chunk_elements=0), ValueError, "chunk_elements must be a positive int, got 0"),
     (lambda: FairLoss(10, 4, seed="a"), TypeError, "seed must be an int, got 'a'"),
     (lambda: FairLoss(10, 4, seed=1.7), TypeError, "seed must be an int, got 1.7"),
+    (lambda: FairLoss(10, 4, seed=2**64), ValueError, "seed = 18446744073709551616 does not fit in int64"),
     (lambda: FairLoss(10, 4, count_thresholds=5), TypeError, "count_thresholds must be None or two increasing"),
     (lambda: FairLoss(10, 4, count_thresholds=(3, 1)), ValueError, r"count_thresholds must be two increasing .*\(3, 1\)"),
     (lambda: FairLoss(10, 4, spread_thresholds=(math.nan, 1.0)), ValueError, "spread_thresholds entry must be finite, got nan"),
@@ -40,6 +41,7 @@ def test_bad_constructor_argument_is_refused_with_a_named_error(build, error, ma
 
 def test_the_checked_arguments_still_take_their_good_values():
     FairLoss(10, 4, chunk_elements=64, seed=3, count_thresholds=(2, 5), spread_thresholds=(0.1, 0.2), dtype=torch.float64)
+    FairLoss(10, 4, count_thresholds=torch.tensor([2, 5]), spread_thresholds=torch.tensor([0.1, 0.2]))
     mk.RangeLoss(margin=0.0, alpha=0.0, beta=2.0, ignore_index=None)
     head = mk.IRSoftmax(10, 4, class_margins=torch.full((10,), 0.2))
     x, y = torch.randn(6, 4), torch.arange(6)

@@ -126,6 +126,26 @@ def test_ints_beyond_int64_are_named_for_every_int_argument():
         mo.partial_fc_sample(torch.tensor([1]), 0, 10, -(2**64), 0)
 
 
+def test_float_bool_and_tensor_arguments_are_checked_before_the_dispatcher():
+    """A str or None for a float, a list for a tensor: a typed error naming the argument (they were
+    torch's dispatcher RuntimeError); True for a float and 1 for a bool: refused (taken as 1.0 / True)."""
+    w, g, buf, rows = torch.randn(10, 4), torch.randn(3, 4), torch.zeros(10, 4), torch.tensor([1, 2, 3])
+    cases = [
+        (lambda: mo.sparse_sgd_step_(w, g, buf, rows, "0.1"), "lr must be a real number, got '0.1'"),
+        (lambda: mo.sparse_sgd_step_(w, g, buf, rows, True), "lr must be a real number, got True"),
+        (lambda: mo.sparse_sgd_step_(w, g, buf, rows, 0.1, momentum=0.9, nesterov=1), "nesterov must be True or False, got 1"),
+        (lambda: mo.class_center_update_(torch.randn(10, 4), g, rows, None), "momentum must be a real number, got None"),
+        (lambda: mo.range_loss(torch.randn(4, 3), torch.tensor([0, 0, 1, 1]), 2, "1.0"), "margin must be a real number"),
+        (lambda: mo.partial_fc_sample([1, 2], 0, 10, 5, 0), "labels must be a torch.Tensor, got list"),
+    ]
+    for call, text in cases:
+        with pytest.raises(TypeError, match=text):
+            call()
+    before = w.clone()
+    mo.sparse_sgd_step_(w, g, buf, rows, 1, momentum=0.0, nesterov=False)  # an int lr is a real number
+    assert not torch.equal(w, before)
+
+
 def test_old_import_path_warns_and_nothing_internal_uses_it():
     code = (
         "import sys, warnings\n"

@@ -15,7 +15,8 @@ from typing import Optional
 
 import torch
 
-from marginkit.backends.common import as_float64, compute_dtype, refuse_double_backward, without_autocast
+from marginkit.autograd_guards import refuse_double_backward
+from marginkit.backends.common import as_float64, compute_dtype, without_autocast
 from marginkit.backends.triton.budget import STORE_GROUP, store_scale, stored_classes
 from marginkit.backends.triton.launch import cdiv
 from marginkit.backends.triton.passes import backward, check_inputs, compute_operands, forward, inverse_norms
