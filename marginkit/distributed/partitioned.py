@@ -221,7 +221,9 @@ class PartitionedMarginSoftmax(nn.Module):
         # Partial FC sampling step counter (same on every rank, on the device) and the rows
         # touched since the last optimizer step: a (C_r,) mask, bounded however many steps run.
         self.register_buffer("sample_step", torch.zeros((), dtype=torch.int64, device=self.weight.device))
-        self._updated_mask = torch.zeros(self.num_local, dtype=torch.bool, device=self.weight.device)
+        # a buffer, so that .to(device) moves it with the weight; not persistent: not in checkpoints
+        self.register_buffer("_updated_mask", torch.zeros(self.num_local, dtype=torch.bool, device=self.weight.device),
+                             persistent=False)
         self._all_rows_updated = False
         self.last_sampled: Optional[torch.Tensor] = None
         self._agreed_input_dtype: Optional[torch.dtype] = None  # set by the first forward

@@ -210,7 +210,12 @@ def test_autocast_on_cuda_equals_explicit_cast_and_the_float64_truth(dtype, back
     e_loss, e_gx, e_gw = run(explicit, x, w, y)
     assert loss.dtype == torch.float32 and gw.dtype == torch.float32
     assert rel_err(loss, e_loss) < 1e-6 and rel_err(gx, e_gx) < 1e-5 and rel_err(gw, e_gw) < 1e-5
-    r_loss, r_gx, r_gw = truth(x.to(dtype), w.to(dtype), y, mk.ArcFace(0.5), 64.0)
+    if backend == "torch":  # float32 compute with the fp32 master weight: that truth, to fp32 accuracy
+        r_loss, r_gx, r_gw = truth(x.to(dtype), w, y, mk.ArcFace(0.5), 64.0)
+        assert rel_err(loss, r_loss) < 1e-4 and rel_err(gw, r_gw) < 1e-4
+        assert_within_rounding(gx, r_gx, dtype, slack=1e-4)
+        return
+    r_loss, r_gx, r_gw = truth(x.to(dtype), w.to(dtype), y, mk.ArcFace(0.5), 64.0)  # Triton: W's tiles in dtype
     tol = 2e-2 if dtype == torch.bfloat16 else 3e-3
     assert rel_err(loss, r_loss) < tol / 2
     assert rel_err(gx, r_gx) < tol and rel_err(gw, r_gw) < tol

@@ -52,16 +52,19 @@ def save_results(compute: Callable[[], dict], world: int, rank: int, outdir: str
         dist.destroy_process_group()
 
 
-def spawn_and_wait(worker, args: tuple, nprocs: int, timeout: float, outdir: str, error_prefix: str = "error_") -> None:
-    """Start ``nprocs`` workers ``worker(rank, *args)`` from the fork server and wait; after ``timeout``
-    s, or when one fails, kill the rest and raise with the tracebacks they left in ``outdir``
-    (files starting with ``error_prefix``)."""
+def spawn_and_wait(worker, args: tuple, nprocs: int, timeout: float, outdir: str, error_prefix: str = "error_",
+                   start_method: str = "forkserver") -> None:
+    """Start ``nprocs`` workers ``worker(rank, *args)`` from the fork server (or ``start_method="spawn"``:
+    workers that use CUDA, which a fork server whose imports initialised CUDA could not give them) and
+    wait; after ``timeout`` s, or when one fails, kill the rest and raise with the tracebacks they left in
+    ``outdir`` (files starting with ``error_prefix``)."""
     import multiprocessing
 
     import torch.multiprocessing as mp
 
-    multiprocessing.get_context("forkserver").set_forkserver_preload(PRELOAD + [worker.__module__])
-    ctx = mp.start_processes(worker, args=args, nprocs=nprocs, join=False, start_method="forkserver")
+    if start_method == "forkserver":
+        multiprocessing.get_context("forkserver").set_forkserver_preload(PRELOAD + [worker.__module__])
+    ctx = mp.start_processes(worker, args=args, nprocs=nprocs, join=False, start_method=start_method)
     deadline = time.monotonic() + timeout
     try:
         while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
@@ -75,8 +78,8 @@ def spawn_and_wait(worker, args: tuple, nprocs: int, timeout: float, outdir: str
         raise AssertionError(f"{nprocs} workers failed: {err}\n" + "\n".join(errors)) from err
 
 
-def run_world(world: int, outdir: str, timeout: float, worker) -> list:
+def run_world(world: int, outdir: str, timeout: float, worker, start_method: str = "forkserver") -> list:
     """Start ``world`` workers ``worker(rank, world, port, outdir)`` (see ``spawn_and_wait``).
     Returns every rank's results, in rank order."""
-    spawn_and_wait(worker, (world, free_port(), outdir), world, timeout, outdir, f"error_w{world}")
+    spawn_and_wait(worker, (world, free_port(), outdir), world, timeout, outdir, f"error_w{world}", start_method)
     return [torch.load(os.path.join(outdir, f"result_w{world}_r{r}.pt")) for r in range(world)]

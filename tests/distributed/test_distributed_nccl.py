@@ -55,7 +55,7 @@ def _partial_fc(world, rank, dev):
     from marginkit.distributed import PartialFCSGD
     from tests.distributed.cases import global_batch, local_rows, make_head
 
-    head = make_head("arcface", sample_rate=0.2).to(dev)
+    head = make_head("arcface", sample_rate=0.2).to(dev)  # .to moves every buffer, the updated-rows mask too
     opt = PartialFCSGD(head, lr=0.1, momentum=0.9, weight_decay=5e-4)
     x, labels = global_batch(2)
     ok = []
@@ -105,7 +105,9 @@ def _nccl_worker(rank, world, port, outdir):
 @pytest.fixture(scope="module")
 def nccl_runs(tmp_path_factory):
     outdir = str(tmp_path_factory.mktemp("nccl"))
-    return {w: run_world(w, outdir, timeout=300.0, worker=_nccl_worker) for w in WORLDS}
+    # spawned, not forked: this module's torch.cuda.is_available() initialises CUDA in whatever imports it,
+    # and a fork server that preloaded it could not give its children a working CUDA
+    return {w: run_world(w, outdir, timeout=300.0, worker=_nccl_worker, start_method="spawn") for w in WORLDS}
 
 
 @pytest.mark.parametrize("world", WORLDS)

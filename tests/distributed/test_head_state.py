@@ -260,3 +260,18 @@ def test_class_margins_checked_whole_and_against_the_spec():
         PartitionedMarginSoftmax(60, 8, mk.ArcFace(0.5), 16.0, class_margins=bad)
     with pytest.raises(ValueError, match="ArcFace margins must lie in"):
         PartitionedMarginSoftmax(60, 8, mk.ArcFace(0.5), 16.0, class_margins=torch.full((60,), 4.0))
+
+
+@pytest.mark.parametrize("sample_rate", [1.0, 0.5])
+def test_every_tensor_the_head_holds_moves_with_it(sample_rate):
+    """``.to(device)`` moves parameters and buffers only: a tensor kept as a plain attribute stays behind
+    (the updated-rows mask did, and Partial FC's backward then indexed a CPU mask with CUDA rows)."""
+    head = PartitionedMarginSoftmax(60, 8, mk.ArcFace(0.5), 16.0, sample_rate=sample_rate,
+                                    class_margins=torch.full((60,), 0.3))
+    x, y = _batch(0, classes=60)
+    head(x, y).backward()  # the state a step leaves
+    plain = [name for name, value in vars(head).items() if torch.is_tensor(value) and name != "last_sampled"]
+    assert plain == [], f"tensors outside the module's buffers: {plain}"
+    moved = head.to("meta")
+    assert all(t.device.type == "meta" for t in list(moved.parameters()) + list(moved.buffers()))
+    assert "_updated_mask" not in head.state_dict()  # not checkpointed
