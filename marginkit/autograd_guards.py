@@ -1,13 +1,13 @@
 """Autograd guards: stateful heads under activation checkpointing, and double backward.
 
-**Checkpointing** (``torch.utils.checkpoint``). A checkpointed function's forward runs again during the backward to rebuild what it did not
-save. A head whose training forward moves running state (IRSoftmax's centers, CurricularFace's
-t, AdaCos's scale, AdaFace's norm statistics, online LDAM's counts, FairLoss's statistics, Partial
-FC's sampler step) would, run again, read the state it already moved (the recomputed loss differs
-from the one whose gradient is wanted: measured 8–10 % off for IRSoftmax, 53 % for Partial FC) and,
-under the reentrant variant, move it a second time. Such a forward refuses to run inside a
-backward, with a ``RuntimeError`` that says what to do; stateless losses recompute exactly and
-are left alone.
+**Checkpointing** (``torch.utils.checkpoint``). A checkpointed function's forward runs again
+during the backward to rebuild what it did not save. A head whose training forward moves running
+state (IRSoftmax's centers, CurricularFace's t, AdaCos's scale, AdaFace's norm statistics, online
+LDAM's counts, FairLoss's statistics, Partial FC's sampler step) would, run again, read the state
+it already moved (the recomputed loss differs from the one whose gradient is wanted: measured
+8–10 % off for IRSoftmax, 53 % for Partial FC) and, under the reentrant variant, move it a second
+time. Such a forward refuses to run inside a backward, with a ``RuntimeError`` that says what to
+do; stateless losses recompute exactly and are left alone.
 
 **Double backward.** marginkit's backwards are hand-written and their results carry no graph: a
 backward with ``create_graph=True`` through one raises instead of returning a gradient whose

@@ -9,8 +9,9 @@ sub-center's:
 and the loss is the margin cross-entropy (ArcFace(0.5) in the paper) over these C
 class cosines. The default ``ArcFace(0.5)`` takes ArcFace's fallback past π (API.md's ArcFace);
 the authors' code (insightface's SubCenter-ArcFace) has none: ``CombinedMargin(1.0, 0.5, 0.0)``
-computes theirs, loss and gradients (they differ only on rows with θ_y + 0.5 > π). The max is a hard selection, so only the winning sub-center of each
-(row, class) pair receives gradient, as with autograd through ``torch.max``.
+computes theirs, loss and gradients (they differ only on rows with θ_y + 0.5 > π). The max is a
+hard selection, so only the winning sub-center of each (row, class) pair receives gradient, as
+with autograd through ``torch.max``.
 
 It runs through the one pipeline with ``sub_centers=K``: the torch backend's chunk step
 takes the max over each class's K rows (the Triton kernels take one row per class, so the
