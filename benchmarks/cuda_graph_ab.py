@@ -36,9 +36,7 @@ def warm_up(case, steps: int = 2) -> None:
 
 
 def capture(case) -> torch.cuda.CUDAGraph:
-    """``case.step`` captured, its gradients allocated in the graph's pool."""
-    for p in case.params:
-        p.grad = None
+    """``case.step`` captured, its gradients allocated in the graph's pool (the caller drops them first)."""
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         case.step()
@@ -79,6 +77,12 @@ def row(name: str, inputs, cfg) -> str:
     case.step()
     want = [param.grad.clone() for param in case.params]
     warm_up(case)
+    # read the baseline as capture() starts: grads dropped and the cache emptied (torch.cuda.graph
+    # empties it too), or the freed grads and do_bench's flush buffer make the pool look negative
+    for param in case.params:
+        param.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
     reserved = torch.cuda.memory_reserved()
     graph = capture(case)
     pool_mib = (torch.cuda.memory_reserved() - reserved) / _MIB
