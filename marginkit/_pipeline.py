@@ -22,7 +22,7 @@ import torch
 
 from marginkit import backends
 from marginkit.backends.common import NORM_EPS, compute_dtype, sub_center_target, target_cosine
-from marginkit.errors import check_bool, check_real
+from marginkit.errors import check_bool, check_memory_budget, check_real
 from marginkit.modulation import NegativeModulation, interclass_filter
 from marginkit.specs import MarginSpec
 from marginkit.validation import check_labels, label_error, skip_value_checks, validate_inputs
@@ -289,8 +289,7 @@ def margin_loss(
         embeddings, class_view, labels, margin, scale, class_margins, sample_margins, reduction, ignore_index,
         backend, normalize, deterministic, check_values=not deferred,
     )
-    if memory_budget is not None:
-        check_real("memory_budget", memory_budget, low=0.0)
+    check_memory_budget(memory_budget)
     check_pending_labels()
     engine = backends.resolve(backend, embeddings.device, sub_centers=sub_centers)
     embeddings, weight = autocast_inputs(embeddings, weight)

@@ -14,7 +14,7 @@ import torch
 
 __all__ = [
     "MarginKitTypeError", "check_real", "check_gradient_mode", "check_choice", "check_positive_ints", "check_bool",
-    "check_int", "check_float_dtype",
+    "check_int", "check_float_dtype", "check_memory_budget",
 ]
 
 GRADIENT_MODES = ("exact", "straight_through")
@@ -83,6 +83,12 @@ def check_float_dtype(name: str, value) -> None:
     if value is not None and value not in FLOAT_DTYPES:
         allowed = ", ".join(str(d) for d in FLOAT_DTYPES)
         raise MarginKitTypeError(f"{name} must be None or one of {allowed}; got {value!r}")
+
+
+def check_memory_budget(value) -> None:
+    """``memory_budget``: bytes the loss may keep from forward to backward, >= 0, or None (no limit)."""
+    if value is not None:
+        check_real("memory_budget", value, low=0.0)
 
 
 def check_bool(name: str, value) -> None:

@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from marginkit.errors import MarginKitTypeError
+from marginkit.errors import FLOAT_DTYPES, MarginKitTypeError
 
 __all__ = [
     "is_nccl",
@@ -42,7 +42,7 @@ __all__ = [
 ]
 
 #: Floating dtypes as int64 codes, for exchanging them in a small all-gather.
-DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+DTYPE_CODES = {dtype: code for code, dtype in enumerate(FLOAT_DTYPES)}
 
 
 def dtype_mismatch_error(what: str, codes: Sequence[int]) -> Optional[MarginKitTypeError]:

@@ -32,7 +32,9 @@ from marginkit.distributed.partitioned_checks import (
 )
 from marginkit.distributed.partitioned_step import LOWEST_SENT_LABEL, PartitionedMarginCE, StepPlan
 from marginkit.distributed.sharding import PER_CLASS_STATE, group_size_and_rank, seeded_normal_rows, shard_range
-from marginkit.errors import MarginKitTypeError, check_choice, check_float_dtype, check_int, check_positive_ints, check_real
+from marginkit.errors import (
+    MarginKitTypeError, check_choice, check_float_dtype, check_int, check_memory_budget, check_positive_ints, check_real,
+)
 from marginkit.specs import ArcFace, MarginSpec
 from marginkit.validation import REDUCTIONS, check_ignore_index
 
@@ -168,8 +170,7 @@ class PartitionedMarginSoftmax(nn.Module):
             check_positive_ints(max_local_batch=max_local_batch)
         check_choice("grad_reduce_dtype", grad_reduce_dtype, GRAD_REDUCE_DTYPES)
         check_real("interclass_filtering_threshold", interclass_filtering_threshold, low=0.0, high=1.0)
-        if memory_budget is not None:
-            check_real("memory_budget", memory_budget, low=0.0)
+        check_memory_budget(memory_budget)
         # the three lowest int64 mark a rank's rejected input; labels below the fourth are sent as it
         check_ignore_index(ignore_index, LOWEST_SENT_LABEL + 1, " (int64's four lowest values are reserved)")
         check_int("seed", seed)

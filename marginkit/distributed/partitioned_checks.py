@@ -24,7 +24,7 @@ import torch
 from marginkit.distributed import collectives as coll
 from marginkit.distributed.agreement import check_agreement
 from marginkit.distributed.partitioned_step import LOWEST_SENT_LABEL, POISON, RECORD_FIELDS
-from marginkit.errors import MarginKitTypeError, check_real
+from marginkit.errors import MarginKitTypeError, check_memory_budget
 from marginkit.validation import HALF_DTYPES, label_error, out_of_range
 
 __all__ = ["local_problem", "exchange_sizes", "DeferredRecord", "raise_kind", "raise_recorded", "POISON"]
@@ -79,8 +79,7 @@ def local_problem(head, x, labels, input_dtype: Optional[torch.dtype]) -> tuple[
             f"or split the batch"
         )
     try:
-        if head.memory_budget is not None:
-            check_real("memory_budget", head.memory_budget, low=0.0)
+        check_memory_budget(head.memory_budget)
     except (TypeError, ValueError) as err:  # MarginKitTypeError is both: TypeError first
         return b, TYPE_ERROR if isinstance(err, TypeError) else VALUE_ERROR, str(err)
     return b, OK, ""

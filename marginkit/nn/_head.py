@@ -13,7 +13,9 @@ from marginkit._pipeline import margin_loss
 from marginkit.backends import BACKENDS
 from marginkit.cuda_graphs import refuse_capture
 from marginkit.functional import margin_cross_entropy
-from marginkit.errors import MarginKitTypeError, check_bool, check_choice, check_float_dtype, check_real
+from marginkit.errors import (
+    MarginKitTypeError, check_bool, check_choice, check_float_dtype, check_memory_budget,
+)
 from marginkit.specs import MarginSpec, NoMargin
 from marginkit.validation import REDUCTIONS, check_head_arguments, check_ignore_index, check_labels, validate_inputs
 
@@ -60,8 +62,7 @@ def take_loss_keywords(head: str, loss_kwargs: dict, allowed) -> Optional[float]
     check_loss_keywords(**{k: loss_kwargs.get(k, LOSS_KEYWORD_DEFAULTS[k])
                            for k in HEAD_KEYWORDS if k != "memory_budget"})
     memory_budget = loss_kwargs.pop("memory_budget", 0)
-    if memory_budget is not None:
-        check_real("memory_budget", memory_budget, low=0.0)
+    check_memory_budget(memory_budget)
     return memory_budget
 
 
@@ -133,8 +134,7 @@ class ClassWeightHead(KeepBufferDtypes):
             self.scale = float(scale)
         self.reduction, self.ignore_index, self.normalize = reduction, ignore_index, normalize
         self.backend, self.deterministic = backend, deterministic
-        if memory_budget is not None:
-            check_real("memory_budget", memory_budget, low=0.0)
+        check_memory_budget(memory_budget)
         # bytes the backend may keep from forward to backward (0: none, None: unlimited);
         # every head has it: set ``head.memory_budget`` where a head's constructor does not take it
         self.memory_budget = memory_budget

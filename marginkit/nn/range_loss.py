@@ -9,7 +9,7 @@ from torch import nn
 
 from marginkit.ops import range_loss
 from marginkit.cuda_graphs import refuse_capture
-from marginkit.errors import check_real
+from marginkit.errors import check_positive_ints, check_real
 from marginkit.validation import check_ignore_index
 
 __all__ = ["RangeLoss"]
@@ -46,8 +46,7 @@ class RangeLoss(nn.Module):
         self, k: int = 2, margin: float = 1.0, alpha: float = 1.0, beta: float = 1.0, *, ignore_index: Optional[int] = -100
     ) -> None:
         super().__init__()
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"k must be a positive int, got {k!r}")
+        check_positive_ints(k=k)
         # negative weights would reward spreading a class out; a negative margin makes inter always 0
         check_real("margin", margin, low=0.0)
         check_real("alpha", alpha, low=0.0)
