@@ -76,6 +76,8 @@ def check_int(name: str, value, low: Optional[int] = None) -> int:
 
 #: the floating dtypes marginkit computes in (a head's weight, the compiled ops' tensors)
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+#: the half-precision ones: with a float32 weight they are the fp32-master-weight case
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def check_float_dtype(name: str, value) -> None:

@@ -16,13 +16,13 @@ import torch
 from marginkit.backends import BACKENDS
 from marginkit.cuda_graphs import capturing
 from marginkit.errors import (  # FLOAT_DTYPES: float64 too (gradcheck, oracles); the fused GPU path is built for the rest
-    FLOAT_DTYPES, INT64_MIN, MarginKitTypeError, check_bool, check_choice, check_int, check_positive_ints, check_real,
+    FLOAT_DTYPES, HALF_DTYPES, INT64_MIN, MarginKitTypeError, check_bool, check_choice, check_int, check_positive_ints,
+    check_real,
 )
 from marginkit.specs import MarginSpec
 
 __all__ = ["FLOAT_DTYPES", "HALF_DTYPES", "REDUCTIONS", "validate_inputs", "check_labels", "skip_value_checks", "check_head_arguments"]
 
-HALF_DTYPES = (torch.float16, torch.bfloat16)
 REDUCTIONS = ("mean", "sum", "none")
 
 

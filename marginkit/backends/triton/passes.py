@@ -21,7 +21,7 @@ from marginkit.backends.triton.configs import pow2_at_least
 from marginkit.backends.triton.launch import INTERPRETED, cdiv, device_guard
 from marginkit.backends.triton.launchers import DW, DX, FWD, FWD_STORE, MERGE, PROJECT, ROW_NORMS, SCORES, STORED
 from marginkit.cuda_graphs import refuse_cold_capture
-from marginkit.errors import MarginKitTypeError
+from marginkit.errors import FLOAT_DTYPES, HALF_DTYPES, MarginKitTypeError
 from marginkit.modulation import NegativeModulation, slope_bound
 from marginkit.backends.triton.budget import STORE_GROUP, store_scale, store_width
 
@@ -37,8 +37,6 @@ PROJECT_ELEMENTS = 4096
 #: workspace's size, so B = 1024, D = 512 bf16 takes one piece (two launches) per chunk.
 STORED_DW_BYTES = launch.WORKSPACE_BYTES
 
-HALF_DTYPES = (torch.float16, torch.bfloat16)
-SUPPORTED_DTYPES = (torch.float32, *HALF_DTYPES, torch.float64)
 
 # ----------------------------------------------------------------------------------------
 # Input rules
@@ -53,7 +51,7 @@ def check_inputs(embeddings: torch.Tensor, weight: torch.Tensor) -> None:
         raise ValueError(
             f"embeddings (B, D) and weight (C, D) must share D; got {tuple(embeddings.shape)} and {tuple(weight.shape)}"
         )
-    if embeddings.dtype not in SUPPORTED_DTYPES:
+    if embeddings.dtype not in FLOAT_DTYPES:
         raise MarginKitTypeError(
             f"embeddings dtype {embeddings.dtype} is not supported by the Triton backend; "
             f"allowed: float32, float16, bfloat16, float64"
