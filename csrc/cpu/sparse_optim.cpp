@@ -1,7 +1,9 @@
 // Row-sparse optimizer steps, CPU: torch.optim.SGD / torch.optim.AdamW applied to the given
 // rows only (each row behaves as its own parameter with its own state). Element math in
-// float32 in torch's order of operations; 16-bit tensors are read/written through float32.
+// torch's order of operations, in double for float64 tensors and in float32 otherwise
+// (16-bit tensors are read/written through float32), as torch.optim computes them.
 #include <cmath>
+#include <type_traits>
 
 #include "checks.h"
 #include "ops/sparse_optim.h"
@@ -10,24 +12,30 @@ namespace mk {
 namespace cpu {
 
 namespace {
+// The type a T element is stepped in: double for double, float for float and 16-bit storage.
 template <typename T>
-inline float ld(const T* p, int64_t i) { return (float)HostIO<T>::load(p, i); }
-template <typename T>
-inline void st(T* p, int64_t i, float v) { HostIO<T>::store(p, i, (double)v); }
+using acc_t = std::conditional_t<std::is_same<T, double>::value, double, float>;
 
 template <typename T>
-void sgd(T* w, const T* g, T* buf, uint8_t* init, const int64_t* rows, int64_t R, int64_t D, float lr,
-         float momentum, float wd, float one_m_damp, bool nesterov) {
+inline acc_t<T> ld(const T* p, int64_t i) { return (acc_t<T>)HostIO<T>::load(p, i); }
+template <typename T>
+inline void st(T* p, int64_t i, acc_t<T> v) { HostIO<T>::store(p, i, (double)v); }
+
+template <typename T>
+void sgd(T* w, const T* g, T* buf, uint8_t* init, const int64_t* rows, int64_t R, int64_t D, double lr_d,
+         double momentum_d, double wd_d, double dampening_d, bool nesterov) {
+  using A = acc_t<T>;
+  const A lr = (A)lr_d, momentum = (A)momentum_d, wd = (A)wd_d, one_m_damp = (A)(1.0 - dampening_d);
   for (int64_t r = 0; r < R; ++r) {
     const int64_t row = rows[r];
     const bool first = init != nullptr && init[row] == 0;
     for (int64_t d = 0; d < D; ++d) {
       const int64_t wi = row * D + d;
-      const float p = ld(w, wi);
-      float dp = ld(g, r * D + d);
-      if (wd != 0.0f) dp = dp + wd * p;
-      if (momentum != 0.0f) {
-        float b;
+      const A p = ld(w, wi);
+      A dp = ld(g, r * D + d);
+      if (wd != 0) dp = dp + wd * p;
+      if (momentum != 0) {
+        A b;
         if (first) b = dp;
         else b = ld(buf, wi) * momentum + one_m_damp * dp;
         st(buf, wi, b);
@@ -36,38 +44,39 @@ void sgd(T* w, const T* g, T* buf, uint8_t* init, const int64_t* rows, int64_t R
       }
       st(w, wi, p + (-lr) * dp);
     }
-    if (init != nullptr && momentum != 0.0f) init[row] = 1;
+    if (init != nullptr && momentum != 0) init[row] = 1;
   }
 }
 
 template <typename T>
 void adamw(T* w, const T* g, T* m1, T* m2, int64_t* step, const int64_t* rows, int64_t R, int64_t D,
            double lr, double b1, double b2, double eps, double wd) {
-  const float decay = (float)(1.0 - lr * wd);
-  const float wgt = (float)(1.0 - b1);
-  const float b2f = (float)b2, omb2 = (float)(1.0 - b2), epsf = (float)eps;
+  using A = acc_t<T>;
+  const A decay = (A)(1.0 - lr * wd);
+  const A wgt = (A)(1.0 - b1);
+  const A b2a = (A)b2, omb2 = (A)(1.0 - b2), epsa = (A)eps;
   for (int64_t r = 0; r < R; ++r) {
     const int64_t row = rows[r];
     const int64_t t = step[row] + 1;
     step[row] = t;
     const double bc1 = 1.0 - std::pow(b1, (double)t);
     const double bc2 = 1.0 - std::pow(b2, (double)t);
-    const float neg_step_size = (float)(-(lr / bc1));
-    const float bc2_sqrt = (float)std::pow(bc2, 0.5);
+    const A neg_step_size = (A)(-(lr / bc1));
+    const A bc2_sqrt = (A)std::pow(bc2, 0.5);
     for (int64_t d = 0; d < D; ++d) {
       const int64_t wi = row * D + d;
-      const float gr = ld(g, r * D + d);
-      const float p = ld(w, wi) * decay;
-      float a = ld(m1, wi);
+      const A gr = ld(g, r * D + d);
+      const A p = ld(w, wi) * decay;
+      A a = ld(m1, wi);
       // torch.lerp: weight < 0.5 ? a + w*(g-a) : g - (g-a)*(1-w)
-      a = wgt < 0.5f ? a + wgt * (gr - a) : gr - (gr - a) * (1.0f - wgt);
-      float v = ld(m2, wi) * b2f;
+      a = wgt < (A)0.5 ? a + wgt * (gr - a) : gr - (gr - a) * ((A)1 - wgt);
+      A v = ld(m2, wi) * b2a;
       v = v + omb2 * gr * gr;  // torch.addcmul: self + value * t1 * t2
       st(m1, wi, a);
       st(m2, wi, v);
       a = ld(m1, wi);
       v = ld(m2, wi);
-      const float denom = std::sqrt(v) / bc2_sqrt + epsf;
+      const A denom = std::sqrt(v) / bc2_sqrt + epsa;
       st(w, wi, p + neg_step_size * a / denom);  // torch.addcdiv: self + value * t1 / t2
     }
   }
@@ -98,8 +107,7 @@ void sparse_sgd_step(MK_PARAMS(MK_SPARSE_SGD_STEP_ARGS)) {
     using T = decltype(tag);
     sgd<T>(reinterpret_cast<T*>(weight), reinterpret_cast<const T*>(grad),
            reinterpret_cast<T*>(momentum_buffer), reinterpret_cast<uint8_t*>(initialized),
-           reinterpret_cast<const int64_t*>(rows), R, D, (float)lr, (float)momentum,
-           (float)weight_decay, (float)(1.0 - dampening), nesterov);
+           reinterpret_cast<const int64_t*>(rows), R, D, lr, momentum, weight_decay, dampening, nesterov);
   });
 }
 

@@ -2,6 +2,8 @@
 // selected row (rows are distinct, so blocks never share memory); per-row state (the SGD
 // "initialized" flag, the AdamW step count) is read by the update kernel and written by a
 // second kernel, so no block reads a value another block is writing.
+#include <type_traits>
+
 #include "cuda/cuda_common.cuh"
 #include "ops/sparse_optim.h"
 
@@ -11,26 +13,50 @@ namespace cuda {
 namespace {
 constexpr int kThreads = 128;
 
+// The type a T element is stepped in (as csrc/cpu/sparse_optim.cpp): double for double, else float.
+template <typename T>
+using acc_t = std::conditional_t<std::is_same<T, double>::value, double, float>;
+
+// Round-to-nearest arithmetic that nvcc may not contract into FMAs (the CPU path has none).
+template <typename A> struct RN;
+template <> struct RN<float> {
+  static __device__ __forceinline__ float add(float a, float b) { return __fadd_rn(a, b); }
+  static __device__ __forceinline__ float sub(float a, float b) { return __fsub_rn(a, b); }
+  static __device__ __forceinline__ float mul(float a, float b) { return __fmul_rn(a, b); }
+  static __device__ __forceinline__ float div(float a, float b) { return __fdiv_rn(a, b); }
+  static __device__ __forceinline__ float sqrt(float a) { return __fsqrt_rn(a); }
+};
+template <> struct RN<double> {
+  static __device__ __forceinline__ double add(double a, double b) { return __dadd_rn(a, b); }
+  static __device__ __forceinline__ double sub(double a, double b) { return __dsub_rn(a, b); }
+  static __device__ __forceinline__ double mul(double a, double b) { return __dmul_rn(a, b); }
+  static __device__ __forceinline__ double div(double a, double b) { return __ddiv_rn(a, b); }
+  static __device__ __forceinline__ double sqrt(double a) { return __dsqrt_rn(a); }
+};
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
 sgd_kernel(T* __restrict__ w, const T* __restrict__ g, T* __restrict__ buf, const uint8_t* __restrict__ init,
-           const int64_t* __restrict__ rows, int64_t D, float lr, float momentum, float wd, float one_m_damp,
-           bool nesterov) {
+           const int64_t* __restrict__ rows, int64_t D, double lr_d, double momentum_d, double wd_d,
+           double dampening_d, bool nesterov) {
+  using A = acc_t<T>;
+  using M = RN<A>;
+  const A lr = (A)lr_d, momentum = (A)momentum_d, wd = (A)wd_d, one_m_damp = (A)(1.0 - dampening_d);
   const int64_t r = blockIdx.x;
   const int64_t row = rows[r];
   const bool first = init != nullptr && init[row] == 0;
   for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
     const int64_t wi = row * D + d;
-    const float p = (float)DevIO<T>::load(w, wi);
-    float dp = (float)DevIO<T>::load(g, r * D + d);
-    if (wd != 0.0f) dp = __fadd_rn(dp, __fmul_rn(wd, p));
-    if (momentum != 0.0f) {
-      float b = first ? dp : __fadd_rn(__fmul_rn((float)DevIO<T>::load(buf, wi), momentum), __fmul_rn(one_m_damp, dp));
+    const A p = (A)DevIO<T>::load(w, wi);
+    A dp = (A)DevIO<T>::load(g, r * D + d);
+    if (wd != 0) dp = M::add(dp, M::mul(wd, p));
+    if (momentum != 0) {
+      A b = first ? dp : M::add(M::mul((A)DevIO<T>::load(buf, wi), momentum), M::mul(one_m_damp, dp));
       DevIO<T>::store(buf, wi, b);
-      b = (float)DevIO<T>::load(buf, wi);
-      dp = nesterov ? __fadd_rn(dp, __fmul_rn(momentum, b)) : b;
+      b = (A)DevIO<T>::load(buf, wi);
+      dp = nesterov ? M::add(dp, M::mul(momentum, b)) : b;
     }
-    DevIO<T>::store(w, wi, __fadd_rn(p, __fmul_rn(-lr, dp)));
+    DevIO<T>::store(w, wi, M::add(p, M::mul(-lr, dp)));
   }
 }
 
@@ -44,34 +70,35 @@ __global__ void __launch_bounds__(kThreads)
 adamw_kernel(T* __restrict__ w, const T* __restrict__ g, T* __restrict__ m1, T* __restrict__ m2,
              const int64_t* __restrict__ step, const int64_t* __restrict__ rows, int64_t D, double lr, double b1,
              double b2, double eps, double wd) {
-  __shared__ float s_step_size, s_bc2_sqrt;
+  using A = acc_t<T>;
+  using M = RN<A>;
+  __shared__ A s_step_size, s_bc2_sqrt;
   const int64_t r = blockIdx.x;
   const int64_t row = rows[r];
   if (threadIdx.x == 0) {
     const double t = (double)(step[row] + 1);
     const double bc1 = 1.0 - pow(b1, t);
     const double bc2 = 1.0 - pow(b2, t);
-    s_step_size = (float)(-(lr / bc1));
-    s_bc2_sqrt = (float)pow(bc2, 0.5);
+    s_step_size = (A)(-(lr / bc1));
+    s_bc2_sqrt = (A)pow(bc2, 0.5);
   }
   __syncthreads();
-  const float decay = (float)(1.0 - lr * wd), wgt = (float)(1.0 - b1), b2f = (float)b2, omb2 = (float)(1.0 - b2),
-              epsf = (float)eps, neg_step = s_step_size, bc2s = s_bc2_sqrt;
+  const A decay = (A)(1.0 - lr * wd), wgt = (A)(1.0 - b1), b2a = (A)b2, omb2 = (A)(1.0 - b2), epsa = (A)eps,
+          neg_step = s_step_size, bc2s = s_bc2_sqrt;
   for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
     const int64_t wi = row * D + d;
-    const float gr = (float)DevIO<T>::load(g, r * D + d);
-    const float p = __fmul_rn((float)DevIO<T>::load(w, wi), decay);
-    float a = (float)DevIO<T>::load(m1, wi);
-    a = wgt < 0.5f ? __fadd_rn(a, __fmul_rn(wgt, __fsub_rn(gr, a)))
-                   : __fsub_rn(gr, __fmul_rn(__fsub_rn(gr, a), 1.0f - wgt));
-    float v = __fmul_rn((float)DevIO<T>::load(m2, wi), b2f);
-    v = __fadd_rn(v, __fmul_rn(__fmul_rn(omb2, gr), gr));
+    const A gr = (A)DevIO<T>::load(g, r * D + d);
+    const A p = M::mul((A)DevIO<T>::load(w, wi), decay);
+    A a = (A)DevIO<T>::load(m1, wi);
+    a = wgt < (A)0.5 ? M::add(a, M::mul(wgt, M::sub(gr, a))) : M::sub(gr, M::mul(M::sub(gr, a), (A)1 - wgt));
+    A v = M::mul((A)DevIO<T>::load(m2, wi), b2a);
+    v = M::add(v, M::mul(M::mul(omb2, gr), gr));
     DevIO<T>::store(m1, wi, a);
     DevIO<T>::store(m2, wi, v);
-    a = (float)DevIO<T>::load(m1, wi);
-    v = (float)DevIO<T>::load(m2, wi);
-    const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(v), bc2s), epsf);
-    DevIO<T>::store(w, wi, __fadd_rn(p, __fdiv_rn(__fmul_rn(neg_step, a), denom)));
+    a = (A)DevIO<T>::load(m1, wi);
+    v = (A)DevIO<T>::load(m2, wi);
+    const A denom = M::add(M::div(M::sqrt(v), bc2s), epsa);
+    DevIO<T>::store(w, wi, M::add(p, M::div(M::mul(neg_step, a), denom)));
   }
 }
 
@@ -104,7 +131,7 @@ void sparse_sgd_step(MK_PARAMS(MK_SPARSE_SGD_STEP_CUDA_ARGS)) {
     using T = decltype(tag);
     sgd_kernel<T><<<(unsigned)R, kThreads, 0, stream_h>>>(
         reinterpret_cast<T*>(weight), reinterpret_cast<const T*>(grad), reinterpret_cast<T*>(momentum_buffer), init,
-        rs, D, (float)lr, (float)momentum, (float)weight_decay, (float)(1.0 - dampening), nesterov);
+        rs, D, lr, momentum, weight_decay, dampening, nesterov);
     MK_CUDA_CHECK_LAUNCH();
   });
   if (init != nullptr && momentum != 0.0) {

@@ -180,13 +180,13 @@ def test_sparse_sgd_cuda_matches_cpu(dtype):
         other = torch.ones(C, dtype=torch.bool, device=DEV)
         other[rows.to(DEV)] = False
         assert torch.equal(wg[other], before[other])
-    tol = 1e-6 if dtype != torch.bfloat16 else 1e-2
+    tol = {torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float64: 1e-12}[dtype]  # float64 steps in double
     torch.testing.assert_close(wg.cpu(), wc, rtol=tol, atol=tol)
     torch.testing.assert_close(bg.cpu(), bc, rtol=tol, atol=tol)
     assert torch.equal(fg.cpu(), fc)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_sparse_adamw_cuda_matches_cpu(dtype):
     g = _gen(10)
     C, D, R = 1_000_000, 128, 8192
@@ -199,7 +199,7 @@ def test_sparse_adamw_cuda_matches_cpu(dtype):
         grad = torch.randn(R, D, generator=g).to(dtype)
         mc.sparse_adamw_step_(state_c[0], grad, state_c[1], state_c[2], state_c[3], rows, 1e-3)
         mc.sparse_adamw_step_(state_g[0], grad.to(DEV), state_g[1], state_g[2], state_g[3], rows.to(DEV), 1e-3)
-    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    tol = {torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float64: 1e-12}[dtype]
     for a, b in zip(state_g[:3], state_c[:3]):
         torch.testing.assert_close(a.cpu(), b, rtol=tol, atol=tol)
     assert torch.equal(state_g[3].cpu(), state_c[3])
