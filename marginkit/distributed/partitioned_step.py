@@ -165,8 +165,8 @@ class PartitionedMarginCE(torch.autograd.Function):
             cls = torch.where(owned & valid, labels - plan.class_start, torch.full_like(labels, -1))
             margins = per_row_margins(cls, -1, plan.class_margins, None)
         dtype = compute_dtype(x)
-        # Filtering applies to every labelled row of the global batch (insightface filters only rows
-        # whose class is on the same rank: the two agree at world size 1).
+        # Filtering applies to every labelled row of the global batch on every rank, as in insightface's
+        # Partial FC (it clears the target column only on the rank that owns the class).
         modulation = interclass_filter(valid, plan.filter_threshold, dtype) if plan.filter_threshold > 0 else None
         store: list = []  # the backend's stored logits (memory-budget mode), saved for the backward
         if w.shape[0]:
