@@ -61,6 +61,12 @@ def _check_margin_tensor(
         raise MarginKitTypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
     if value.device != device:
         raise MarginKitTypeError(f"{name} is on {value.device} but embeddings are on {device}; move it with .to(device)")
+    if value.requires_grad and torch.is_grad_enabled():
+        # a margin computed from the embeddings (or a learned one) would silently get no gradient
+        raise ValueError(
+            f"{name} requires grad, but margins are constants to the loss (no gradient flows into them); "
+            f"pass {name}.detach() (for MagFace's margin-dependent gradient use mk.MagFace)"
+        )
     if not check_values or skip_value_checks() or not value.numel():
         return
     if not bool(torch.isfinite(value).all()):

@@ -22,6 +22,7 @@ from marginkit.validation import REDUCTIONS, check_head_arguments, check_ignore_
 __all__ = [
     "KeepBufferDtypes", "ClassWeightHead", "HEAD_KEYWORDS", "PER_CALL_KEYWORDS", "LOSS_KEYWORD_DEFAULTS",
     "check_loss_keywords", "check_keyword_names", "take_loss_keywords", "resolved_loss_keywords",
+    "MARGIN_TENSOR_KEYWORDS", "hold_margin_tensors", "with_margin_tensors",
 ]
 
 #: insightface's heads start from normal(0, 0.01): small, so early cosines are near 0.
@@ -76,6 +77,26 @@ def check_class_margins_now(weight: torch.Tensor, margin, scale, loss_kwargs: di
         loss_kwargs.get("ignore_index", LOSS_KEYWORD_DEFAULTS["ignore_index"]),
         loss_kwargs.get("backend", LOSS_KEYWORD_DEFAULTS["backend"]),
     )
+
+
+#: the per-call keywords that are tensors: a head given them at construction holds them as buffers
+MARGIN_TENSOR_KEYWORDS = ("class_margins", "sample_margins")
+
+
+def hold_margin_tensors(module: nn.Module, loss_kwargs: dict) -> None:
+    """Move a head's fixed ``class_margins`` / ``sample_margins`` out of ``loss_kwargs`` into
+    non-persistent buffers, so that they follow ``.to(device)`` with the head (constructor
+    arguments, so not in the state_dict, as before). List them in ``_keep_dtype_buffers``."""
+    for name in MARGIN_TENSOR_KEYWORDS:
+        value = loss_kwargs.pop(name, None)
+        if value is not None:
+            module.register_buffer(name, value, persistent=False)
+
+
+def with_margin_tensors(module: nn.Module, loss_kwargs: dict) -> dict:
+    """``loss_kwargs`` plus the margin tensors ``hold_margin_tensors`` took out of it."""
+    held = {name: module._buffers[name] for name in MARGIN_TENSOR_KEYWORDS if module._buffers.get(name) is not None}
+    return loss_kwargs | held
 
 
 def resolved_loss_keywords(loss_kwargs: dict, allowed) -> dict:

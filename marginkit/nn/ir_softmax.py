@@ -18,8 +18,8 @@ from marginkit.autograd_guards import refuse_recomputation
 from marginkit.errors import check_positive_ints, check_real
 from marginkit.functional import margin_cross_entropy
 from marginkit.nn._head import (
-    HEAD_KEYWORDS, PER_CALL_KEYWORDS, KeepBufferDtypes, check_class_margins_now, resolved_loss_keywords,
-    take_loss_keywords,
+    HEAD_KEYWORDS, MARGIN_TENSOR_KEYWORDS, PER_CALL_KEYWORDS, KeepBufferDtypes, check_class_margins_now,
+    hold_margin_tensors, resolved_loss_keywords, take_loss_keywords, with_margin_tensors,
 )
 from marginkit.distributed.statistics_sync import (
     agree_once, broadcast_from_first_, check_sync_args, global_batch, local_loss, sync_group,
@@ -74,7 +74,7 @@ class IRSoftmax(KeepBufferDtypes):
     The loss each rank returns is still its local batch's.
     """
 
-    _keep_dtype_buffers = ("centers",)
+    _keep_dtype_buffers = ("centers", *MARGIN_TENSOR_KEYWORDS)
 
     def __init__(
         self,
@@ -108,6 +108,7 @@ class IRSoftmax(KeepBufferDtypes):
         self.reset_parameters()
         if loss_kwargs.get("class_margins") is not None:
             check_class_margins_now(self.centers, margin, scale, loss_kwargs)
+        hold_margin_tensors(self, loss_kwargs)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -138,7 +139,8 @@ class IRSoftmax(KeepBufferDtypes):
                 # the center update would then report a second time
                 check_labels(labels, self.num_classes, self.ignore_index)
             return margin_cross_entropy(embeddings, centers, labels, self.margin, self.scale,
-                                        memory_budget=self.memory_budget, **self.loss_kwargs)
+                                        memory_budget=self.memory_budget,
+                                        **with_margin_tensors(self, self.loss_kwargs))
 
         loss, error = local_loss(compute, group)
         if self.training:
@@ -150,7 +152,7 @@ class IRSoftmax(KeepBufferDtypes):
         """What every rank that shares the centers must agree on (``agree_once``)."""
         return dict(num_classes=self.num_classes, embedding_dim=self.embedding_dim, margin=self.margin,
                     scale=self.scale, momentum=self.momentum,
-                    **resolved_loss_keywords(self.loss_kwargs, IR_KEYWORDS))
+                    **resolved_loss_keywords(with_margin_tensors(self, self.loss_kwargs), IR_KEYWORDS))
 
     def extra_repr(self) -> str:
         return (

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from marginkit.nn._head import (
-    HEAD_KEYWORDS, PER_CALL_KEYWORDS, ClassWeightHead, check_class_margins_now, check_keyword_names,
+    HEAD_KEYWORDS, MARGIN_TENSOR_KEYWORDS, PER_CALL_KEYWORDS, ClassWeightHead, check_class_margins_now,
+    check_keyword_names, hold_margin_tensors, with_margin_tensors,
 )
 from marginkit.specs import ArcFace, MarginSpec
 
@@ -27,8 +28,11 @@ class MarginSoftmax(ClassWeightHead):
 
     Shapes: ``forward(embeddings (B, D), labels (B,) int64) -> loss`` (float32 scalar,
     or (B,) with ``reduction="none"``). ``.weight`` is (C, D), initialised normal(0, 0.01)
-    like insightface's heads.
+    like insightface's heads. Fixed ``class_margins`` / ``sample_margins`` are held as
+    non-persistent buffers: they move with ``.to(device)`` and keep their dtype.
     """
+
+    _keep_dtype_buffers = MARGIN_TENSOR_KEYWORDS
 
     def __init__(
         self,
@@ -47,6 +51,7 @@ class MarginSoftmax(ClassWeightHead):
         self.loss_kwargs = loss_kwargs
         if loss_kwargs:
             check_class_margins_now(self.weight, margin, scale, head_kwargs | loss_kwargs)
+        hold_margin_tensors(self, loss_kwargs)
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.loss(embeddings, labels, **self.loss_kwargs)
+        return self.loss(embeddings, labels, **with_margin_tensors(self, self.loss_kwargs))

@@ -147,3 +147,17 @@ def test_float64_inputs_give_float64_losses_in_backend_and_reference():
     x, w, y = make_inputs(B=5, C=10, D=6, dtype=torch.float64)
     assert mk.margin_cross_entropy(x, w, y).dtype == torch.float64
     assert mk.reference.margin_cross_entropy(x, w, y).dtype == torch.float64
+
+
+@pytest.mark.parametrize("keyword,length", [("class_margins", 10), ("sample_margins", 4)])
+def test_margins_that_require_grad_are_refused_not_silently_constant(keyword, length):
+    # margins are constants to the loss: one computed from the embeddings would lose its gradient
+    margins = torch.full((length,), 0.2, requires_grad=True)
+    with pytest.raises(ValueError, match=rf"{keyword} requires grad.*{keyword}\.detach\(\)"):
+        call(margin=mk.CosFace(), **{keyword: margins * 1.0})
+    x, _, y = make_inputs(B=4, C=10, D=6)
+    with pytest.raises(ValueError, match=f"{keyword} requires grad"):  # at construction, or the first forward
+        mk.MarginSoftmax(10, 6, mk.CosFace(), **{keyword: torch.nn.Parameter(torch.full((length,), 0.2))})(x, y)
+    with torch.no_grad():  # nothing would flow into them here
+        expected = call(margin=mk.CosFace(), **{keyword: margins.detach()})
+        assert torch.equal(call(margin=mk.CosFace(), **{keyword: margins}), expected)

@@ -70,3 +70,64 @@ def test_model_with_the_head_compiles_fullgraph(chunk_elements, memory_budget, m
     assert rel_err(loss, eager) < 1e-6
     for p, g in zip(model.parameters(), eager_grads):
         assert rel_err(p.grad, g) < 1e-6
+
+
+def _tensors_outside_state(module: torch.nn.Module) -> list:
+    """Paths of tensors a module holds in plain attributes (dicts, lists...): `.to(device)` leaves them behind."""
+    found = []
+
+    def walk(value, path):
+        if torch.is_tensor(value):
+            found.append(path)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                walk(item, f"{path}[{key!r}]")
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                walk(item, f"{path}[{i}]")
+
+    for prefix, sub in module.named_modules():
+        for name, value in vars(sub).items():
+            if name not in ("_parameters", "_buffers", "_modules") and not name.endswith("hooks"):
+                walk(value, f"{prefix}.{name}")
+    return found
+
+
+C_HELD, D_HELD, B_HELD = 12, 8, 6
+HEADS_WITH_TENSORS = {
+    "MarginSoftmax-class_margins": lambda: mk.MarginSoftmax(
+        C_HELD, D_HELD, mk.CosFace(0.2), 16.0, class_margins=torch.linspace(0.1, 0.4, C_HELD)),
+    "MarginSoftmax-sample_margins": lambda: mk.MarginSoftmax(
+        C_HELD, D_HELD, mk.ArcFace(0.2), 16.0, sample_margins=torch.linspace(0.1, 0.4, B_HELD)),
+    "IRSoftmax-class_margins": lambda: mk.IRSoftmax(C_HELD, D_HELD, class_margins=torch.linspace(0.1, 0.4, C_HELD)),
+    "SubCenterArcFace": lambda: mk.SubCenterArcFace(C_HELD, D_HELD, k=2),
+    "AdaCos": lambda: mk.AdaCos(C_HELD, D_HELD),
+    "AdaFace": lambda: mk.AdaFace(C_HELD, D_HELD),
+    "CurricularFace": lambda: mk.CurricularFace(C_HELD, D_HELD),
+    "LDAMSoftmax-online": lambda: mk.LDAMSoftmax(C_HELD, D_HELD),
+    "MagFace": lambda: mk.MagFace(C_HELD, D_HELD),
+    "FairLoss": lambda: mk.FairLoss(C_HELD, D_HELD, update_every=1),
+}
+
+
+@pytest.mark.parametrize("name", list(HEADS_WITH_TENSORS))
+def test_every_tensor_a_head_holds_moves_with_it(name):
+    # a tensor kept in a plain attribute stays on the CPU under head.cuda(): the next forward fails
+    torch.manual_seed(0)
+    head = HEADS_WITH_TENSORS[name]()
+    x = torch.randn(B_HELD, D_HELD, requires_grad=True)
+    head(x, torch.arange(B_HELD) % C_HELD).backward()  # the state a training step leaves
+    assert _tensors_outside_state(head) == []
+    moved = head.to("meta")
+    assert all(t.device.type == "meta" for t in list(moved.parameters()) + list(moved.buffers()))
+
+
+@pytest.mark.parametrize("keyword", ["class_margins", "sample_margins"])
+def test_fixed_margin_tensors_are_used_and_keep_their_dtype(keyword):
+    torch.manual_seed(1)
+    margins = torch.linspace(0.1, 0.4, C_HELD if keyword == "class_margins" else B_HELD)
+    head = mk.MarginSoftmax(C_HELD, D_HELD, mk.CosFace(0.2), 16.0, **{keyword: margins}).double()
+    assert getattr(head, keyword).dtype == torch.float32 and keyword not in head.state_dict()
+    x, _, y = make_inputs(B=B_HELD, C=C_HELD, D=D_HELD, dtype=torch.float64)
+    expected = mk.reference.margin_cross_entropy(x, head.weight, y, mk.CosFace(0.2), 16.0, **{keyword: margins})
+    assert rel_err(head(x, y), expected) < 1e-12
