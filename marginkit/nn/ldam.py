@@ -7,9 +7,10 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from marginkit.autograd_guards import refuse_recomputation
+from marginkit.distributed.statistics_sync import agree_once, check_sync_args, global_batch, sync_group
 from marginkit.errors import check_real
 from marginkit.nn._head import ClassWeightHead
-from marginkit.autograd_guards import refuse_recomputation
 from marginkit.specs import ArcFace, CosFace, MarginSpec
 
 __all__ = ["LDAMSoftmax", "ldam_margins"]
@@ -38,6 +39,11 @@ class LDAMSoftmax(ClassWeightHead):
         margin: the spec whose m the class margins replace: ``CosFace()`` (LDAM's additive
             logit margin on normalised features, the default), ``ArcFace()`` or
             ``CombinedMargin`` (m2).
+        sync_statistics: with online counts under torch.distributed (DDP), count every rank's
+            labels (an all-gather of the labels per training step), so the counts and margins are
+            the same on every rank and equal one process's on the global batch. Off, each rank
+            counts its own labels (and DDP's buffer broadcast keeps rank 0's).
+        process_group: the group to count over (default: the world).
 
     Buffers ``.class_counts`` (C,) int64 and ``.class_margins`` (C,) float32. LDAM's
     deferred re-weighting (DRW) schedule is a sampler/weighting choice and not part of
@@ -59,9 +65,12 @@ class LDAMSoftmax(ClassWeightHead):
         ignore_index: int = -100,
         normalize: bool = True,
         backend: str = "auto",
+        sync_statistics: bool = True,
+        process_group=None,
         dtype: Optional[torch.dtype] = None,
         device=None,
     ) -> None:
+        check_sync_args(sync_statistics, process_group)
         if not isinstance(margin, MarginSpec) or not margin.has_single_margin:
             raise ValueError(f"margin must be a spec with a single m (CosFace, ArcFace, CombinedMargin), got {margin!r}")
         check_real("max_margin", max_margin, low=0.0, high=math.pi if isinstance(margin, ArcFace) else None,
@@ -72,6 +81,7 @@ class LDAMSoftmax(ClassWeightHead):
         )
         self.max_margin = float(max_margin)
         self.online = class_counts is None
+        self.sync_statistics, self.process_group = sync_statistics, process_group
         counts = torch.zeros(num_classes, dtype=torch.int64) if class_counts is None else torch.as_tensor(class_counts)
         if tuple(counts.shape) != (num_classes,):
             raise ValueError(f"class_counts must have shape ({num_classes},), got {tuple(counts.shape)}")
@@ -82,14 +92,30 @@ class LDAMSoftmax(ClassWeightHead):
         self.register_buffer("class_margins", ldam_margins(counts, self.max_margin).to(device))
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if self.training and self.online:
+        counting = self.training and self.online
+        if counting:
             refuse_recomputation(self, "class counts and margins")
-        self.check_batch(embeddings, labels, refuse_non_finite=self.training and self.online)
+        group = sync_group(self.sync_statistics, self.process_group) if counting else None
+        agree_once(self, group, dict(num_classes=self.num_classes, margin=self.margin, scale=self.scale,
+                                     max_margin=self.max_margin, ignore_index=self.ignore_index), self.class_counts.device)
+        error = None
+        try:
+            self.check_batch(embeddings, labels, refuse_non_finite=counting)
+        except (TypeError, ValueError) as err:
+            if group is None:
+                raise
+            error = err  # raised on every rank by the gather below, so none waits in it
         counts, margins = self.class_counts, self.class_margins
-        if self.training and self.online:
+        if counting:
             with torch.no_grad():
-                keep = labels != self.ignore_index
-                counts = counts.index_add(0, torch.where(keep, labels, torch.zeros_like(labels)), keep.to(torch.int64))
+                if group is not None:  # every rank's labels, in rank order (no embedding bytes travel)
+                    rows = torch.empty((0 if error is not None else labels.shape[0], 0), device=counts.device)
+                    _, labels_seen = global_batch(rows, labels, group, error)
+                else:
+                    labels_seen = labels
+                keep = labels_seen != self.ignore_index
+                where = torch.where(keep, labels_seen, torch.zeros_like(labels_seen))
+                counts = counts.index_add(0, where, keep.to(torch.int64))
                 margins = ldam_margins(counts, self.max_margin).to(margins.device)
         loss = self.loss(embeddings, labels, class_margins=margins)
         if counts is not self.class_counts:  # state moves only once the loss has succeeded

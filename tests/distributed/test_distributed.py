@@ -135,37 +135,40 @@ def _check_ddp(world, rank):
     return out
 
 
-def _paper_heads(ir_seed=11, fair_seed=12):
+def _paper_heads(ir_seed=11, fair_seed=12, ldam_seed=13):
     torch.manual_seed(ir_seed)
     ir = mk.IRSoftmax(C, D, momentum=0.5)
     torch.manual_seed(fair_seed)
     fair = mk.FairLoss(C, D, update_every=2, min_replay=1, replay_batch=4, train_steps=1, epsilon_start=0.5)
-    return ir, fair
+    torch.manual_seed(ldam_seed)
+    ldam = mk.LDAMSoftmax(C, D)  # online class counts
+    return ir, fair, ldam
 
 
 PAPER_STEPS = (41, 42, 43, 44)  # global batches: two Fair Loss moves
 
 
-def paper_state(ir, fair):
+def paper_state(ir, fair, ldam):
     names = ("class_margins", "margin_level", "seen_counts", "window_counts", "window_cos_sum", "pending_state",
              "pending_score")
-    return dict(centers=ir.centers.clone(), **{n: getattr(fair, n).clone() for n in names})
+    return dict(centers=ir.centers.clone(), **{n: getattr(fair, n).clone() for n in names},
+                ldam_counts=ldam.class_counts.clone(), ldam_margins=ldam.class_margins.clone())
 
 
 def _check_paper_heads(world, rank):
-    """IR-Softmax centers and Fair Loss statistics/margins from local batches, synchronised;
-    then a bad label on one rank: every rank raises its error, and the group goes on."""
-    ir, fair = _paper_heads(ir_seed=11 + rank, fair_seed=12)  # centers differ at init: the first step shares them
+    """IR-Softmax centers, Fair Loss statistics/margins and online LDAM counts from local batches,
+    synchronised; then a bad label on one rank: every rank raises its error, and the group goes on."""
+    ir, fair, ldam = _paper_heads(ir_seed=11 + rank)  # centers differ at init: the first step shares them
     for seed in PAPER_STEPS:
         x, labels = global_batch(seed)
-        ir(local_rows(x, world, rank), local_rows(labels, world, rank))
-        fair(local_rows(x, world, rank), local_rows(labels, world, rank))
-    out = paper_state(ir, fair)
+        for head in (ir, fair, ldam):
+            head(local_rows(x, world, rank), local_rows(labels, world, rank))
+    out = paper_state(ir, fair, ldam)
     x, labels = global_batch(PAPER_STEPS[0])
     xl, yl = local_rows(x, world, rank), local_rows(labels, world, rank).clone()
     if rank == _bad_rank(world):
         yl[-1] = C + 5
-    for name, module in (("ir", ir), ("fair", fair)):
+    for name, module in (("ir", ir), ("fair", fair), ("ldam", ldam)):
         try:
             module(xl, yl)
             out[f"{name}_error"] = None
@@ -462,20 +465,20 @@ def test_ddp_backbone_gradient_scale(runs, world):
 
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_paper_heads_update_from_the_global_batch_on_every_rank(runs, world):
-    """IR-Softmax's centers and Fair Loss's statistics, agent moves and margins, trained on
-    uneven local batches (one empty at W = 3), equal one process's on the global batches,
-    bit for bit, on every rank."""
-    ir, fair = _paper_heads()  # rank 0's seeds: its centers are the ones shared
+    """IR-Softmax's centers, Fair Loss's statistics, agent moves and margins, and online LDAM's
+    counts and margins, trained on uneven local batches (one empty at W = 3), equal one
+    process's on the global batches, bit for bit, on every rank."""
+    ir, fair, ldam = _paper_heads()  # rank 0's seeds: its centers are the ones shared
     for seed in PAPER_STEPS:
         x, labels = global_batch(seed)
-        ir(x, labels)
-        fair(x, labels)
-    want = paper_state(ir, fair)
+        for head in (ir, fair, ldam):
+            head(x, labels)
+    want = paper_state(ir, fair, ldam)
     assert int(fair.agent_moves) == 2 and bool((want["pending_state"] >= 0).any())
     for res in runs[world]:
         for name, value in want.items():
             assert torch.equal(res["papers"][name], value), name
-        for name in ("ir_error", "fair_error"):  # the bad rank's error, raised on every rank
+        for name in ("ir_error", "fair_error", "ldam_error"):  # the bad rank's error, raised on every rank
             assert res["papers"][name].startswith(f"rank {_bad_rank(world)} of {world}: labels contains {C + 5}")
 
 

@@ -225,7 +225,7 @@ def test_modules_keep_state_dtypes_under_bfloat16():
     assert int(fl.agent_moves) == 1
 
 
-@pytest.mark.parametrize("head", [mk.IRSoftmax, mk.FairLoss])
+@pytest.mark.parametrize("head", [mk.IRSoftmax, mk.FairLoss, mk.LDAMSoftmax])
 def test_sync_arguments_are_checked(head):
     with pytest.raises(TypeError, match="sync_statistics"):
         head(10, 4, sync_statistics=1)
