@@ -167,11 +167,12 @@ class ClassWeightHead(KeepBufferDtypes):
     def reset_parameters(self) -> None:
         nn.init.normal_(self.weight, mean=0.0, std=WEIGHT_INIT_STD)
 
-    def check_batch(self, embeddings, labels, *, refuse_non_finite: bool = False) -> None:
+    def check_batch(self, embeddings, labels, *, refuse_non_finite: bool = False,
+                    why: str = "keeps running state and refuses a non-finite batch (its state is unchanged)") -> None:
         """Every check of (embeddings, labels) before any state changes: shapes, dtypes, label
         range (one host sync), and with ``refuse_non_finite`` finite embeddings, so that a bad
-        batch is refused with the state untouched. With ``refuse_non_finite`` a CUDA-graph capture
-        is refused: a replay would skip that host read."""
+        batch is refused with the state untouched (``why``: the head's reason, for the error). With
+        ``refuse_non_finite`` a CUDA-graph capture is refused: a replay would skip that host read."""
         if refuse_non_finite:
             refuse_capture(self, "checks each batch on the host (finite embeddings) before it may change its state",
                            " (or capture a stateless loss: mk.margin_cross_entropy, MarginSoftmax)")
@@ -183,8 +184,8 @@ class ClassWeightHead(KeepBufferDtypes):
         check_labels(labels, self.num_classes, self.ignore_index)
         if refuse_non_finite and embeddings.numel() and not bool(torch.isfinite(embeddings).all()):
             raise ValueError(
-                f"embeddings contain NaN or infinite values; {type(self).__name__} keeps running state and refuses "
-                "a non-finite batch (its state is unchanged); check the backbone's output or lower the learning rate"
+                f"embeddings contain NaN or infinite values; {type(self).__name__} {why}; "
+                "check the backbone's output or lower the learning rate"
             )
 
     def loss(self, embeddings, labels, margin=None, scale=None, **overrides) -> torch.Tensor:

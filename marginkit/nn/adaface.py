@@ -90,7 +90,9 @@ class AdaFace(ClassWeightHead):
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self.training:
             refuse_recomputation(self, "feature-norm statistics")
-        self.check_batch(embeddings, labels, refuse_non_finite=True)  # a NaN norm has no margin, even in eval
+        why = ("keeps running norm statistics and refuses a non-finite batch (they are unchanged)" if self.training
+               else "takes each row's margin from its norm (a non-finite row has none)")
+        self.check_batch(embeddings, labels, refuse_non_finite=True, why=why)
         with torch.no_grad():
             norms = torch.linalg.vector_norm(embeddings.detach().to(torch.float64), dim=1).clamp(0.001, 100.0)
             mean, std = self.batch_mean, self.batch_std

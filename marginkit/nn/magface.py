@@ -80,8 +80,8 @@ class MagFace(ClassWeightHead):
         return a / (self.u_a**2) + 1.0 / a
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        # the margins come from the input's norms: a non-finite input cannot form one
-        self.check_batch(embeddings, labels, refuse_non_finite=True)
+        self.check_batch(embeddings, labels, refuse_non_finite=True,
+                         why="takes each row's margin from its norm (a non-finite row has none)")
         a = self.feature_norm(embeddings)
         m = self.margin_for_norm(a)
         ce = self.loss(embeddings, labels, reduction="none", sample_margins=m.detach())

@@ -128,7 +128,7 @@ def test_non_finite_training_batch_refused_naming_embeddings(trained_head, bad):
     before = snapshot(head)
     x, y = batch(5)
     x[2, 3] = bad
-    with pytest.raises(ValueError, match="embeddings") as err:
+    with pytest.raises(ValueError, match=f"^embeddings contain NaN or infinite values; {name} (keeps running|refuses)") as err:
         head(x, y)
     assert "sample_margins" not in str(err.value) and "class_margins" not in str(err.value)
     assert_bit_identical(head, before)
@@ -145,7 +145,7 @@ def test_non_finite_batch_in_eval_mode_propagates_nan_and_keeps_state(trained_he
     x, y = batch(6)
     x[0, 0] = float("nan")
     if name == "AdaFace":
-        with pytest.raises(ValueError, match="^embeddings contain NaN"):
+        with pytest.raises(ValueError, match="^embeddings contain NaN.*AdaFace takes each row's margin from its norm"):
             head(x, y)
     else:
         assert torch.isnan(head(x, y))
@@ -196,3 +196,14 @@ def test_the_range_loss_op_called_directly_propagates_nan_too():
     for bad in (float("nan"), float("inf")):  # the raw op gave a finite 13.07 for the NaN row, inf for inf
         x[3, 1] = bad
         assert torch.isnan(mk.ops.range_loss(x, y))
+
+
+def test_magface_refuses_a_non_finite_batch_for_its_own_reason():
+    # MagFace has no running state: the message must not claim it keeps some
+    head = mk.MagFace(10, 6)
+    x, y = torch.randn(4, 6) * 20, torch.arange(4)
+    x[1, 0] = float("nan")
+    for mode in (head.train, head.eval):
+        mode()
+        with pytest.raises(ValueError, match="^embeddings contain NaN.*MagFace takes each row's margin from its norm"):
+            head(x, y)
