@@ -58,7 +58,8 @@ class FairLoss(KeepBufferDtypes):
     with the current margins, (2) adds the batch to the per-class window statistics
     with ``class_statistics_update_`` (counts n_c, Σ x̂·ŵ_c, Σ ‖x̂ − ŵ_c‖², against the
     weight at that step), and (3) on every ``update_every``-th training call lets the
-    agent move (the new margins apply from the next call) and clears the window. Eval
+    agent move (the new margins apply from the next call; with an empty window, no move
+    and no ε decay) and clears the window. Eval
     mode gathers nothing and never moves.
 
     **Online agent** (default; marginkit's variant, *not* the paper's procedure). Per
@@ -245,7 +246,10 @@ class FairLoss(KeepBufferDtypes):
 
     @torch.no_grad()
     def agent_step(self) -> None:
-        """One move on the window's statistics (``forward`` calls it on schedule); all or nothing."""
+        """One move on the window's statistics (``forward`` calls it on schedule); all or nothing.
+        An empty window (no labelled row since the last move) is no move: ε does not decay."""
+        if not bool(self.window_counts.any()):
+            return
         snapshot = self._snapshot()
         try:
             if self._agent is None:

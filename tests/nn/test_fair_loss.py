@@ -130,6 +130,22 @@ def test_fair_loss_eval_never_moves():
             assert torch.equal(v, snap[k]), k
 
 
+@pytest.mark.parametrize("batch_rows", [0, 6])
+def test_a_move_on_an_empty_window_is_no_move(batch_rows):
+    # all-ignored (or empty) batches carry no statistics: the agent must not act on them nor decay ε
+    fl = FairLoss(10, 6, update_every=1, epsilon_decay=0.5)
+    g = torch.Generator().manual_seed(3)
+    x, _ = fair_batch(g, batch_rows, 10, 6)
+    before = {k: v.clone() for k, v in fl.state_dict().items() if torch.is_tensor(v) and k != "forward_calls"}
+    for _ in range(3):
+        fl(x, torch.full((batch_rows,), -100))
+    assert int(fl.forward_calls) == 3 and fl.epsilon == 1.0
+    for k, v in before.items():
+        assert torch.equal(fl.state_dict()[k], v), k
+    fl(*fair_batch(g, 16, 10, 6))  # a labelled batch moves at once
+    assert int(fl.agent_moves) == 1 and fl.epsilon == 0.5
+
+
 def _run(fl, g, calls, C, D, probs=None, noise=None):
     for _ in range(calls):
         fl(*fair_batch(g, 32, C, D, probs=probs, weight=fl.weight, noise=noise))
