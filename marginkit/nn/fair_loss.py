@@ -200,6 +200,8 @@ class FairLoss(KeepBufferDtypes):
         if policy is not None:
             self.register_buffer("class_count_bins", class_count_bins.detach().to(**i64).clone())
             self.register_buffer("group_level", torch.full((NUM_COUNT_BINS,), start, **i64))
+        # torch loads the buffers before the extra state: refuse a wrong agent before anything loads
+        self.register_load_state_dict_pre_hook(_check_extra_state_first)
 
     # ------------------------------------------------------------------ read-only views
     @property
@@ -225,14 +227,21 @@ class FairLoss(KeepBufferDtypes):
             return {"version": 1, "policy": self.policy.state_dict()}
         return {**self._agent.state_dict(), "epsilon": self.epsilon}
 
-    def set_extra_state(self, state: dict) -> None:
+    def _check_extra_state(self, state) -> None:
+        """ValueError when ``state`` is not an agent/policy this module can take."""
         if self._agent is None:
             if not isinstance(state, dict) or "policy" not in state:
                 raise ValueError("FairLoss: this module has a frozen policy; the state_dict holds an online agent")
-            self.policy = FairLossTable.from_state_dict(state["policy"])
         else:
             if isinstance(state, dict) and "policy" in state:
                 raise ValueError("FairLoss: this module has an online agent; the state_dict holds a frozen policy")
+            self._agent.check_state(state)
+
+    def set_extra_state(self, state: dict) -> None:
+        self._check_extra_state(state)
+        if self._agent is None:
+            self.policy = FairLossTable.from_state_dict(state["policy"])
+        else:
             self._agent.load_state_dict(state)
 
     # ------------------------------------------------------------------ moves
@@ -377,6 +386,13 @@ class FairLoss(KeepBufferDtypes):
         agent = "online DQN" if self._agent is not None else "frozen policy, per count group"
         return (f"num_classes={self.num_classes}, embedding_dim={self.embedding_dim}, scale={self.scale}, "
                 f"update_every={self.update_every}, margin_levels={self.margin_levels}, agent={agent}")
+
+
+def _check_extra_state_first(module, state_dict, prefix, *_) -> None:
+    """``load_state_dict`` pre-hook: the agent/policy checked before any buffer is overwritten."""
+    key = prefix + "_extra_state"
+    if key in state_dict:
+        module._check_extra_state(state_dict[key])
 
 
 def _check_thresholds(name: str, thresholds) -> None:

@@ -153,7 +153,8 @@ class OnlineMarginDQN:
             "generator": self.generator.get_state(),
         }
 
-    def load_state_dict(self, state: dict) -> None:
+    def check_state(self, state) -> None:
+        """ValueError, before anything loads, when ``state`` is not an agent this one can take."""
         if not isinstance(state, dict) or state.get("version") != self.STATE_VERSION:
             raise ValueError("FairLoss: unrecognised agent state in the state_dict")
         capacity = state["replay"]["state"].numel()
@@ -162,6 +163,16 @@ class OnlineMarginDQN:
                 f"FairLoss: the checkpoint's replay capacity is {capacity}, this module's is "
                 f"{self.replay_capacity}; build the module with the same replay_capacity"
             )
+        mine = {k: tuple(v.shape) for k, v in self.q_net.state_dict().items()}
+        theirs = {k: tuple(v.shape) for k, v in state["q_net"].items()}
+        if mine != theirs:
+            raise ValueError(
+                f"FairLoss: the checkpoint's agent network has parameter shapes {theirs}, this module's {mine}; "
+                "build the module with the checkpoint's hidden and margin_levels"
+            )
+
+    def load_state_dict(self, state: dict) -> None:
+        self.check_state(state)
         self.q_net.load_state_dict(state["q_net"])
         self.target_net.load_state_dict(state["target_net"])
         self.optimizer = torch.optim.Adam(self.q_net.parameters(), lr=self.lr)

@@ -146,6 +146,19 @@ def test_a_move_on_an_empty_window_is_no_move(batch_rows):
     assert int(fl.agent_moves) == 1 and fl.epsilon == 0.5
 
 
+@pytest.mark.parametrize("other", [dict(hidden=16), dict(margin_levels=(0.25, 0.35, 0.45))])
+def test_loading_another_agents_checkpoint_names_the_arguments_and_loads_nothing(other):
+    trained = FairLoss(10, 6, update_every=1)
+    g = torch.Generator().manual_seed(4)
+    trained(*fair_batch(g, 16, 10, 6))
+    fresh = FairLoss(10, 6, update_every=1, **other)
+    before = {k: v.clone() for k, v in fresh.state_dict().items() if torch.is_tensor(v)}
+    with pytest.raises(ValueError, match="build the module with the checkpoint's hidden and margin_levels"):
+        fresh.load_state_dict(trained.state_dict())
+    for k, v in before.items():  # checked before torch copies the buffers
+        assert torch.equal(fresh.state_dict()[k], v), k
+
+
 def _run(fl, g, calls, C, D, probs=None, noise=None):
     for _ in range(calls):
         fl(*fair_batch(g, 32, C, D, probs=probs, weight=fl.weight, noise=noise))
