@@ -128,6 +128,11 @@ class IRSoftmax(KeepBufferDtypes):
             # A snapshot: the in-place update below must not change what backward sees.
             centers = centers.to(dtype=embeddings.dtype, copy=True)
         def compute() -> torch.Tensor:
+            if torch.is_tensor(embeddings) and embeddings.dim() == 2 and embeddings.shape[1] != self.embedding_dim:
+                raise ValueError(  # the loss would blame a "weight" this head does not have
+                    f"embedding_dim mismatch: embeddings have D = {embeddings.shape[1]} but IRSoftmax was built with "
+                    f"embedding_dim = {self.embedding_dim} (its centers are ({self.num_classes}, {self.embedding_dim}))"
+                )
             # Centers are running state: a non-finite batch would poison them for good.
             if self.training and embeddings.numel() and not bool(torch.isfinite(embeddings).all()):
                 raise ValueError(

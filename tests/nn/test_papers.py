@@ -235,3 +235,11 @@ def test_sync_arguments_are_checked(head):
     m = head(10, 4)
     loss = m(torch.randn(6, 4), torch.randint(0, 10, (6,)))
     assert torch.isfinite(loss)
+
+
+def test_ir_softmax_embedding_dim_mismatch_names_its_centers():
+    head = mk.IRSoftmax(10, 8)
+    for mode in (head.train, head.eval):
+        mode()
+        with pytest.raises(ValueError, match=r"D = 6 but IRSoftmax was built with embedding_dim = 8 .*\(10, 8\)"):
+            head(torch.randn(4, 6), torch.arange(4))
