@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from marginkit import __version__
 from marginkit.demo import main as demo_main
 
 __all__ = ["main", "build_parser"]
@@ -21,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="marginkit",
         description="marginkit: fused large-class margin softmax (ArcFace, CosFace, ...).",
     )
+    parser.add_argument("--version", action="version", version=f"marginkit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="{bench,demo}")
     bench = sub.add_parser(
         "bench",

@@ -127,6 +127,8 @@ def parse_size(text) -> int:
 def parse_sizes(text, flag: str = "") -> list[int]:
     """A comma list (or a list) of sizes; ``flag`` (e.g. '--C') prefixes the error."""
     items = text if isinstance(text, (list, tuple)) else [t for t in str(text).split(",") if t.strip()]
+    if not items:  # `--C ""` or `--C ,` would plan no shape and exit 0 having run nothing
+        raise ValueError(f"{flag + ': ' if flag else ''}no size given in {text!r}; give at least one (e.g. 1000)")
     try:
         return [parse_size(t) for t in items]
     except ValueError as exc:
@@ -164,12 +166,17 @@ def make_spec(margin: str):
 
 
 def resolve_device(name: str = "auto") -> str:
+    """'auto' -> 'cuda' or 'cpu'; 'cpu', 'cuda', 'cuda:N' checked (ValueError naming --device otherwise)."""
     if name in (None, "", "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but torch sees no CUDA device")
-    if name != "cpu" and not name.startswith("cuda"):
-        raise ValueError(f"--device must be auto, cpu or cuda[:N], got {name!r}")
+    match = re.fullmatch(r"cuda(?::(\d+))?", name)
+    if name != "cpu" and match is None:  # torch.device("cuda:abc") would raise a RuntimeError later
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N (N a device index), got {name!r}")
+    if match and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} asked for, but torch sees no CUDA device")
+    if match and match.group(1) is not None and int(match.group(1)) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA device(s), "
+                         f"indices 0..{torch.cuda.device_count() - 1}")
     return name
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import itertools
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -30,7 +31,7 @@ from marginkit.bench.config import (
 )
 from marginkit.bench.providers import PROVIDERS
 
-__all__ = ["FLOOR", "SweepOptions", "Cell", "SweepPlan", "plan_sweep", "select_providers", "split_list"]
+__all__ = ["FLOOR", "SweepOptions", "Cell", "SweepPlan", "plan_sweep", "select_providers", "split_list", "output_paths"]
 
 FLOOR = "floor-3gemm"
 
@@ -53,7 +54,7 @@ class SweepOptions:
     dtype: object = None  # "bf16,fp32", a torch.dtype or a list of either
     margin: object = None  # "arcface,cosface" or a list
     scale: float = 64.0
-    providers: object = None  # names (list or comma text); None: every provider for the device
+    providers: object = None  # names (list or comma text); None: every provider for the device (empty: error)
     skip: object = None
     include_compile: bool = False
     reps: Optional[int] = None
@@ -129,7 +130,7 @@ def select_providers(names, skip, device: str, include_compile: bool) -> list:
         chosen = []
         for n in names:
             if n not in PROVIDERS:
-                raise ValueError(f"unknown provider {n!r}; choose from {', '.join(PROVIDERS)}")
+                raise ValueError(f"--providers: unknown provider {n!r}; choose from {', '.join(PROVIDERS)}")
             chosen.append(n)
     else:
         chosen = [n for n, p in PROVIDERS.items()
@@ -139,6 +140,8 @@ def select_providers(names, skip, device: str, include_compile: bool) -> list:
     for n in skip or ():
         if n not in PROVIDERS:
             raise ValueError(f"--skip: unknown provider {n!r}; choose from {', '.join(PROVIDERS)}")
+        if n == FLOOR:  # it would be added back below: say so rather than ignore the flag
+            raise ValueError(f"--skip: {FLOOR} always runs (every row's floor_ms column is its time)")
     chosen = [n for n in chosen if n not in set(skip or ())]
     if FLOOR not in chosen:
         chosen.append(FLOOR)  # floor_ms is a column of every row
@@ -164,10 +167,40 @@ def check_writable(path: Path) -> None:
         raise ValueError(f"cannot write {path} ({exc.strerror or exc}); choose another --out / --out-dir") from None
 
 
-def _dtypes(value, default) -> list:
+def _given_list(value, flag: str) -> Optional[list]:
+    """None (not given) -> None; a list or comma text -> its items, ValueError naming ``flag`` if none."""
     if value is None:
-        return [parse_dtype(t) for t in default]
-    return [parse_dtype(t) for t in (value if isinstance(value, (list, tuple)) else split_list(value) or [])]
+        return None
+    items = list(value) if isinstance(value, (list, tuple)) else split_list(value)
+    if not items:  # `--dtype ""` would otherwise plan nothing, or fall back to the default unasked
+        raise ValueError(f"{flag}: empty list {value!r}; give at least one value or leave the flag out")
+    return items
+
+
+def _dtypes(value, default) -> list:
+    items = _given_list(value, "--dtype")
+    try:
+        return list(dict.fromkeys(parse_dtype(t) for t in (default if items is None else items)))
+    except ValueError as exc:
+        raise ValueError(f"--dtype: {exc}") from None
+
+
+def _sizes(value, default, flag: str) -> list:
+    """Distinct sizes in the order given (a repeated size would repeat every row)."""
+    return list(dict.fromkeys(parse_sizes(value, flag) if value is not None else default))
+
+
+def output_paths(out: Path, plot) -> tuple:
+    """(csv, json, png or None) for ``--out`` and ``--plot`` (True: beside the CSV); ValueError if any
+    two would be the same file (``--out r.png`` wrote the CSV, then the plot over it)."""
+    if out.suffix.lower() in (".json", ".png"):
+        raise ValueError(f"--out {out} names the CSV, but ends in {out.suffix} (the JSON sidecar and the plot are "
+                         f"written beside it with .json and .png): give a .csv path such as {out.with_suffix('.csv')}")
+    json_path = out.with_suffix(".json")
+    plot_path = out.with_suffix(".png") if plot is True else (Path(plot) if plot else None)
+    if plot_path is not None and plot_path.resolve() in (out.resolve(), json_path.resolve()):
+        raise ValueError(f"--plot {plot_path} is the CSV or the JSON sidecar of --out {out}; give another PNG path")
+    return out, json_path, plot_path
 
 
 def plan_sweep(options: SweepOptions) -> SweepPlan:
@@ -175,16 +208,16 @@ def plan_sweep(options: SweepOptions) -> SweepPlan:
     device = resolve_device(options.device)
     cuda = device.startswith("cuda")
     default = DEFAULTS["cuda" if cuda else "cpu"]
-    Bs = parse_sizes(options.B, "--B") if options.B is not None else default["B"]
-    Ds = parse_sizes(options.D, "--D") if options.D is not None else default["D"]
-    Cs = list(dict.fromkeys(parse_sizes(options.C, "--C") if options.C is not None else default["C"]))
+    Bs = _sizes(options.B, default["B"], "--B")
+    Ds = _sizes(options.D, default["D"], "--D")
+    Cs = _sizes(options.C, default["C"], "--C")
     dtypes = _dtypes(options.dtype, default["dtype"])
-    margins = split_list(options.margin) or default["margin"]
+    margins = list(dict.fromkeys(_given_list(options.margin, "--margin") or default["margin"]))
     for m in margins:
         if m not in MARGINS:
-            raise ValueError(f"unknown margin {m!r}; use one of {', '.join(MARGINS)}")
-    if not (options.scale > 0):
-        raise ValueError(f"scale must be > 0, got {options.scale}")
+            raise ValueError(f"--margin: unknown margin {m!r}; use one of {', '.join(MARGINS)}")
+    if not (0 < options.scale < math.inf):  # inf passed here, then failed every marginkit row
+        raise ValueError(f"--scale must be finite and > 0, got {options.scale}")
     if options.reps is not None and options.reps < 1:
         raise ValueError(f"--reps must be >= 1, got {options.reps}")
     if options.warmup < 0:
@@ -194,15 +227,16 @@ def plan_sweep(options: SweepOptions) -> SweepPlan:
             raise ValueError(f"{flag} must be > 0, got {value}")
     if options.time_limit_s is not None and not options.time_limit_s >= 0:
         raise ValueError(f"--time-limit-s must be >= 0, got {options.time_limit_s}")
-    names = select_providers(split_list(options.providers), split_list(options.skip), device, options.include_compile)
+    names = select_providers(_given_list(options.providers, "--providers"), split_list(options.skip), device,
+                             options.include_compile)
     unavailable = {n: PROVIDERS[n].unavailable() for n in names}
     unavailable = {n: why for n, why in unavailable.items() if why}
     runnable = sorted((n for n in names if n not in unavailable), key=lambda n: n != FLOOR)
 
     date = _dt.date.today().isoformat()
     out = Path(options.out) if options.out is not None else Path(f"marginkit-bench-{device_slug(device)}-{date}.csv")
+    out, json_path, plot = output_paths(out, options.plot)
     check_writable(out)
-    plot = out.with_suffix(".png") if options.plot is True else (Path(options.plot) if options.plot else None)
     budget_s = options.budget_s if options.budget_s is not None else (3.0 if cuda else 1.0)
     # C in the order given: a time-boxed run can put its headline size first
     configs = [BenchConfig(device=device, B=B, D=D, C=C, dtype=dtype, margin=margin, scale=options.scale)
@@ -211,7 +245,7 @@ def plan_sweep(options: SweepOptions) -> SweepPlan:
         device=device, label=device_label(device), date=date, configs=configs, providers=runnable,
         unavailable=unavailable,
         timing=dict(reps=options.reps, warmup=options.warmup, budget_s=budget_s, rep_ms=options.rep_ms),
-        seed=options.seed, time_limit_s=options.time_limit_s, csv_path=out, json_path=out.with_suffix(".json"),
+        seed=options.seed, time_limit_s=options.time_limit_s, csv_path=out, json_path=json_path,
         plot_path=plot, progress=options.progress,
         sweep={"B": Bs, "D": Ds, "C": Cs, "dtype": [dtype_name(t) for t in dtypes], "margin": margins,
                "scale": options.scale, "providers": names, "seed": options.seed},

@@ -11,6 +11,7 @@ __all__ = ["plot_rows", "plot_labels", "rows_from_csv"]
 
 _STYLE = {
     "marginkit": dict(color="tab:red", marker="o", linewidth=2.4),
+    "marginkit-fast": dict(color="tab:pink", marker="D", linewidth=2.0),
     "marginkit-torch": dict(color="tab:orange", marker="o"),
     "torch-textbook": dict(color="tab:blue", marker="s"),
     "torch-compile": dict(color="tab:cyan", marker="s"),

@@ -73,39 +73,44 @@ class _Sweep:
 
     def run_shape(self, cfg, planned: set) -> None:
         inputs, input_failure = (None, None) if self.device_lost else make_cell_inputs(cfg, self.plan.seed)
-        floor_key = (cfg.B, cfg.D, cfg.C, cfg.dtype)
         for cell in self.plan.cells(cfg, planned):
             self.bar.set_postfix_str(f"{cell.method} C={cfg.C}")
-            self.bar.update(1)
-            if cell.skip:
-                if cell.recorded:
-                    self.result.skipped[cell.recorded[0]] = cell.recorded[1]
-                if not cell.quiet:
-                    self.note(cell.skip)
-                continue
-            if self.stopped():
-                self.result.not_run.append(f"{cell.method} B={cfg.B} D={cfg.D} C={cfg.C} "
-                                           f"{dtype_name(cfg.dtype)} {cell.margin}")
-                continue
-            row = new_row(cell, self.plan.label, self.plan.date)
-            if input_failure:
-                row.status, row.note = input_failure
-            elif cell.method == FLOOR and floor_key in self.floors:
-                copy_measurement(self.floors[floor_key], row)
-            else:
-                try:
-                    run_cell(cell, row, inputs, self.plan.timing)
-                except DeviceLost:
-                    self.device_lost = True
-                    self.result.stop_reason = f"the device failed during {cell.method} at C={cfg.C}"
-                if cell.method == FLOOR:
-                    self.floors[floor_key] = row
-            floor = self.floors.get(floor_key)
-            row.floor_ms = floor.ms_median if floor is not None else math.nan
-            self.emit(row)
+            self._run_one(cell, inputs, input_failure)
+            self.bar.update(1)  # after the run: the bar counts runs finished, not started
         del inputs
         if not self.device_lost:
             cleanup(cfg.device)
+
+    def _run_one(self, cell, inputs, input_failure) -> None:
+        """One cell: skipped, not started (time limit, lost device), or run and emitted as a row."""
+        cfg = cell.cfg
+        floor_key = (cfg.B, cfg.D, cfg.C, cfg.dtype)
+        if cell.skip:
+            if cell.recorded:
+                self.result.skipped[cell.recorded[0]] = cell.recorded[1]
+            if not cell.quiet:
+                self.note(cell.skip)
+            return
+        if self.stopped():
+            self.result.not_run.append(f"{cell.method} B={cfg.B} D={cfg.D} C={cfg.C} "
+                                       f"{dtype_name(cfg.dtype)} {cell.margin}")
+            return
+        row = new_row(cell, self.plan.label, self.plan.date)
+        if input_failure:
+            row.status, row.note = input_failure
+        elif cell.method == FLOOR and floor_key in self.floors:
+            copy_measurement(self.floors[floor_key], row)
+        else:
+            try:
+                run_cell(cell, row, inputs, self.plan.timing)
+            except DeviceLost:
+                self.device_lost = True
+                self.result.stop_reason = f"the device failed during {cell.method} at C={cfg.C}"
+            if cell.method == FLOOR:
+                self.floors[floor_key] = row
+        floor = self.floors.get(floor_key)
+        row.floor_ms = floor.ms_median if floor is not None else math.nan
+        self.emit(row)
 
 
 def run_plan(plan: SweepPlan, echo=print) -> BenchResult:
@@ -152,21 +157,28 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--providers", default=None,
                    help=f"comma list from {', '.join(METHODS)} (default: all on CUDA; on CPU all but "
                         "torch-compile, marginkit-torch and the CUDA-only peers)")
-    g.add_argument("--skip", default=None, help="comma list of providers to leave out")
+    g.add_argument("--skip", default=None,
+                   help="comma list of providers to leave out (not floor-3gemm: it always runs, every row's floor_ms)")
     g.add_argument("--compile", action="store_true", help="include torch-compile on CPU (opt-in: compiling is slow)")
     g.add_argument("--seed", type=int, default=0)
     t = p.add_argument_group("timing")
     t.add_argument("--reps", type=int, default=None,
                    help="fixed number of timed steps per run (default: do_bench on CUDA, a time budget on CPU)")
-    t.add_argument("--warmup", type=int, default=1, help="untimed steps before timing (default 1)")
+    t.add_argument("--warmup", type=int, default=1,
+                   help="untimed steps before timing (default 1); the first call (which measures memory and "
+                        "first-call time) always runs, so 0 and 1 both run one untimed step")
     t.add_argument("--budget-s", type=float, default=None,
-                   help="seconds of timed steps per run for slow steps and CPU (default 3 on CUDA, 1 on CPU)")
+                   help="seconds of timed steps per run for slow steps and CPU (default 3 on CUDA, 1 on CPU), "
+                        "at most 50 timed steps whatever the budget (use --reps for more)")
     t.add_argument("--rep-ms", type=float, default=100.0, help="do_bench's rep (ms of timed steps, default 100)")
     t.add_argument("--time-limit-s", type=float, default=None,
                    help="start no new run after this many seconds (the JSON lists those not run); default none")
     o = p.add_argument_group("output")
-    o.add_argument("--out", default=None, help="CSV path (default ./marginkit-bench-<device>-<date>.csv)")
-    o.add_argument("--out-dir", default=None, help="write <out-dir>/<device-slug>-<date>.csv (+ .png, .json)")
+    o.add_argument("--out", default=None,
+                   help="CSV path (default ./marginkit-bench-<device>-<date>.csv); the .json sidecar and the .png go "
+                        "beside it with its suffix replaced, so a path ending in .json or .png is an error")
+    o.add_argument("--out-dir", default=None,
+                   help="write <out-dir>/<device-slug>-<date>.csv (+ .png, .json); not with --out")
     o.add_argument("--plot", default=None, help="PNG path (default: the CSV's path with .png)")
     o.add_argument("--no-plot", action="store_true", help="write no PNG")
     o.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
@@ -176,11 +188,13 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def options_from_args(args: argparse.Namespace) -> SweepOptions:
     device = resolve_device(args.device)
     out = args.out
+    if out is not None and args.out_dir is not None:  # --out used to win silently
+        raise ValueError("give --out (the CSV path) or --out-dir (a folder, file named by device and date), not both")
     if out is None and args.out_dir:
         out = Path(args.out_dir) / f"{device_slug(device)}-{_dt.date.today().isoformat()}.csv"
     return SweepOptions(
         device=device, B=args.B, D=args.D, C=args.C, dtype=args.dtype, margin=args.margin, scale=args.scale,
-        providers=split_list(args.providers), skip=split_list(args.skip), include_compile=args.compile,
+        providers=args.providers, skip=split_list(args.skip), include_compile=args.compile,
         reps=args.reps, warmup=args.warmup, budget_s=args.budget_s, rep_ms=args.rep_ms, seed=args.seed,
         time_limit_s=args.time_limit_s, out=out, plot=False if args.no_plot else (args.plot or True),
         progress=not args.no_progress,

@@ -186,6 +186,19 @@ def test_bad_arguments_exit_2(tmp_path, capsys):
     ("--rep-ms", "-5", "--rep-ms must be > 0, got -5.0"),
     ("--time-limit-s", "-1", "--time-limit-s must be >= 0, got -1.0"),
     ("--B", "-1", "--B: not a size: '-1'"),
+    # an empty list planned nothing and exited 0
+    ("--C", "", "--C: no size given in ''"),
+    ("--C", ",", "--C: no size given in ','"),
+    ("--dtype", "", "--dtype: empty list ''"),
+    ("--providers", ",", "--providers: empty list ','"),
+    # each error names its flag
+    ("--dtype", "fp64", "--dtype: unknown dtype 'fp64'"),
+    ("--margin", "bogus", "--margin: unknown margin 'bogus'"),
+    ("--providers", "pmll", "--providers: unknown provider 'pmll'"),
+    ("--scale", "0", "--scale must be finite and > 0, got 0.0"),
+    ("--scale", "inf", "--scale must be finite and > 0, got inf"),  # used to fail every marginkit row
+    ("--skip", "floor-3gemm", "--skip: floor-3gemm always runs"),  # used to be added back silently
+    ("--device", "cuda:abc", "--device must be auto, cpu, cuda or cuda:N"),
 ])
 def test_every_bad_flag_is_one_line_naming_it_before_any_timing(tmp_path, capsys, flag, value, message):
     assert main(["bench", *TINY, flag, value, "--out", str(tmp_path / "x.csv")]) == 2
@@ -210,6 +223,105 @@ def test_an_output_path_that_cannot_be_written_is_refused_before_any_timing(tmp_
         err = capsys.readouterr().err
         assert message in err and "--out" in err and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "ro"] and not list(read_only.iterdir())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--out", "r.png"], "--out {d}/r.png names the CSV, but ends in .png"),  # the plot overwrote the CSV
+    (["--out", "r.json"], "--out {d}/r.json names the CSV, but ends in .json"),  # the CSV overwrote the JSON
+    (["--out", "r.csv", "--plot", "r.json"], "--plot {d}/r.json is the CSV or the JSON sidecar"),
+    (["--out", "r.csv", "--plot", "r.csv"], "--plot {d}/r.csv is the CSV or the JSON sidecar"),
+    (["--out", "r.csv", "--out-dir", "d"], "give --out (the CSV path) or --out-dir"),  # --out won silently
+])
+def test_output_files_that_would_collide_are_refused(tmp_path, capsys, args, message):
+    args = [str(tmp_path / a) if not a.startswith("--") else a for a in args]
+    assert main(["bench", *TINY, *args]) == 2
+    err = capsys.readouterr().err
+    assert message.format(d=tmp_path) in err and len(err.strip().splitlines()) == 1
+    assert not list(tmp_path.iterdir())
+
+
+def test_an_out_path_without_suffix_keeps_three_distinct_files(tmp_path):
+    from marginkit.bench.plan import output_paths
+
+    assert output_paths(tmp_path / "r", True) == (tmp_path / "r", tmp_path / "r.json", tmp_path / "r.png")
+    assert output_paths(tmp_path / "r.csv", False) == (tmp_path / "r.csv", tmp_path / "r.json", None)
+
+
+def test_cuda_device_strings_are_checked_against_the_devices_torch_sees(monkeypatch):
+    """`cuda:abc` and an index past the device count were RuntimeError tracebacks (torch.device) after
+    the ValueError handler; simulated here with one fake CUDA device."""
+    from marginkit.bench.config import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("cuda") == "cuda" and resolve_device("cuda:0") == "cuda:0"
+    for name, message in (("cuda:abc", "--device must be auto, cpu, cuda or cuda:N"), ("cuda:-1", "--device must"),
+                          ("cuda:1", "--device cuda:1: torch sees 1 CUDA device(s), indices 0..0")):
+        with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            resolve_device(name)
+    assert main(["bench", "--device", "cuda:abc", "--no-progress"]) == 2
+
+
+def test_repeated_sizes_dtypes_and_margins_plan_each_shape_once(tmp_path):
+    from marginkit.bench.plan import plan_sweep
+    from marginkit.bench.runner import SweepOptions
+
+    plan = plan_sweep(SweepOptions(device="cpu", B="8,8", D="16,16", C="500,1K,500", dtype="fp32,float32",
+                                   margin="arcface,arcface", out=tmp_path / "r.csv"))
+    assert [(c.B, c.D, c.C, c.dtype, c.margin) for c in plan.configs] == [
+        (8, 16, 500, torch.float32, "arcface"), (8, 16, 1000, torch.float32, "arcface")]
+
+
+def test_progress_bar_counts_a_run_when_it_has_finished(tmp_path, monkeypatch):
+    import tqdm.auto
+
+    from marginkit.bench import runner
+
+    class Bar:
+        def __init__(self, *args, total=0, **kwargs):
+            self.n, self.total = 0, total
+            bars.append(self)
+
+        def update(self, k):
+            self.n += k
+
+        def set_postfix_str(self, text):
+            pass
+
+        def write(self, text):
+            pass
+
+        def close(self):
+            pass
+
+    bars, done_when_started = [], []
+    real_run_cell = runner.run_cell
+
+    def run_cell(cell, row, inputs, timing):
+        done_when_started.append(bars[0].n)
+        return real_run_cell(cell, row, inputs, timing)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    monkeypatch.setattr(runner, "run_cell", run_cell)
+    rc = main(["bench", *TINY[:-1], "--providers", "torch-textbook", "--no-plot", "--out", str(tmp_path / "r.csv")])
+    assert rc == 0
+    assert done_when_started == [0, 1] and bars[0].n == bars[0].total == 2  # floor, then textbook
+
+
+def test_every_method_has_its_own_plot_style():
+    from marginkit.bench.config import METHODS
+    from marginkit.bench.plot import _STYLE
+
+    assert set(_STYLE) == set(METHODS)
+    assert len({_STYLE[m]["color"] for m in METHODS}) == len(METHODS)  # marginkit-fast was torch-textbook's blue
+
+
+def test_version_flag(capsys):
+    import marginkit
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"marginkit {marginkit.__version__}"
 
 
 def test_cuda_only_peers_are_not_chosen_by_default_on_cpu():
