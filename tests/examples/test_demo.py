@@ -64,11 +64,36 @@ def test_marginkit_demo_runs_from_any_directory(tmp_path):
 
 def test_demo_rejects_bad_arguments(capsys):
     assert launcher.main(["--methods", "nope", "--no-plot"]) == 2
-    assert "unknown method" in capsys.readouterr().err
+    assert "marginkit demo: error: --methods: unknown method(s) nope" in capsys.readouterr().err
     assert launcher.main(["--study", "--methods", "fairloss", "--no-plot"]) == 2
     assert "cosface-freq" in capsys.readouterr().err
     assert launcher.main(["--study", "--skews", "steep", "--no-plot"]) == 2
     assert "steep" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--epochs", "0"], "--epochs must be >= 1, got 0"),  # trained nothing, printed tables
+    (["--epochs", "-1"], "--epochs must be >= 1, got -1"),
+    (["--classes", "0"], "--classes must be >= 3, got 0"),  # a torch traceback
+    (["--classes", "-5"], "--classes must be >= 3, got -5"),
+    (["--csv", "/proc/no/x.csv"], "--csv /proc/no/x.csv: cannot write it"),  # failed after all the training
+    (["--study", "--from-csv", "{tmp}/missing.csv"], "--from-csv {tmp}/missing.csv: no such file"),  # a traceback
+    (["--from-csv", "{tmp}/r.csv"], "--from-csv applies only with --study"),  # ignored
+    (["--skews", "0.5"], "--skews applies only with --study"),
+    (["--jobs", "3"], "--jobs applies only with --study"),
+    (["--threads", "0"], "--threads must be >= 1, got 0"),  # ignored
+    (["--study", "--threads", "2"], "--threads applies only without --study"),
+    (["--methods", ","], "--methods: no method in ','"),  # "unknown method(s) ; known"
+    (["--seeds", ","], "--seeds: no seed in ','"),
+])
+def test_demo_refuses_bad_values_before_training(tmp_path, monkeypatch, capsys, args, message):
+    monkeypatch.setattr(demo, "make_dataset", lambda *a, **k: pytest.fail("trained before refusing"))
+    monkeypatch.chdir(tmp_path)
+    args = [a.format(tmp=tmp_path) for a in args]
+    assert launcher.main(["--tiny", "--no-progress", "--no-plot", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"marginkit demo: error: {message.format(tmp=tmp_path)}") and len(err.splitlines()) == 1
+    assert not list(tmp_path.iterdir())  # nothing written
 
 
 def test_launcher_without_the_examples(monkeypatch, capsys):
