@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -36,7 +37,8 @@ AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--margin-list", default="1.0,0.5,0.0",
                    help="insightface's config.margin_list m1,m2,m3 (ArcFace 1,0.5,0; CosFace 1,0,0.4)")
     p.add_argument("--scale", type=float, default=64.0, help="s of CombinedMarginLoss")
@@ -60,13 +62,51 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--grad-scale", choices=("ddp", "global"), default="ddp")
     p.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", default="output_insightface", help="checkpoints go to <output>/step_<k>/")
+    p.add_argument("--output", default="output_insightface",
+                   help="checkpoints go to <output>/step_<k>/ (relative to the current directory)")
     p.add_argument("--save-every", type=int, default=0, help="also save every k steps (0: only at the end)")
     p.add_argument("--checkpoint-format", choices=("sharded", "full"), default="sharded",
                    help="sharded: save_sharded/load_sharded (any world size); full: full_state_dict, rank 0 writes")
     p.add_argument("--resume", default=None, help="a <output>/step_<k> directory to continue from")
     p.add_argument("--log-json", default=None, help="rank 0 appends one JSON line per step here")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    problem = _check(args)
+    if problem:
+        p.error(problem)  # one usage line and exit status 2, before any process group or model
+    return args
+
+
+def _check(args) -> str:
+    """What is wrong with ``args`` (naming the flag), or '' (bad values used to end in tracebacks,
+    and --batch-size 0 "trained" with loss 0)."""
+    for flag, value in (("--num-classes", args.num_classes), ("--embedding-size", args.embedding_size),
+                        ("--input-dim", args.input_dim), ("--hidden-dim", args.hidden_dim),
+                        ("--batch-size", args.batch_size), ("--steps", args.steps)):
+        if value < 1:
+            return f"{flag} must be >= 1, got {value}"
+    for flag, value in (("--warmup-steps", args.warmup_steps), ("--save-every", args.save_every)):
+        if value < 0:
+            return f"{flag} must be >= 0, got {value}"
+    if args.stop_at is not None and args.stop_at < 1:
+        return f"--stop-at must be >= 1, got {args.stop_at}"
+    if not 0.0 < args.sample_rate <= 1.0:
+        return f"--sample-rate must be in (0, 1], got {args.sample_rate}"
+    if not 0.0 < args.scale < math.inf:
+        return f"--scale must be finite and > 0, got {args.scale}"
+    for flag, value in (("--lr", args.lr), ("--momentum", args.momentum), ("--weight-decay", args.weight_decay)):
+        if not 0.0 <= value < math.inf:
+            return f"{flag} must be finite and >= 0, got {value}"
+    if not args.clip_grad > 0:
+        return f"--clip-grad must be > 0, got {args.clip_grad}"
+    try:
+        margins = [float(v) for v in args.margin_list.split(",")]
+    except ValueError:
+        margins = []
+    if len(margins) != 3 or not all(math.isfinite(v) for v in margins):
+        return f"--margin-list must be three numbers m1,m2,m3 (e.g. 1.0,0.5,0.0), got {args.margin_list!r}"
+    if args.resume is not None and not os.path.isdir(args.resume):
+        return f"--resume {args.resume}: no such checkpoint directory (give <output>/step_<k>)"
+    return ""
 
 
 def init_distributed() -> torch.device:

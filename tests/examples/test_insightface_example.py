@@ -16,6 +16,7 @@ import os
 import sys
 import traceback
 
+import pytest
 import torch
 
 from tests.distributed.harness import free_port, spawn_and_wait
@@ -104,3 +105,32 @@ def test_example_script_is_the_one_documented():
     sys.modules.pop("insightface_train_example", None)
     args = _load_script().parse_args([])
     assert (args.margin_list, args.grad_scale, args.head_optimizer) == ("1.0,0.5,0.0", "ddp", "partialfc-sgd")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),  # "trained" with loss 0
+    (["--num-classes", "0"], "--num-classes must be >= 1, got 0"),
+    (["--steps", "-1"], "--steps must be >= 1, got -1"),
+    (["--sample-rate", "0"], "--sample-rate must be in (0, 1], got 0.0"),
+    (["--sample-rate", "1.5"], "--sample-rate must be in (0, 1], got 1.5"),
+    (["--scale", "inf"], "--scale must be finite and > 0, got inf"),
+    (["--lr", "-0.1"], "--lr must be finite and >= 0, got -0.1"),
+    (["--margin-list", "1,0.5"], "--margin-list must be three numbers m1,m2,m3"),
+    (["--margin-list", "a,b,c"], "--margin-list must be three numbers m1,m2,m3"),
+    (["--resume", "/nonexistent/step_4"], "--resume /nonexistent/step_4: no such checkpoint directory"),
+])
+def test_example_script_refuses_bad_values_with_one_error_line(capsys, args, message):
+    """Bad values used to end in tracebacks from deep inside the run (or to train on empty batches)."""
+    sys.modules.pop("insightface_train_example", None)
+    with pytest.raises(SystemExit) as exit_:
+        _load_script().parse_args(args)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"error: {message}" in err and "Traceback" not in err
+
+
+def test_example_script_help_shows_the_defaults(capsys):
+    sys.modules.pop("insightface_train_example", None)
+    with pytest.raises(SystemExit):
+        _load_script().parse_args(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(default: output_insightface)" in out and "(default: 16)" in out and "(default: 0.5)" in out
