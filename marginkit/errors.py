@@ -42,7 +42,7 @@ def check_real(
     if not isinstance(value, numbers.Real) or isinstance(value, bool):
         raise MarginKitTypeError(f"{name} must be a real number, got {value!r} of type {type(value).__name__}")
     v = float(value)
-    if not math.isfinite(v):
+    if not abs(v) < math.inf:  # not math.isfinite: torch.compile(dynamic=True) traces a float as a SymFloat
         raise ValueError(f"{name} must be finite, got {value!r}")
     if low is not None and (v < low or (v == low and not low_inclusive)):
         bound = f">= {low}" if low_inclusive else f"> {low}"

@@ -218,6 +218,8 @@ def apply_target_gradients(
         return grad_embeddings.to(out_dtype, copy=True)
     step = rows_per_chunk or max(1, TARGET_CHUNK_ELEMENTS // max(dim, 1))
     whole = step >= num_rows
+    # one piece: no range over the (symbolic, under torch.compile(dynamic=True)) row count, which would pin it
+    starts = [0] if whole else range(0, num_rows, step)
     classes, owned = target_classes(labels_local, weight.shape[0])
     coef = torch.where(owned, as_float64(target_grad), 0.0)
     if grad_weight is not None:
@@ -225,7 +227,7 @@ def apply_target_gradients(
         group_sums = torch.zeros((num_rows, dim), dtype=torch.float64, device=embeddings.device)
         current = grad_weight.index_select(0, classes)  # every read before any write
     pieces = []
-    for r0 in range(0, num_rows, step):
+    for r0 in starts:
         part = (lambda t: t) if whole else (lambda t, rows=slice(r0, r0 + step): t[rows])
         target_dx, target_dw = _target_share(part(embeddings), weight, part(classes), part(coef), normalize)
         pieces.append((as_float64(part(grad_embeddings)) + target_dx).to(out_dtype))
@@ -233,7 +235,7 @@ def apply_target_gradients(
             # index_put_(accumulate) is deterministic on CUDA too (index_add_ there uses float atomics)
             group_sums.index_put_((part(group),), target_dw, accumulate=True)
     if grad_weight is not None:
-        for r0 in range(0, num_rows, step):
+        for r0 in starts:
             part = (lambda t: t) if whole else (lambda t, rows=slice(r0, r0 + step): t[rows])
             updated = as_float64(part(current)) + group_sums.index_select(0, part(group))
             grad_weight.index_put_((part(classes),), updated.to(grad_weight.dtype))

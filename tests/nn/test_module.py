@@ -72,6 +72,32 @@ def test_model_with_the_head_compiles_fullgraph(chunk_elements, memory_budget, m
         assert rel_err(p.grad, g) < 1e-6
 
 
+def test_dynamic_batch_sizes_compile_once_fullgraph():
+    """torch.compile(dynamic=True, fullgraph=True) traces the loss once for every batch size: floats
+    arrive as SymFloats (the argument checks must not call math.isfinite on them) and no Python loop
+    may run over the symbolic row count (it pinned B: a recompile per size, an error past 8)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(40, 16))
+
+    def step(x, y, scale):
+        return mk.margin_cross_entropy(x, weight, y, mk.ArcFace(0.5), scale, backend="torch")
+
+    compiled = torch.compile(step, fullgraph=True, dynamic=True, backend="aot_eager")
+    for batch, scale in ((8, 16.0), (9, 20.0), (13, 16.0), (21, 24.0)):
+        x = torch.randn(batch, 16, requires_grad=True)
+        y = torch.randint(0, 40, (batch,))
+        loss = compiled(x, y, scale)
+        (gx,) = torch.autograd.grad(loss, x)
+        want = mk.reference.margin_cross_entropy(x.double(), weight.double(), y, mk.ArcFace(0.5), scale)
+        (want_gx,) = torch.autograd.grad(want, x)
+        assert rel_err(loss, want) < 1e-5 and rel_err(gx, want_gx) < 1e-5
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 def _tensors_outside_state(module: torch.nn.Module) -> list:
     """Paths of tensors a module holds in plain attributes (dicts, lists...): `.to(device)` leaves them behind."""
     found = []
