@@ -3,6 +3,7 @@ construction, the batch checks that run before any state moves, and the call of 
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Optional
 
@@ -22,7 +23,7 @@ from marginkit.validation import REDUCTIONS, check_head_arguments, check_ignore_
 __all__ = [
     "KeepBufferDtypes", "ClassWeightHead", "HEAD_KEYWORDS", "PER_CALL_KEYWORDS", "LOSS_KEYWORD_DEFAULTS",
     "check_loss_keywords", "check_keyword_names", "take_loss_keywords", "resolved_loss_keywords",
-    "MARGIN_TENSOR_KEYWORDS", "hold_margin_tensors", "with_margin_tensors",
+    "MARGIN_TENSOR_KEYWORDS", "hold_margin_tensors", "with_margin_tensors", "eager_when_training",
 ]
 
 #: insightface's heads start from normal(0, 0.01): small, so early cosines are near 0.
@@ -103,6 +104,23 @@ def resolved_loss_keywords(loss_kwargs: dict, allowed) -> dict:
     """Every allowed keyword but ``memory_budget`` (a rank's own choice) with its value, the default where
     left out: the same keys on every rank, however each spelled its arguments (``agree_once``)."""
     return {k: loss_kwargs.get(k, LOSS_KEYWORD_DEFAULTS[k]) for k in allowed if k != "memory_budget"}
+
+
+def eager_when_training(forward):
+    """A head's ``forward`` that, in training mode inside ``torch.compile``, runs outside the graph
+    (a graph break; ``fullgraph=True`` refuses it): compiled code drops in-place writes to 0-d
+    float64 buffers (torch 2.11 and 2.13, CPU), so a running t/scale/norm statistic never moved
+    while every loss used the freshly computed one. Eagerly the state moves, the batch's values
+    are checked, and no guard is installed on the state's value (a recompile per step)."""
+    eager = torch.compiler.disable(forward)
+
+    @functools.wraps(forward)
+    def run(self, *args, **kwargs):
+        if self.training and torch.compiler.is_compiling():
+            return eager(self, *args, **kwargs)
+        return forward(self, *args, **kwargs)
+
+    return run
 
 
 class KeepBufferDtypes(nn.Module):

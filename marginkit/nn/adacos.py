@@ -11,7 +11,7 @@ from marginkit import backends
 from marginkit.backends.common import target_cosine
 from marginkit.cuda_graphs import refuse_capture
 from marginkit.autograd_guards import refuse_recomputation
-from marginkit.nn._head import ClassWeightHead
+from marginkit.nn._head import ClassWeightHead, eager_when_training
 from marginkit.specs import COS_CLAMP, NoMargin
 
 __all__ = ["AdaCos"]
@@ -85,6 +85,7 @@ class AdaCos(ClassWeightHead):
         s_new = float(log_b_avg / torch.cos(torch.clamp(theta_med, max=math.pi / 4)))
         return s_new if math.isfinite(s_new) and s_new > 0 else None
 
+    @eager_when_training
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         refuse_capture(self, "reads its running scale on the host every step (a kernel argument)")
         if self.training:

@@ -8,7 +8,7 @@ import torch
 
 from marginkit.backends.common import compute_dtype
 from marginkit.errors import check_real
-from marginkit.nn._head import ClassWeightHead
+from marginkit.nn._head import ClassWeightHead, eager_when_training
 from marginkit.autograd_guards import refuse_recomputation
 from marginkit.specs import AdaFaceMargin
 
@@ -87,6 +87,7 @@ class AdaFace(ClassWeightHead):
             self.batch_std.copy_(std)
         return ((norms - mean) / (std + self.eps) * self.h).clamp(-1.0, 1.0)
 
+    @eager_when_training
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self.training:
             refuse_recomputation(self, "feature-norm statistics")

@@ -37,7 +37,7 @@ from marginkit.cuda_graphs import refuse_capture
 from marginkit.autograd_guards import refuse_recomputation
 from marginkit.errors import check_real
 from marginkit.modulation import curricular
-from marginkit.nn._head import ClassWeightHead
+from marginkit.nn._head import ClassWeightHead, eager_when_training
 from marginkit.specs import ArcFace, MarginSpec
 
 __all__ = ["CurricularFace", "curricular_cross_entropy"]
@@ -118,6 +118,7 @@ class CurricularFace(ClassWeightHead):
         moved = self.t * self.t_momentum + (1.0 - self.t_momentum) * mean.to(self.t)
         return torch.where(count > 0, moved, self.t)
 
+    @eager_when_training
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         refuse_capture(self, "reads its running t on the host every step (a kernel argument)")
         if self.training:

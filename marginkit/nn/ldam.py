@@ -7,6 +7,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from marginkit._pipeline import in_range
 from marginkit.autograd_guards import refuse_recomputation
 from marginkit.distributed.statistics_sync import agree_once, check_sync_args, global_batch, sync_group
 from marginkit.errors import check_real
@@ -113,7 +114,8 @@ class LDAMSoftmax(ClassWeightHead):
                     _, labels_seen = global_batch(rows, labels, group, error)
                 else:
                     labels_seen = labels
-                keep = labels_seen != self.ignore_index
+                # in range too: under torch.compile a bad label is left out (as by the loss), not raised
+                keep = (labels_seen != self.ignore_index) & in_range(labels_seen, self.num_classes)
                 where = torch.where(keep, labels_seen, torch.zeros_like(labels_seen))
                 counts = counts.index_add(0, where, keep.to(torch.int64))
                 margins = ldam_margins(counts, self.max_margin).to(margins.device)

@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from marginkit._pipeline import reduce_losses
+from marginkit._pipeline import in_range, reduce_losses
 from marginkit.backends.common import compute_dtype, target_cosine
 from marginkit.errors import check_real
 from marginkit.nn._head import ClassWeightHead
@@ -85,7 +85,8 @@ class MagFace(ClassWeightHead):
         a = self.feature_norm(embeddings)
         m = self.margin_for_norm(a)
         ce = self.loss(embeddings, labels, reduction="none", sample_margins=m.detach())
-        keep = labels != self.ignore_index
+        # in range too: under torch.compile a bad label is not raised but left out, as the loss leaves it out
+        keep = (labels != self.ignore_index) & in_range(labels, self.num_classes)
         with torch.no_grad():
             labels_local = torch.where(keep, labels, torch.full_like(labels, -1))
             cos = target_cosine(embeddings, self.weight, labels_local, True)
