@@ -193,7 +193,9 @@ def range_loss(
     loss = _range_loss_forward_op(embeddings, labels, k, margin, alpha, beta)[0]
     # The selection of the k largest distances skips NaN comparisons, which would drop a NaN row
     # silently. The factor is exactly 1 for finite input and NaN otherwise: NaN/inf propagate to
-    # the loss and every gradient, without a host sync.
+    # the loss and every gradient, without a host sync. Zeros are summed, not the rows, and the
+    # factor is detached: a half sum of finite rows overflows (65504), and so does the loss cast to
+    # half as the factor's gradient; either made a finite batch's loss or gradient NaN.
     if isinstance(embeddings, Tensor) and embeddings.is_floating_point() and embeddings.numel():
-        loss = loss * (1.0 + 0.0 * embeddings.sum().to(loss.dtype))
+        loss = loss * (1.0 + (0.0 * embeddings.detach()).sum(dtype=loss.dtype))
     return loss

@@ -179,6 +179,21 @@ def test_range_loss_vs_formula(k, margin, alpha, beta):
     assert rel_err(xx.grad, ref_g) < TOL
 
 
+def test_range_loss_of_a_large_finite_half_batch_is_finite():
+    # un-normalised fp16 features whose sum passes 65504: the NaN-propagation factor overflowed to NaN
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(64, 64, generator=g) * 100).relu().half()
+    y = torch.arange(16).repeat_interleave(4)
+    assert float(x.float().sum()) > 65504
+    xx = x.clone().requires_grad_(True)
+    loss = RangeLoss()(xx, y)
+    loss.backward()
+    x64 = x.double().requires_grad_(True)
+    ref = range_oracle(x64, y, 2, 1.0, 1.0, 1.0)
+    (ref_g,) = torch.autograd.grad(ref, x64)
+    assert rel_err(loss, ref) < 1e-3 and rel_err(xx.grad, ref_g) < 1e-2
+
+
 def test_range_loss_ignore_index_and_beside_softmax():
     g = torch.Generator().manual_seed(5)
     x = torch.randn(20, 8, generator=g)
