@@ -336,6 +336,14 @@ class FairLoss(KeepBufferDtypes):
             # eager, before the loss: on CUDA the loss only flags a bad label for its next call, which the
             # statistics op would then report a second time
             check_labels(labels, self.num_classes, self.ignore_index)
+            # a non-finite row would put NaN in the window, and every later move would refuse it
+            rows = self.weight.detach()[labels[labels != self.ignore_index]]
+            if rows.numel() and not bool(torch.isfinite(rows).all()):
+                raise ValueError(
+                    "FairLoss: weight has non-finite rows for classes of this training batch; the batch is refused "
+                    "and the module's statistics, margins and agent are unchanged. Check the optimizer (learning "
+                    "rate) or reload a checkpoint."
+                )
         return margin_cross_entropy(embeddings, self.weight, labels, CosFace(0.0), self.scale,
                                     class_margins=self.class_margins, memory_budget=self.memory_budget,
                                     **self.loss_kwargs)

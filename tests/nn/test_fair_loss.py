@@ -339,6 +339,24 @@ def test_non_finite_weight_at_a_move_is_refused_and_state_kept():
     assert_same_state(before, full_state(fl))
 
 
+def test_non_finite_weight_between_moves_is_refused_and_the_next_moves_work():
+    # accepted between moves, NaN statistics sat in the window and every later move refused them
+    fl, g = warmed_up(calls=7)  # moved at calls 3 and 6; call 9 moves
+    x, y = fair_batch(g, 12, 9, 6)
+    good = fl.weight.detach().clone()
+    with torch.no_grad():
+        fl.weight[y[0]] = float("nan")
+    before = full_state(fl)
+    with pytest.raises(ValueError, match="weight has non-finite rows"):
+        fl(x, y)
+    assert_same_state(before, full_state(fl))
+    with torch.no_grad():
+        fl.weight.copy_(good)
+    for _ in range(2):  # calls 8, 9: the move happens
+        fl(*fair_batch(g, 12, 9, 6))
+    assert int(fl.agent_moves) == 3 and torch.isfinite(fl.window_cos_sum).all()
+
+
 # -------------------------------------------------------------------- the paper's procedure
 from marginkit.nn.fair_loss_agent import encode_states  # noqa: E402
 from marginkit.nn.fair_loss_paper import (  # noqa: E402
