@@ -35,6 +35,8 @@ def _check_forward(embeddings, labels, k, margin, alpha, beta) -> None:
     check_device("labels", labels, embeddings.device, "embeddings")
     if labels.shape[0] != embeddings.shape[0]:
         raise ValueError(f"labels has {labels.shape[0]} entries but embeddings has B = {embeddings.shape[0]} rows")
+    if embeddings.shape[1] == 0 and embeddings.shape[0]:
+        raise ValueError(f"embeddings has shape {tuple(embeddings.shape)}: rows need D >= 1 features")
     check_int("k", k, low=1)
     check_real("margin", margin)
     check_real("alpha", alpha)

@@ -294,6 +294,8 @@ def test_range_loss_empty_and_validation():
         mc.range_loss(torch.randn(4, 3), torch.zeros(4))
     with pytest.raises(ValueError, match="labels has 3"):
         mc.range_loss(torch.randn(4, 3), torch.zeros(3, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"embeddings has shape \(4, 0\): rows need D >= 1"):  # not a null pointer
+        mc.range_loss(torch.randn(4, 0), torch.zeros(4, dtype=torch.int64))
 
 
 # ----------------------------------------------------------------------------- 4. Partial FC sampling
