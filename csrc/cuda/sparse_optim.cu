@@ -83,7 +83,7 @@ adamw_kernel(T* __restrict__ w, const T* __restrict__ g, T* __restrict__ m1, T* 
     s_bc2_sqrt = (A)pow(bc2, 0.5);
   }
   __syncthreads();
-  const A decay = (A)(1.0 - lr * wd), wgt = (A)(1.0 - b1), b2a = (A)b2, omb2 = (A)(1.0 - b2), epsa = (A)eps,
+  const A decay = (A)__dsub_rn(1.0, __dmul_rn(lr, wd)), wgt = (A)(1.0 - b1), b2a = (A)b2, omb2 = (A)(1.0 - b2), epsa = (A)eps,
           neg_step = s_step_size, bc2s = s_bc2_sqrt;
   for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
     const int64_t wi = row * D + d;

@@ -217,8 +217,9 @@ def apply_target_gradients(
     if num_rows == 0 or weight.shape[0] == 0:  # no target here: a fresh copy, as on every other path
         return grad_embeddings.to(out_dtype, copy=True)
     step = rows_per_chunk or max(1, TARGET_CHUNK_ELEMENTS // max(dim, 1))
-    whole = step >= num_rows
-    # one piece: no range over the (symbolic, under torch.compile(dynamic=True)) row count, which would pin it
+    # Under torch.compile one piece whatever B: a range over the (symbolic, with dynamic=True) row
+    # count would pin it, a recompile per batch size (the compiled graph holds its temporaries anyway)
+    whole = torch.compiler.is_compiling() or step >= num_rows
     starts = [0] if whole else range(0, num_rows, step)
     classes, owned = target_classes(labels_local, weight.shape[0])
     coef = torch.where(owned, as_float64(target_grad), 0.0)

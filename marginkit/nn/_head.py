@@ -90,6 +90,8 @@ def hold_margin_tensors(module: nn.Module, loss_kwargs: dict) -> None:
     arguments, so not in the state_dict, as before). List them in ``_keep_dtype_buffers``."""
     for name in MARGIN_TENSOR_KEYWORDS:
         value = loss_kwargs.pop(name, None)
+        if value is not None and not torch.is_tensor(value):
+            raise MarginKitTypeError(f"{name} must be a 1-D float tensor or None, got {type(value).__name__}")
         if value is not None:
             module.register_buffer(name, value, persistent=False)
 
@@ -106,13 +108,19 @@ def resolved_loss_keywords(loss_kwargs: dict, allowed) -> dict:
     return {k: loss_kwargs.get(k, LOSS_KEYWORD_DEFAULTS[k]) for k in allowed if k != "memory_budget"}
 
 
+_DISABLE_TAKES_REASON = "reason" in inspect.signature(torch.compiler.disable).parameters
+
+
 def eager_when_training(forward):
     """A head's ``forward`` that, in training mode inside ``torch.compile``, runs outside the graph
     (a graph break; ``fullgraph=True`` refuses it): compiled code drops in-place writes to 0-d
     float64 buffers (torch 2.11 and 2.13, CPU), so a running t/scale/norm statistic never moved
     while every loss used the freshly computed one. Eagerly the state moves, the batch's values
     are checked, and no guard is installed on the state's value (a recompile per step)."""
-    eager = torch.compiler.disable(forward)
+    reason = ("a marginkit head's training forward runs outside the compiled graph: compiled code drops writes to "
+              "its 0-d float64 running state (compile without fullgraph=True, or compile the backbone only)")
+    eager = (torch.compiler.disable(forward, reason=reason) if _DISABLE_TAKES_REASON  # older torch: no reason=
+             else torch.compiler.disable(forward))
 
     @functools.wraps(forward)
     def run(self, *args, **kwargs):

@@ -200,8 +200,6 @@ class FairLoss(KeepBufferDtypes):
         if policy is not None:
             self.register_buffer("class_count_bins", class_count_bins.detach().to(**i64).clone())
             self.register_buffer("group_level", torch.full((NUM_COUNT_BINS,), start, **i64))
-        # torch loads the buffers before the extra state: refuse a wrong agent before anything loads
-        self.register_load_state_dict_pre_hook(_check_extra_state_first)
 
     # ------------------------------------------------------------------ read-only views
     @property
@@ -236,6 +234,13 @@ class FairLoss(KeepBufferDtypes):
             if isinstance(state, dict) and "policy" in state:
                 raise ValueError("FairLoss: this module has an online agent; the state_dict holds a frozen policy")
             self._agent.check_state(state)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # torch copies the buffers before it hands over the extra state: check the agent first
+        key = prefix + "_extra_state"
+        if key in state_dict:
+            self._check_extra_state(state_dict[key])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def set_extra_state(self, state: dict) -> None:
         self._check_extra_state(state)
@@ -394,13 +399,6 @@ class FairLoss(KeepBufferDtypes):
         agent = "online DQN" if self._agent is not None else "frozen policy, per count group"
         return (f"num_classes={self.num_classes}, embedding_dim={self.embedding_dim}, scale={self.scale}, "
                 f"update_every={self.update_every}, margin_levels={self.margin_levels}, agent={agent}")
-
-
-def _check_extra_state_first(module, state_dict, prefix, *_) -> None:
-    """``load_state_dict`` pre-hook: the agent/policy checked before any buffer is overwritten."""
-    key = prefix + "_extra_state"
-    if key in state_dict:
-        module._check_extra_state(state_dict[key])
 
 
 def _check_thresholds(name: str, thresholds) -> None:

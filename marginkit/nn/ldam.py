@@ -43,7 +43,8 @@ class LDAMSoftmax(ClassWeightHead):
         sync_statistics: with online counts under torch.distributed (DDP), count every rank's
             labels (an all-gather of the labels per training step), so the counts and margins are
             the same on every rank and equal one process's on the global batch. Off, each rank
-            counts its own labels (and DDP's buffer broadcast keeps rank 0's).
+            counts its own labels (and DDP's buffer broadcast keeps rank 0's). With it, every rank
+            of the group must call a training forward together.
         process_group: the group to count over (default: the world).
 
     Buffers ``.class_counts`` (C,) int64 and ``.class_margins`` (C,) float32. LDAM's

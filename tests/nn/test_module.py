@@ -72,7 +72,9 @@ def test_model_with_the_head_compiles_fullgraph(chunk_elements, memory_budget, m
         assert rel_err(p.grad, g) < 1e-6
 
 
-def test_dynamic_batch_sizes_compile_once_fullgraph():
+@pytest.mark.parametrize("dim,batches", [(16, (8, 9, 13, 21)), (512, (2100, 2600, 3001))],
+                         ids=["small", "above-the-target-chunk"])  # B·D past 2^20: the eager path splits the rows
+def test_dynamic_batch_sizes_compile_once_fullgraph(dim, batches):
     """torch.compile(dynamic=True, fullgraph=True) traces the loss once for every batch size: floats
     arrive as SymFloats (the argument checks must not call math.isfinite on them) and no Python loop
     may run over the symbolic row count (it pinned B: a recompile per size, an error past 8)."""
@@ -81,15 +83,15 @@ def test_dynamic_batch_sizes_compile_once_fullgraph():
     torch._dynamo.reset()
     counters.clear()
     torch.manual_seed(0)
-    weight = torch.nn.Parameter(torch.randn(40, 16))
+    weight = torch.nn.Parameter(torch.randn(40, dim))
     spec = mk.ArcFace(0.5)  # built outside: torch 2.11's dynamo cannot build it (see README)
 
     def step(x, y, scale):
         return mk.margin_cross_entropy(x, weight, y, spec, scale, backend="torch")
 
     compiled = torch.compile(step, fullgraph=True, dynamic=True, backend="aot_eager")
-    for batch, scale in ((8, 16.0), (9, 20.0), (13, 16.0), (21, 24.0)):
-        x = torch.randn(batch, 16, requires_grad=True)
+    for batch, scale in zip(batches, (16.0, 20.0, 16.0, 24.0)):
+        x = torch.randn(batch, dim, requires_grad=True)
         y = torch.randint(0, 40, (batch,))
         loss = compiled(x, y, scale)
         (gx,) = torch.autograd.grad(loss, x)
