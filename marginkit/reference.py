@@ -34,9 +34,12 @@ def margin_cross_entropy(
     backend: str = "auto",
     deterministic: bool = False,
 ) -> torch.Tensor:
-    """Same signature and meaning as ``mk.margin_cross_entropy``; computed in float64.
+    """``mk.margin_cross_entropy``'s core signature and meaning; computed in float64.
 
-    ``backend`` and ``deterministic`` are accepted for signature compatibility and ignored.
+    ``backend`` and ``deterministic`` are accepted for signature compatibility and ignored;
+    ``interclass_filtering_threshold``, ``feature_norm_scale`` and ``memory_budget`` are not
+    taken (the tests hold those to their own oracles). The loss of a row is lse − ψ·s, so a
+    row the model classifies with a huge margin reads exactly 0 where the backends keep ~1e-28.
     The loss is float32 (float64 for float64 inputs, like the backends). Gradients
     reach ``embeddings`` and ``weight`` in their own dtype; the loss is float32.
     """
