@@ -90,6 +90,8 @@ def check_float_dtype(name: str, value) -> None:
 def check_memory_budget(value) -> None:
     """``memory_budget``: bytes the loss may keep from forward to backward, >= 0, or None (no limit)."""
     if value is not None:
+        if isinstance(value, float) and value == float("inf"):
+            raise ValueError("memory_budget = inf: pass None for no limit (or a number of bytes >= 0)")
         check_real("memory_budget", value, low=0.0)
 
 

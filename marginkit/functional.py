@@ -64,7 +64,8 @@ def margin_cross_entropy(
         feature_norm_scale: A-Softmax as published (SphereFace, L-Softmax, pytorch-metric-learning's
             SphereFaceLoss): every logit of row i is further multiplied by ‖x_i‖, and the gradient
             includes that norm's (radial) part. Needs ``normalize=True``; holds a normalised (C, D)
-            copy of the weight.
+            copy of the weight and autograd's state for it: about 4× the weight's bytes extra
+            (measured: 99 MiB at C = 200K, D = 32 in float32, against 17 MiB without it).
 
     Under ``torch.autocast`` the embeddings are cast to the autocast dtype, a float32 weight is
     read as a master weight, and forward and backward run in that one precision.

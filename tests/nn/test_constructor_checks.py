@@ -30,6 +30,8 @@ CASES = [
     (lambda: mk.IRSoftmax(10, 4, class_margins=torch.zeros(3)), ValueError, r"class_margins must have shape \(C,\) = \(10,\), got \(3,\)"),
     (lambda: mk.IRSoftmax(10, 4, class_margins=torch.full((10,), math.nan)), ValueError, "class_margins contains NaN"),
     (lambda: mk.IRSoftmax(10, 4, class_margins=[0.1] * 10), TypeError, "class_margins must be a torch.Tensor"),
+    (lambda: mk.MarginSoftmax(10, 4, sample_margins=[0.1] * 4), TypeError, "sample_margins must be a 1-D float tensor"),
+    (lambda: mk.MarginSoftmax(10, 4, memory_budget=math.inf), ValueError, "memory_budget = inf: pass None for no limit"),
 ]
 
 
