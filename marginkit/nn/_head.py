@@ -90,10 +90,11 @@ def hold_margin_tensors(module: nn.Module, loss_kwargs: dict) -> None:
     arguments, so not in the state_dict, as before). List them in ``_keep_dtype_buffers``."""
     for name in MARGIN_TENSOR_KEYWORDS:
         value = loss_kwargs.pop(name, None)
-        if value is not None and not torch.is_tensor(value):
+        if value is None:
+            continue
+        if not torch.is_tensor(value):
             raise MarginKitTypeError(f"{name} must be a 1-D float tensor or None, got {type(value).__name__}")
-        if value is not None:
-            module.register_buffer(name, value, persistent=False)
+        module.register_buffer(name, value, persistent=False)
 
 
 def with_margin_tensors(module: nn.Module, loss_kwargs: dict) -> dict:

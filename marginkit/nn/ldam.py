@@ -98,8 +98,9 @@ class LDAMSoftmax(ClassWeightHead):
         if counting:
             refuse_recomputation(self, "class counts and margins")
         group = sync_group(self.sync_statistics, self.process_group) if counting else None
-        agree_once(self, group, dict(num_classes=self.num_classes, margin=self.margin, scale=self.scale,
-                                     max_margin=self.max_margin, ignore_index=self.ignore_index), self.class_counts.device)
+        fields = dict(num_classes=self.num_classes, margin=self.margin, scale=self.scale, max_margin=self.max_margin,
+                      ignore_index=self.ignore_index)
+        agree_once(self, group, fields, self.class_counts.device)
         error = None
         try:
             self.check_batch(embeddings, labels, refuse_non_finite=counting)
