@@ -158,6 +158,28 @@ def test_partial_fc_one_process_properties():
     assert rel_err(head(x, labels), reference("arcface", x, labels, head.weight)[0]) < TOL
 
 
+@pytest.mark.parametrize("max_local_batch", [None, 8], ids=["host-sampling", "device-sampling"])
+def test_compiled_partial_fc_head_equals_eager_step_after_step(max_local_batch):
+    # the host sampler's seed reached the op as a SymInt from the second compiled step on (a TypeError)
+    import copy
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    head = PartitionedMarginSoftmax(200, 8, mk.ArcFace(0.5), 32.0, sample_rate=0.2, max_local_batch=max_local_batch)
+    twin = copy.deepcopy(head)
+    compiled = torch.compile(twin, backend="aot_eager")
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        x, y = torch.randn(8, 8, generator=g), torch.randint(0, 200, (8,), generator=g)
+        xe, xc = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        loss_e, loss_c = head(xe, y), compiled(xc, y)
+        loss_e.backward()
+        loss_c.backward()
+        assert torch.equal(twin.last_sampled, head.last_sampled)
+        assert rel_err(loss_c, loss_e) < 1e-6 and rel_err(xc.grad, xe.grad) < 1e-6
+    assert int(twin.sample_step) == int(head.sample_step) == 3
+
+
 def test_sparse_grad_matches_dense_grad_with_accumulation():
     """sparse_grad=True: a COO gradient of the sampled rows; the same steps as the dense one,
     also when two backward passes (different samples) accumulate before a step."""
