@@ -71,7 +71,8 @@ class PartitionedMarginSoftmax(nn.Module):
         scale: the logit scale s > 0.
         process_group: the ranks sharing the classes (default: the world; without an
             initialised ``torch.distributed`` the head is a one-rank head).
-        sample_rate: in (0, 1]. Below 1 (Partial FC, training mode only): every step each
+        sample_rate: in (0, 1]. Below 1 (Partial FC, training mode only; keep every rank in the
+            same train/eval mode, which is not checked): every step each
             rank keeps every positive class of the global batch in its shard plus uniform
             negatives, ``int(sample_rate · C_r)`` classes in all (at least the positives),
             drawn by ``marginkit.ops.partial_fc_sample`` from (seed, step); the
@@ -274,7 +275,8 @@ class PartitionedMarginSoftmax(nn.Module):
     def full_state_dict(self, device: Optional[Union[torch.device, str]] = None) -> dict:
         """Global tensors on every rank: each per-class tensor whole, in class order
         (``weight``, and ``class_margins`` / optimizer state where the head holds them),
-        plus the Partial FC step counter ``sample_step`` for sampling heads.
+        plus the Partial FC step counter ``sample_step`` for sampling heads. A collective:
+        every rank of the group must call it (``if rank == 0: head.full_state_dict()`` hangs).
 
         ``device`` (default: the weight's) receives the result; the exchange moves one
         rank's shard at a time (a broadcast per rank and tensor), so the head's device

@@ -161,8 +161,9 @@ def raise_recorded(head, record: Optional[dict]) -> None:
         kind = record["poison_kind"]
         raise_kind(kind, (
             f"rank {record['poison_rank']} of {world} rejected its input at the previous call "
-            f"({'ValueError' if kind == VALUE_ERROR else 'TypeError'}; that rank raised it at once); that step "
-            f"changed no weight"
+            f"({'ValueError' if kind == VALUE_ERROR else 'TypeError'}; that rank raised it at once); that step's "
+            f"loss and gradients were zero on every rank, but an optimizer step taken on it still applied momentum "
+            f"and weight decay to the rows it reached (as torch.optim does on a zero gradient)"
         ))
     if record["digest_mismatch"]:
         check_agreement(head.config(), head._group, head.weight.device)
