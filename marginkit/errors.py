@@ -65,7 +65,7 @@ INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 def check_int(name: str, value, low: Optional[int] = None) -> int:
     """A Python int (not a bool: ``seed=1.7`` must not become 1 silently) within int64 and >= ``low``.
-    A SymInt (torch.compile traced it: the ops' fake kernels) passes; the real call checks its value."""
+    A SymInt (torch.compile traced it) passes unchecked: the ops' real calls check the concrete value."""
     if isinstance(value, torch.SymInt):
         return value
     if isinstance(value, bool) or not isinstance(value, int):

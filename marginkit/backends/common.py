@@ -218,7 +218,8 @@ def apply_target_gradients(
         return grad_embeddings.to(out_dtype, copy=True)
     step = rows_per_chunk or max(1, TARGET_CHUNK_ELEMENTS // max(dim, 1))
     # Under torch.compile one piece whatever B: a range over the (symbolic, with dynamic=True) row
-    # count would pin it, a recompile per batch size (the compiled graph holds its temporaries anyway)
+    # count would pin it, a recompile per batch size (dynamo cannot tell a SymInt here). Inductor fuses
+    # the float64 temporaries (+55 MiB at B = 32768, D = 512; eager's pieces +141; aot_eager +530).
     whole = torch.compiler.is_compiling() or step >= num_rows
     starts = [0] if whole else range(0, num_rows, step)
     classes, owned = target_classes(labels_local, weight.shape[0])

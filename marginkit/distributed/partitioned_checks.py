@@ -12,7 +12,8 @@ waiting in a collective. Two ways, chosen by the head's ``max_local_batch``:
   found in the all-reduce. The step's device-side record is copied to pinned host memory
   without blocking and read at the *next* call, where every rank raises the same error
   (the event was recorded a whole step earlier, so waiting on it costs nothing). A step
-  with a rejected input or a digest mismatch changes no weight.
+  with a rejected input or a digest mismatch has zero loss and gradients on every rank (an
+  optimizer step the other ranks take on it still applies momentum and weight decay).
 """
 
 from __future__ import annotations
@@ -162,8 +163,9 @@ def raise_recorded(head, record: Optional[dict]) -> None:
         raise_kind(kind, (
             f"rank {record['poison_rank']} of {world} rejected its input at the previous call "
             f"({'ValueError' if kind == VALUE_ERROR else 'TypeError'}; that rank raised it at once); that step's "
-            f"loss and gradients were zero on every rank, but an optimizer step taken on it still applied momentum "
-            f"and weight decay to the rows it reached (as torch.optim does on a zero gradient)"
+            f"loss and gradients were zero on every rank, but an optimizer step the other ranks took on it (they "
+            f"learn of it only now) applied momentum and weight decay to the rows it reached, as torch.optim does "
+            f"on a zero gradient"
         ))
     if record["digest_mismatch"]:
         check_agreement(head.config(), head._group, head.weight.device)

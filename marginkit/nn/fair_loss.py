@@ -342,8 +342,9 @@ class FairLoss(KeepBufferDtypes):
             # statistics op would then report a second time
             check_labels(labels, self.num_classes, self.ignore_index)
             # a non-finite row would put NaN in the window, and every later move would refuse it
-            rows = self.weight.detach()[labels[labels != self.ignore_index]]
-            if rows.numel() and not bool(torch.isfinite(rows).all()):
+            ignored = labels == self.ignore_index  # one host read: no boolean-mask indexing
+            rows = self.weight.detach().index_select(0, torch.where(ignored, torch.zeros_like(labels), labels))
+            if labels.numel() and not bool((torch.isfinite(rows).all(dim=1) | ignored).all()):
                 raise ValueError(
                     "FairLoss: weight has non-finite rows for classes of this training batch; the batch is refused "
                     "and the module's statistics, margins and agent are unchanged. Check the optimizer (learning "
