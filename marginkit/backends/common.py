@@ -23,6 +23,12 @@ def without_autocast(backward):
 
     @functools.wraps(backward)
     def run(ctx, *grads):
+        if torch.compiler.is_compiling():
+            # Unconditionally: dynamo may see autocast off here while AOT autograd then traces the
+            # backward under the caller's autocast (compiled inside `with torch.autocast(...)`),
+            # which recast its GEMMs to bf16 (2.6e-3 off, or a dtype error in the chunked path).
+            with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+                return backward(ctx, *grads)
         active = [device for device in ("cpu", "cuda") if torch.is_autocast_enabled(device)]
         if not active:
             return backward(ctx, *grads)

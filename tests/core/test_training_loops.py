@@ -106,6 +106,31 @@ def test_a_backward_called_inside_autocast_equals_one_called_after_it(backend, o
     assert rel_err(grads[True][1], r_gw) < tolerance and rel_err(grads[True][0], r_gx) < max(tolerance, 1e-2)
 
 
+@pytest.mark.parametrize("chunk_elements", [None, 97], ids=["dense", "chunked"])
+def test_a_model_compiled_inside_autocast_has_the_eager_gradients(chunk_elements, monkeypatch):
+    """``with torch.autocast(...): loss = compiled(x, y)``, the usual way: AOT autograd traced the
+    backward under the caller's autocast, so its GEMMs ran in bf16 (2.6e-3 off the eager weight
+    gradient on the dense path; a dtype error on the chunked one)."""
+    if chunk_elements:
+        monkeypatch.setattr(torch_chunked, "CHUNK_ELEMENTS", chunk_elements)
+    x, w, y = make_inputs(16, 40, 24, seed=9, ignored=2)
+    spec = mk.ArcFace(0.5)
+    grads = {}
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        xs, ws = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+
+        def step(a, b):
+            return mk.margin_cross_entropy(a, b, y, spec, 64.0, backend="torch")
+
+        run = torch.compile(step, backend="aot_eager", fullgraph=True) if compiled else step
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = run(xs, ws)
+        loss.backward()
+        grads[compiled] = xs.grad, ws.grad
+    assert rel_err(grads[True][1], grads[False][1]) < 1e-5 and rel_err(grads[True][0], grads[False][0]) < 1e-5
+
+
 @pytest.mark.parametrize(
     "backend, options, chunk_elements",
     [("torch", {}, None), ("torch", {}, 97), ("torch", {"memory_budget": None}, 97), ("triton", {}, None),
