@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 
 from marginkit import backends
+from marginkit._pipeline import autocast_inputs, no_autocast
 from marginkit.backends.common import target_cosine
 from marginkit.cuda_graphs import refuse_capture
 from marginkit.autograd_guards import refuse_recomputation
@@ -75,12 +76,13 @@ class AdaCos(ClassWeightHead):
         labels_local = torch.where(keep, labels, torch.full_like(labels, -1))
         s_prev = float(self.scale)
         engine = backends.resolve(self.backend, embeddings.device)
-        row_max, row_sumexp = engine.lse_partials(
-            embeddings.detach(), self.weight.detach(), labels_local, s_prev, self.normalize
-        )
+        # the inputs and precision the loss computes with (under autocast: its GEMMs not recast)
+        x, w = autocast_inputs(embeddings.detach(), self.weight.detach())
+        with no_autocast(embeddings.device):
+            row_max, row_sumexp = engine.lse_partials(x, w, labels_local, s_prev, self.normalize)
+            cos = target_cosine(x, w, labels_local, self.normalize)[keep]
         log_b = row_max.to(torch.float64) + torch.log(row_sumexp.to(torch.float64))
         log_b_avg = torch.logsumexp(log_b[keep], dim=0) - math.log(int(keep.sum()))
-        cos = target_cosine(embeddings, self.weight, labels_local, self.normalize)[keep]
         theta_med = torch.median(torch.acos(cos.clamp(-1.0 + COS_CLAMP, 1.0 - COS_CLAMP)))
         s_new = float(log_b_avg / torch.cos(torch.clamp(theta_med, max=math.pi / 4)))
         return s_new if math.isfinite(s_new) and s_new > 0 else None

@@ -44,6 +44,11 @@ def nearest_other_sqdist(weight: torch.Tensor, rows: torch.Tensor, chunk_element
     ``chunk_elements`` floats; never a (C, C) matrix. 4.0 (the largest squared distance
     on the sphere) with C = 1.
     """
+    with torch.autocast(weight.device.type, enabled=False):  # float32 dots, also inside the caller's autocast
+        return _nearest_other_sqdist(weight, rows, chunk_elements)
+
+
+def _nearest_other_sqdist(weight: torch.Tensor, rows: torch.Tensor, chunk_elements: Optional[int]) -> torch.Tensor:
     budget = chunk_elements or INTER_CHUNK_ELEMENTS
     w = F.normalize(weight.detach().to(torch.float32), dim=1, eps=1e-12)
     C, n = w.shape[0], rows.numel()

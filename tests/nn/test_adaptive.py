@@ -1,6 +1,7 @@
 """Adaptive heads against float64 versions of their papers' formulas written here
 (CurricularFace, AdaCos, LDAM, MagFace, AdaFace, sub-center ArcFace)."""
 
+import copy
 import math
 
 import pytest
@@ -400,3 +401,15 @@ def test_state_buffers_keep_their_dtype_under_half():
         assert {n: b.dtype for n, b in head.named_buffers()} == before
         loss = head(x, y)
         assert loss.dtype == torch.float32 and torch.isfinite(loss)
+
+
+def test_adacos_scale_under_autocast_equals_the_scale_of_the_rounded_inputs():
+    # its scale search ran the loss's logits under the caller's autocast: bf16 GEMMs (8.6460 vs 8.6453)
+    torch.manual_seed(1)
+    plain = mk.AdaCos(200, 32)
+    mixed = copy.deepcopy(plain)
+    x, y = torch.randn(24, 32), torch.randint(0, 200, (24,))
+    plain(x.bfloat16().float(), y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed(x, y)
+    assert torch.equal(mixed.scale, plain.scale) and float(plain.scale) != mk.AdaCos.initial_scale(200)

@@ -503,3 +503,12 @@ def test_frozen_policy_state_round_trip_and_argument_checks():
         FairLoss(4, 3, policy=policy_table(), margin_levels=(0.1, 0.2, 0.3), initial_margin=0.2, **kw)
     with pytest.raises(TypeError, match="policy"):
         FairLoss(4, 3, policy="paper", **kw)
+
+
+def test_nearest_other_class_distance_ignores_the_callers_autocast():
+    from marginkit.nn.fair_loss_stats import nearest_other_sqdist
+
+    w, rows = torch.randn(50, 16), torch.tensor([0, 7, 49])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = nearest_other_sqdist(w, rows, 64)
+    assert torch.equal(mixed, nearest_other_sqdist(w, rows, 64))
