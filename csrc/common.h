@@ -6,6 +6,7 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 namespace mk {
 
@@ -96,6 +97,11 @@ inline uint16_t float_to_bf16(float v) {  // round to nearest even, NaN stays Na
   x += 0x7FFFu + lsb;
   return (uint16_t)(x >> 16);
 }
+
+// The type the optimizer steps do a T element's arithmetic in, as torch.optim does: double for
+// double, float for float and the 16-bit types (the CPU and CUDA sparse steps share it).
+template <typename T>
+using acc_t = std::conditional_t<std::is_same<T, double>::value, double, float>;
 
 // Host-side load/store of one element as float/double.
 template <typename T> struct HostIO;

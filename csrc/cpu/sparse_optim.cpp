@@ -3,7 +3,6 @@
 // torch's order of operations, in double for float64 tensors and in float32 otherwise
 // (16-bit tensors are read/written through float32), as torch.optim computes them.
 #include <cmath>
-#include <type_traits>
 
 #include "checks.h"
 #include "ops/sparse_optim.h"
@@ -12,10 +11,6 @@ namespace mk {
 namespace cpu {
 
 namespace {
-// The type a T element is stepped in: double for double, float for float and 16-bit storage.
-template <typename T>
-using acc_t = std::conditional_t<std::is_same<T, double>::value, double, float>;
-
 template <typename T>
 inline acc_t<T> ld(const T* p, int64_t i) { return (acc_t<T>)HostIO<T>::load(p, i); }
 template <typename T>

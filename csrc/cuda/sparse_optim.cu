@@ -2,8 +2,6 @@
 // selected row (rows are distinct, so blocks never share memory); per-row state (the SGD
 // "initialized" flag, the AdamW step count) is read by the update kernel and written by a
 // second kernel, so no block reads a value another block is writing.
-#include <type_traits>
-
 #include "cuda/cuda_common.cuh"
 #include "ops/sparse_optim.h"
 
@@ -12,10 +10,6 @@ namespace cuda {
 
 namespace {
 constexpr int kThreads = 128;
-
-// The type a T element is stepped in (as csrc/cpu/sparse_optim.cpp): double for double, else float.
-template <typename T>
-using acc_t = std::conditional_t<std::is_same<T, double>::value, double, float>;
 
 // Round-to-nearest arithmetic that nvcc may not contract into FMAs (the CPU path has none).
 template <typename A> struct RN;
@@ -83,8 +77,8 @@ adamw_kernel(T* __restrict__ w, const T* __restrict__ g, T* __restrict__ m1, T* 
     s_bc2_sqrt = (A)pow(bc2, 0.5);
   }
   __syncthreads();
-  const A decay = (A)__dsub_rn(1.0, __dmul_rn(lr, wd)), wgt = (A)(1.0 - b1), b2a = (A)b2, omb2 = (A)(1.0 - b2), epsa = (A)eps,
-          neg_step = s_step_size, bc2s = s_bc2_sqrt;
+  const A decay = (A)__dsub_rn(1.0, __dmul_rn(lr, wd)), wgt = (A)(1.0 - b1), b2a = (A)b2, omb2 = (A)(1.0 - b2),
+          epsa = (A)eps, neg_step = s_step_size, bc2s = s_bc2_sqrt;
   for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
     const int64_t wi = row * D + d;
     const A gr = (A)DevIO<T>::load(g, r * D + d);
